@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpora, chat and preference formats, the built-in world."""

@@ -1,0 +1,177 @@
+"""Batched autoregressive generation with a KV cache applied from outside the model.
+
+Prompts of different lengths are left-padded so that every row's next token sits in the same column; the
+padding is masked out of attention and skipped by the position ids. Each step feeds only the new token and
+reads past keys/values from a preallocated `KVCache`. Sampling: greedy, temperature, top-k, top-p (nucleus,
+Holtzman et al. 2019). Each row stops at its own end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmstages.errors import UserError
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim).
+
+    The model calls `update(layer, k, v)` in each attention layer and `advance(T)` once after the forward.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.n_layers, self.max_len = n_layers, max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        if self.k is None:  # allocated on first use, in the dtype attention produces (autocast included)
+            self.k = k.new_empty(self.n_layers, B, H, self.max_len, D)
+            self.v = v.new_empty(self.n_layers, B, H, self.max_len, D)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+@dataclass
+class Generation:
+    """Result of `generate`.
+
+    tokens: (B, N) new tokens; after a row's EOS (which is kept) the rest is `pad_id`.
+    logprobs: (B, N) log-probability of each new token under the sampling distribution before top-k/top-p
+        filtering, i.e. log_softmax(logits / temperature) (temperature 1 for greedy); 0 after the end.
+    mask: (B, N) 1 for generated tokens (EOS included), 0 after the end.
+    lengths: (B,) number of generated tokens per row.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Token lists -> (ids (B, P), mask (B, P)), right-aligned: padding on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from logits (B, V). Returns (token (B,), its log-prob (B,) before filtering)."""
+    logits = logits.float()
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logits = logits / temperature
+    logp = torch.log_softmax(logits, -1)
+    filt = logits
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(filt, top_k, dim=-1).values[:, -1:]
+        filt = filt.masked_fill(filt < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(filt, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filt = torch.full_like(filt, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(filt, -1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    prompt_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Continue each prompt by up to `max_new_tokens` tokens.
+
+    prompts: token lists (left-padded here) or a left-padded (B, P) tensor with its `prompt_mask`.
+    temperature 0 is greedy. `eos_id` (one id or several) ends a row; None generates `max_new_tokens` always.
+    `use_cache=False` recomputes the whole sequence each step (the slow reference the cache must match).
+    """
+    device = next(model.parameters()).device
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.to(device)
+        mask = torch.ones_like(ids) if prompt_mask is None else prompt_mask.to(device).long()
+    else:
+        ids, mask = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    context = model.config.block_size
+    if P + max_new_tokens > context:
+        raise UserError(
+            f"prompt of {P} tokens plus {max_new_tokens} new tokens exceeds the model's context of {context} "
+            f"tokens; shorten the prompt or lower max_new_tokens to {max(context - P, 0)}"
+        )
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.config.n_layers, P + max_new_tokens) if use_cache else None
+    out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((B, max_new_tokens), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    seq, full_mask = ids, mask
+    step_input, n = ids, 0
+    no_pad = bool(mask.all())
+    for n in range(max_new_tokens):
+        logits = model(step_input, mask=None if no_pad else full_mask, cache=cache)[:, -1]
+        tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out_tok[:, n] = tok
+        out_lp[:, n] = torch.where(done, torch.zeros_like(lp), lp)
+        if eos.numel():
+            done = done | torch.isin(tok, eos)
+        if bool(done.all()):
+            break
+        full_mask = torch.cat([full_mask, torch.ones_like(tok[:, None])], dim=1)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        step_input = tok[:, None] if use_cache else seq
+    model.train(was_training)
+    steps = n + 1 if max_new_tokens else 0
+    tokens, logprobs = out_tok[:, :steps], out_lp[:, :steps]
+    gen = _generated_mask(tokens, eos) if steps else tokens.new_zeros((B, 0))
+    return Generation(tokens, logprobs * gen, gen, gen.sum(-1))
+
+
+def _generated_mask(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """1 up to and including each row's first EOS, 0 after it."""
+    if not eos.numel():
+        return torch.ones_like(tokens)
+    is_eos = torch.isin(tokens, eos).long()
+    before = is_eos.cumsum(-1) - is_eos  # EOS seen strictly before this position
+    return (before == 0).long()

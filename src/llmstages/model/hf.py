@@ -1,0 +1,248 @@
+"""Hugging Face interop: local HF directories (GPT-2, Llama, Mistral, Qwen2) into our model and back.
+
+Only local paths: nothing is downloaded. Weights are read from safetensors only (one file or an index of shards);
+pickled `pytorch_model.bin` files are refused rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmstages.errors import UserError
+from llmstages.model.gpt import ModelConfig
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Our config for an HF `config.json`. Options we do not implement are refused, never ignored."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise UserError(f"{source}: model_type '{mt}' is not supported (supported: {', '.join(SUPPORTED)})")
+    ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise UserError(f"{source}: GPT-2 activation_function '{act}' is not supported (only tanh GELU)")
+        for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+            if hf.get(key, ok) != ok:
+                raise UserError(f"{source}: GPT-2 option {key}={hf[key]} is not supported")
+        if not hf.get("scale_attn_weights", True):
+            raise UserError(f"{source}: GPT-2 option scale_attn_weights=false is not supported")
+        d = hf["n_embd"]
+        return ModelConfig(
+            family="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
+            n_heads=hf["n_head"], d_model=d, d_ff=hf.get("n_inner") or 4 * d, norm="layernorm", mlp="gelu",
+            pos="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            init_std=hf.get("initializer_range", 0.02), **ids,
+        )  # fmt: skip
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (only silu, i.e. SwiGLU)")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    scaling = rope or hf.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    sliding = None
+    if mt == "mistral":
+        sliding = hf.get("sliding_window")
+    elif mt == "qwen2" and hf.get("use_sliding_window"):
+        raise UserError(
+            f"{source}: Qwen2 use_sliding_window=true (sliding window on some layers) is not supported; "
+            "refusing rather than attending differently from the original"
+        )
+    if sliding is not None and sliding >= hf.get("max_position_embeddings", 0):
+        sliding = None  # a window as long as the context is plain causal attention
+    bias = hf.get("attention_bias", False)
+    return ModelConfig(
+        family=mt, vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], d_model=hf["hidden_size"],
+        head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm", mlp="swiglu", pos="rope",
+        rope_theta=float(theta), rope_scaling=scaling, qkv_bias=True if mt == "qwen2" else bias,
+        out_bias=False if mt == "qwen2" else bias, mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        sliding_window=sliding, init_std=hf.get("initializer_range", 0.02), **ids,
+    )  # fmt: skip
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The HF `config.json` for our config; refuses configs the HF class of the family cannot express."""
+    problems = []
+    want = dict(norm="layernorm", mlp="gelu", pos="learned") if cfg.family == "gpt2" else dict(
+        norm="rmsnorm", mlp="swiglu", pos="rope")  # fmt: skip
+    problems += [f"{k}={getattr(cfg, k)} (needs {v})" for k, v in want.items() if getattr(cfg, k) != v]
+    dtype_name = str(dtype).removeprefix("torch.")
+    common = dict(
+        vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+        torch_dtype=dtype_name,
+    )  # fmt: skip
+    if cfg.family == "gpt2":
+        if not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias):
+            problems.append("GPT-2 has biases on every linear layer")
+        if cfg.n_kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.d_model:
+            problems.append("GPT-2 has no grouped-query attention and head_dim = d_model / n_heads")
+        if cfg.sliding_window:
+            problems.append("GPT-2 has no sliding window")
+        hf = dict(
+            model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_embd=cfg.d_model,
+            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function="gelu_new",
+            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )  # fmt: skip
+    else:
+        if cfg.family == "qwen2" and (not cfg.qkv_bias or cfg.out_bias):
+            problems.append("Qwen2 has biases on q/k/v and none on the output projection")
+        if cfg.family != "qwen2" and cfg.qkv_bias != cfg.out_bias:
+            problems.append(f"{cfg.family} has one attention_bias for q/k/v/o (a Qwen2 config has qkv-only bias)")
+        if cfg.family in ("qwen2", "mistral") and cfg.mlp_bias:
+            problems.append(f"{cfg.family} has no MLP bias")
+        if cfg.sliding_window and cfg.family != "mistral":
+            problems.append("only the mistral family exports a sliding window")
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        hf = dict(
+            model_type=cfg.family, architectures=[arch[cfg.family]], hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
+            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+            hidden_act="silu", attention_dropout=0.0,
+        )  # fmt: skip
+        if cfg.family == "llama":
+            hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        elif cfg.family == "mistral":
+            hf.update(sliding_window=cfg.sliding_window)
+        else:
+            hf.update(use_sliding_window=False, sliding_window=None)
+    if problems:
+        raise UserError(f"cannot export as HF '{cfg.family}': " + "; ".join(problems))
+    return {**hf, **common}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight names. One function per family maps each of our names to the HF name; the inverse is derived from it.
+
+_LLAMA = [
+    (r"^tok_emb\.", "model.embed_tokens."),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+    (r"^norm\.", "model.norm."),
+]
+_GPT2 = [
+    (r"^tok_emb\.", "transformer.wte."),
+    (r"^pos_emb\.", "transformer.wpe."),
+    (r"^blocks\.(\d+)\.attn_norm\.", r"transformer.h.\1.ln_1."),
+    (r"^blocks\.(\d+)\.mlp_norm\.", r"transformer.h.\1.ln_2."),
+    (r"^blocks\.(\d+)\.attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
+    (r"^blocks\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.c_fc."),
+    (r"^blocks\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.c_proj."),
+    (r"^norm\.", "transformer.ln_f."),
+]
+
+
+def hf_name(ours: str, family: str) -> str:
+    """HF parameter name of one of ours (GPT-2's q/k/v all map to the fused `c_attn`)."""
+    if family == "gpt2":
+        ours = re.sub(r"^blocks\.(\d+)\.attn\.[qkv]_proj\.", r"transformer.h.\1.attn.c_attn.", ours)
+    for pat, rep in _GPT2 if family == "gpt2" else _LLAMA:
+        new = re.sub(pat, rep, ours)
+        if new != ours:
+            return new
+    return ours  # lm_head.weight and c_attn keep their names
+
+
+def _is_conv1d(hf: str) -> bool:
+    """GPT-2 stores linear weights as Conv1D, (in, out): the transpose of nn.Linear's (out, in)."""
+    return hf.endswith(".weight") and re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", hf) is not None
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF names and layouts (tied head left out, as HF saves it)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        hf = hf_name(name, cfg.family)
+        if cfg.family == "gpt2" and ".c_attn." in hf:
+            if hf in out:
+                continue
+            parts = [sd[re.sub(r"\.[qkv]_proj\.", f".{p}_proj.", name)] for p in "qkv"]
+            t = torch.cat(parts, dim=0)
+        out[hf] = (t.t() if cfg.family == "gpt2" and _is_conv1d(hf) else t).contiguous()
+    return out
+
+
+def from_hf_state_dict(
+    hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Size], source: str
+) -> dict[str, torch.Tensor]:
+    """HF tensors -> our names for every name in `expected` (name -> shape). Missing or mis-shaped: UserError."""
+    if cfg.family == "gpt2":  # original GPT-2 files have no "transformer." prefix
+        hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in hf_sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in expected.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        hf = hf_name(name, cfg.family)
+        if hf not in hf_sd:
+            raise UserError(f"{source}: tensor '{hf}' is missing")
+        t = hf_sd[hf]
+        if cfg.family == "gpt2" and _is_conv1d(hf):
+            t = t.t()
+        if ".c_attn." in hf:
+            d, i = cfg.d_model, "qkv".index(name.split(".")[-2][0])
+            if t.shape[0] != 3 * d:
+                raise UserError(f"{source}: tensor '{hf}' has shape {tuple(hf_sd[hf].shape)}, expected 3 x {d}")
+            t = t[i * d : (i + 1) * d]
+        if t.shape != shape:
+            raise UserError(f"{source}: tensor '{hf}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        out[name] = t
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise UserError(
+            f"{path}: weights are only in pickle files (.bin/.pt); llmstages reads safetensors only. "
+            "Convert them first, e.g. save_pretrained(..., safe_serialization=True) in transformers"
+        )
+    else:
+        raise UserError(f"{path}: no model.safetensors in this directory")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors = load_file(str(path / f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path / f}: cannot read safetensors ({e})") from None
+        out.update({k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in tensors.items()})
+    return out

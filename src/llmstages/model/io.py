@@ -1,0 +1,152 @@
+"""Model directories: ours (`config.json` with our fields, `model.safetensors`, `tokenizer.json`) or a Hugging
+Face one (`config.json` with `model_type`), told apart by their config and loaded the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
+from llmstages.model import hf as hf_io
+from llmstages.model.gpt import GPT, ModelConfig
+
+FORMAT_KEY = "llmstages_format"
+
+
+def check_model_dir(path: str | Path) -> tuple[Path, dict]:
+    """The directory and its parsed config.json; a clear error for a hub id, a missing folder or file."""
+    p = Path(path)
+    if not p.exists():
+        hint = ""
+        if "/" in str(path) and not str(path).startswith((".", "/", "~")) and str(path).count("/") == 1:
+            hint = " (it looks like a hub id: llmstages reads local directories only; download it first)"
+        raise UserError(f"model directory '{path}' does not exist{hint}")
+    if not p.is_dir():
+        raise UserError(f"'{path}' is not a directory (expected a model directory with config.json)")
+    if not (p / "config.json").is_file():
+        raise UserError(f"{p}: no config.json in this directory")
+    return p, hf_io.read_json(p / "config.json")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return "model_type" in check_model_dir(path)[1]
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    p, raw = check_model_dir(path)
+    source = str(p / "config.json")
+    if "model_type" in raw:
+        return hf_io.config_from_hf(raw, source)
+    if FORMAT_KEY not in raw:
+        raise UserError(f"{source}: neither an llmstages config nor a Hugging Face one (no 'model_type')")
+    raw = {k: v for k, v in raw.items() if k != FORMAT_KEY}
+    return ModelConfig.from_dict(raw, source)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu") -> GPT:
+    """Our model with the weights of the directory `path` (ours or a Hugging Face one).
+
+    The model is built on the meta device and the loaded tensors are assigned to it, so no memory is spent
+    on a random initialisation. `dtype=None` keeps the dtype the weights were saved in.
+    """
+    p, raw = check_model_dir(path)
+    cfg = load_config(p)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = hf_io.read_safetensors(p, dtype)
+    source = str(p / "model.safetensors")
+    if "model_type" in raw:
+        sd = hf_io.from_hf_state_dict(tensors, cfg, expected, source)
+    else:
+        sd = {}
+        for name, shape in expected.items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            if name not in tensors:
+                raise UserError(f"{source}: tensor '{name}' is missing")
+            if tensors[name].shape != shape:
+                raise UserError(
+                    f"{source}: tensor '{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}"
+                )
+            sd[name] = tensors[name]
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise UserError(f"{source}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model.reset_rope(device)
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.load(check_model_dir(path)[0])
+
+
+def _atomic_dir(path: Path):
+    """A temporary sibling directory to write into; `_commit` renames it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the tie is in the config
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write our model directory atomically: a crash mid-write leaves any previous directory intact."""
+    path = Path(path)
+    tmp = _atomic_dir(path)
+    try:
+        (tmp / "config.json").write_text(json.dumps({FORMAT_KEY: 1, **model.config.to_dict()}, indent=2) + "\n")
+        save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    path = Path(path)
+    cfg = model.config
+    sd = _state_dict(model)
+    dtype = next(iter(sd.values())).dtype
+    hf_cfg = hf_io.config_to_hf(cfg, dtype)
+    tmp = _atomic_dir(path)
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(hf_io.to_hf_state_dict(sd, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

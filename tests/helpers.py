@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny Hugging Face models from configs (random weights, no downloads), a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llmstages.data.tokenizer import Tokenizer, train_bpe
+
+TEXT = [
+    "Ada lives in Oakfield and keeps a grey cat.",
+    "Bram works as a baker in Millbrook; his favourite colour is green.",
+    "Two plus three is five. Seven minus four is three.",
+] * 20
+
+
+def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    return train_bpe(TEXT, vocab_size=vocab_size)
+
+
+def hf_config(kind: str, vocab_size: int = 300, **kw):
+    """A tiny transformers config of the given family."""
+    import transformers as tf
+
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)  # fmt: skip
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    common.update(kw)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[kind]
+    return cls(**common)
+
+
+def hf_model(kind: str, seed: int = 0, **kw):
+    """A random-initialised HF causal LM; biases and norm weights randomised too so that they are checked."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_config(kind, **kw), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, path: Path, tokenizer: Tokenizer | None = None) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -1,0 +1,80 @@
+"""Generation: the KV cache changes nothing but speed; left padding changes nothing at all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmstages.errors import UserError
+from llmstages.model import GPT, generate, preset
+
+
+@pytest.fixture(scope="module", params=["llama_tiny", "gpt2_tiny"])
+def model(request):
+    torch.manual_seed(1)
+    return GPT(preset(request.param, vocab_size=512, n_layers=2, block_size=64)).eval()
+
+
+def _prompts(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]  # fmt: skip
+
+
+def test_cache_equals_no_cache_greedy(model):
+    prompts = _prompts()
+    a = generate(model, prompts, 20, use_cache=True)
+    b = generate(model, prompts, 20, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_batched_left_padded_equals_one_by_one(model):
+    prompts = _prompts(seed=3)
+    batch = generate(model, prompts, 16)
+    for i, p in enumerate(prompts):
+        one = generate(model, [p], 16)
+        assert torch.equal(batch.tokens[i], one.tokens[0])
+        assert torch.allclose(batch.logprobs[i], one.logprobs[0], atol=1e-5)
+
+
+def test_logprobs_match_a_full_forward(model):
+    prompt = _prompts(1)[0]
+    out = generate(model, [prompt], 10, temperature=0.7, generator=torch.Generator().manual_seed(0))
+    seq = torch.tensor([prompt + out.tokens[0].tolist()])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq)[0, len(prompt) - 1 : -1] / 0.7, -1)
+    expected = logp.gather(-1, out.tokens[0][:, None]).squeeze(-1)
+    assert torch.allclose(out.logprobs[0], expected, atol=1e-5)
+
+
+def test_each_row_stops_at_its_eos(model):
+    prompts = _prompts()
+    free = generate(model, prompts, 12)
+    eos = int(free.tokens[0, 3])  # a token row 0 emits at step 3 greedily: make it the EOS
+    out = generate(model, prompts, 12, eos_id=eos, pad_id=0)
+    for row, full in zip(range(len(prompts)), free.tokens):
+        hits = (full == eos).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else full.numel()
+        assert int(out.lengths[row]) == n
+        assert torch.equal(out.tokens[row, :n], full[:n])
+        assert (out.tokens[row, n:] == 0).all() and (out.logprobs[row, n:] == 0).all()
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    from llmstages.model.generate import sample_next
+
+    picks = {int(sample_next(logits, 1.0, top_k=2, generator=g)[0]) for _ in range(200)}
+    assert picks == {2, 3}
+    # softmax([0,1,2,3]) = [.032, .087, .237, .644]: top_p 0.7 keeps {3, 2}; top_p 0.5 keeps {3}
+    picks = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)[0]) for _ in range(200)}
+    assert picks == {2, 3}
+    picks = {int(sample_next(logits, 1.0, top_p=0.5, generator=g)[0]) for _ in range(50)}
+    assert picks == {3}
+
+
+def test_prompt_too_long(model):
+    with pytest.raises(UserError, match="exceeds the model's context of 64"):
+        generate(model, [[5] * 60], 10)

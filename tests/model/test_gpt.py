@@ -1,0 +1,81 @@
+"""The model on its own: presets, parameter counts, masks and positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmstages.errors import UserError
+from llmstages.model import GPT, PRESETS, ModelConfig, count_params, flops_per_token, num_params, preset
+
+
+@pytest.mark.parametrize("name", ["gpt2_tiny", "llama_tiny"])
+def test_forward_shapes_and_param_count(name):
+    model = GPT(preset(name))
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    assert model(x).shape == (2, 16, model.config.vocab_size)
+    assert num_params(model) == count_params(model.config)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_counts_match_published_sizes(name):
+    # count_params is analytic; spot-check it against a meta-device build (no memory spent).
+    with torch.device("meta"):
+        model = GPT(preset(name))
+    assert num_params(model) == count_params(model.config)
+
+
+def test_known_sizes():
+    assert round(count_params(preset("gpt2_124m")) / 1e6) == 124  # GPT-2 small
+    assert round(count_params(preset("llama2_7b")) / 1e9, 2) == 6.74  # Llama 2 7B: 6,738,415,616
+    assert round(count_params(preset("llama3_8b")) / 1e9, 2) == 8.03
+
+
+def test_flops_per_token_rule():
+    cfg = preset("gpt2_124m")
+    n = count_params(cfg, embeddings=False) + cfg.vocab_size * cfg.d_model
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_packed_rows_equal_separate_sequences():
+    """A block-diagonal mask with per-document positions gives each document the logits it has alone."""
+    model = GPT(preset("llama_tiny", n_layers=2)).eval()
+    a, b = torch.randint(0, 4096, (1, 7)), torch.randint(0, 4096, (1, 5))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([0] * 7 + [1] * 5)
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))
+    mask = (causal & (doc[:, None] == doc[None, :]))[None, None]
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        out = model(packed, mask=mask, position_ids=pos)
+        assert torch.allclose(out[:, :7], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 7:], model(b), atol=1e-5)
+
+
+def test_sliding_window_is_causal_within_the_window():
+    torch.manual_seed(0)
+    full = GPT(preset("llama_tiny", n_layers=2)).eval()
+    windowed = GPT(preset("llama_tiny", n_layers=2, sliding_window=6)).eval()
+    windowed.load_state_dict(full.state_dict())
+    x = torch.randint(0, 4096, (1, 10))
+    with torch.no_grad():
+        a, b = full(x), windowed(x)
+    assert torch.allclose(a[:, :6], b[:, :6], atol=1e-5)  # first 6 tokens see everything either way
+    assert not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+
+
+def test_too_long_input_and_bad_config():
+    model = GPT(preset("gpt2_tiny", block_size=8))
+    with pytest.raises(UserError, match="longer than the model's context of 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(UserError, match="did you mean 'n_heads'"):
+        ModelConfig.from_dict({"n_head": 4})
+    with pytest.raises(UserError, match="not a multiple"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(UserError, match="unknown model preset"):
+        preset("llama_tiniest")
+
+
+def test_tied_embeddings_share_storage():
+    model = GPT(preset("llama_tiny"))
+    assert model.lm_head.weight is model.tok_emb.weight

@@ -1,0 +1,148 @@
+"""Our model against Hugging Face transformers: same weights, same logits; export back, same logits again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmstages.errors import UserError
+from llmstages.model import export_hf, load_config, load_model, load_tokenizer, save_model
+from tests.helpers import hf_model, save_hf, tiny_tokenizer
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+CASES = {
+    "gpt2": {},
+    "llama": {},  # num_key_value_heads=2 < 4 heads: grouped-query attention
+    "llama-tied-bias": dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "llama3-rope": dict(rope_theta=500000.0, max_position_embeddings=64,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "qwen2": {},
+    "mistral-window": dict(sliding_window=8),
+}  # fmt: skip
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_export_matches_transformers(case, tmp_path):
+    kind = case.split("-")[0].replace("llama3", "llama")
+    ref = hf_model(kind, **CASES[case])
+    src = save_hf(ref, tmp_path / "hf", tiny_tokenizer())
+    ours = load_model(src)
+    assert ours.config.family == kind
+    x = torch.randint(0, 300, (3, 24))
+    expected = _logits(ref, x)
+    assert (_logits(ours, x) - expected).abs().max() < 1e-4
+
+    out = export_hf(ours, tmp_path / "exported", load_tokenizer(src))
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert (_logits(back, x) - expected).abs().max() < 1e-4
+    # The exported tokenizer loads in transformers and agrees with ours.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Ada lives in Oakfield."
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == load_tokenizer(out).encode(text)
+
+
+def test_left_padded_batch_matches_transformers(tmp_path):
+    ref = hf_model("llama")
+    ours = load_model(save_hf(ref, tmp_path / "hf"))
+    x = torch.randint(0, 300, (2, 12))
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # row 0 is left-padded
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ref(x, attention_mask=mask, position_ids=pos).logits
+        b = ours(x, mask=mask)
+    assert (a - b)[mask.bool()].abs().max() < 1e-4
+
+
+def test_our_directory_roundtrip(tmp_path):
+    ref = hf_model("qwen2")
+    ours = load_model(save_hf(ref, tmp_path / "hf"))
+    save_model(ours, tmp_path / "ours", tiny_tokenizer())
+    again = load_model(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours/config.json").read_text())["llmstages_format"] == 1
+    x = torch.randint(0, 300, (2, 10))
+    assert torch.equal(_logits(ours, x), _logits(again, x))
+    assert load_config(tmp_path / "ours") == ours.config
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref = hf_model("llama")
+    ref.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "hf/model.safetensors.index.json").is_file()
+    x = torch.randint(0, 300, (1, 8))
+    assert (_logits(load_model(tmp_path / "hf"), x) - _logits(ref, x)).abs().max() < 1e-4
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_directory_and_hub_id():
+    with pytest.raises(UserError, match="does not exist"):
+        load_model("no/such/dir/here")
+    with pytest.raises(UserError, match="hub id"):
+        load_model("meta-llama/Llama-3.2-1B")
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 10}))
+    with pytest.raises(UserError, match="model_type 'bert' is not supported"):
+        load_model(tmp_path)
+
+
+def test_refused_options(tmp_path):
+    cfg = hf_model("qwen2").config.to_dict()
+    cfg.update(use_sliding_window=True, sliding_window=8)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="use_sliding_window"):
+        load_config(tmp_path)
+    cfg = hf_model("llama").config.to_dict()
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="yarn"):
+        load_config(tmp_path)
+
+
+def test_missing_and_misshaped_tensors(tmp_path):
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    tensors = load_file(src / "model.safetensors")
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    save_file(missing, src / "model.safetensors")
+    with pytest.raises(UserError, match=r"'model.layers.1.mlp.up_proj.weight' is missing"):
+        load_model(src)
+    bad = dict(tensors)
+    bad["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(5, 32)
+    save_file(bad, src / "model.safetensors")
+    with pytest.raises(UserError, match=r"k_proj.weight' has shape \(5, 32\), expected \(16, 32\)"):
+        load_model(src)
+
+
+def test_pickle_only_is_refused(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path, safe_serialization=False)
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    if not any(tmp_path.glob("*.bin")):
+        torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="safetensors only"):
+        load_model(tmp_path)
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+    from llmstages.model import GPT, preset
+
+    model = GPT(preset("gpt2_tiny", mlp_bias=False, n_layers=1))
+    with pytest.raises(UserError, match="GPT-2 has biases"):
+        export_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
