@@ -53,12 +53,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from llmstages.config import PretrainConfig, load_config
+    from llmstages.stages import pretrain
+
+    pretrain.main(load_config(PretrainConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from llmstages.data.builtin import builtin_corpus
+    from llmstages.data.text import iter_documents, prepare_shards
+    from llmstages.data.tokenizer import train_bpe
+
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size must be at least 300 (256 bytes plus merges), got {args.vocab_size}")
+    docs = list(iter_documents(args.data)) if args.data else builtin_corpus()
+    if not any(d.strip() for d in docs):
+        raise UserError("the data holds no text")
+    tok = train_bpe(docs, args.vocab_size)
+    tok.save(args.out)
+    print(f"tokenizer: {tok.vocab_size} tokens, written to {args.out}")
+    if args.tokenize:
+        meta = prepare_shards(docs, tok, args.out, args.val_fraction, workers=args.workers,
+                              source=",".join(args.data) or "builtin")  # fmt: skip
+        print(f"shards: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens in {args.out}")
+    return 0
+
+
+def _add_stage(sub, name: str, help: str, func) -> None:
+    s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
+    s.add_argument("--config", help="YAML recipe (see configs/)")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
+    s.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmstages import __version__
 
     p = argparse.ArgumentParser(prog="llmstages", description=__doc__)
     p.add_argument("--version", action="version", version=f"llmstages {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
+
+    t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (and optionally tokenize the data)")
+    t.add_argument("--data", nargs="*", default=[], help="files or folders (.txt, .jsonl, .json); none: built-in")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.add_argument("--tokenize", action="store_true", help="also write token shards (train.bin, val.bin) to --out")
+    t.add_argument("--val-fraction", type=float, default=0.05)
+    t.add_argument("--workers", type=int, default=2)
+    t.set_defaults(func=cmd_tokenizer)
 
     g = sub.add_parser("generate", help="continue a prompt with a model directory")
     g.add_argument("--model", required=True, help="model directory (ours or a local Hugging Face one)")
@@ -89,3 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmstages: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from llmstages.train.loop import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"llmstages: {e}", file=sys.stderr)
+            return 130
+        raise

@@ -149,7 +149,8 @@ def generate(
     step_input, n = ids, 0
     no_pad = bool(mask.all())
     for n in range(max_new_tokens):
-        logits = model(step_input, mask=None if no_pad else full_mask, cache=cache)[:, -1]
+        hidden = model.hidden_states(step_input, mask=None if no_pad else full_mask, cache=cache)
+        logits = model.lm_head(hidden[:, -1])  # only the last position predicts the next token
         tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, n] = tok

@@ -1,0 +1,34 @@
+"""`make bench`: run every benchmark in sequence and write benchmarks/RESULTS.md (machine, date, commands, numbers)."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["train_step.py", "generate.py"]
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from common import machine
+
+    parts = [f"# Benchmark results\n\nMachine: {machine()}. Date: {datetime.date.today()}.\n"
+             "Each benchmark alternates its contenders in one process and reports medians; ratios are the "
+             "figures to read, absolute numbers move with the machine's load.\n"]  # fmt: skip
+    for name in BENCHMARKS:
+        cmd = [sys.executable, str(HERE / name)]
+        print(f"running {name} ...", flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        body = "\n".join(line for line in out.stdout.splitlines() if line.startswith(("|", "#")))
+        if out.returncode:
+            body += f"\n\nFAILED (exit {out.returncode}):\n```\n{out.stderr[-2000:]}\n```"
+        parts.append(f"## {name}\n\n`python benchmarks/{name}`\n\n{body}\n")
+    (HERE / "RESULTS.md").write_text("\n".join(parts))
+    print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

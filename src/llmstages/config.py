@@ -1,0 +1,259 @@
+"""Typed configs: dataclasses filled from a YAML recipe plus dotted `key=value` overrides.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["train.lr=3e-4", "model.n_layers=4"])
+
+Every key is checked against the dataclass fields and their type hints: an unknown key or a value of the
+wrong type is a `UserError` naming the key (with the closest valid one), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from llmstages.errors import UserError, closest
+from llmstages.model.gpt import ModelConfig
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections shared by the stages
+
+
+@dataclass
+class ModelArgs:
+    """Which model to train: a preset (optionally with fields changed) or an existing model directory."""
+
+    preset: str | None = "llama_tiny"
+    """A name from `llmstages.model.PRESETS`; ignored when `path` is given."""
+    path: str | None = None
+    """A model directory (ours or a local Hugging Face one) to start from."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that change the preset, e.g. `model.n_layers=6` (written without `fields.`)."""
+
+
+@dataclass
+class DataArgs:
+    path: list[str] = field(default_factory=list)
+    """Files or folders: .txt, .jsonl/.json with a `text` field, or a folder of token shards. Empty: the
+    built-in world's corpus."""
+    tokenizer: str | None = None
+    """A directory with tokenizer.json. None: the model's tokenizer, or one trained on the data for a new model."""
+    vocab_size: int = 2048
+    """Vocabulary size when a tokenizer is trained here."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation."""
+    workers: int = 2
+    """Processes that tokenize in parallel."""
+    builtin_size_mb: float = 1.5
+    """Size of the built-in corpus."""
+
+
+@dataclass
+class TrainArgs:
+    max_steps: int = 1000
+    batch_size: int = 16
+    """Sequences per micro-batch, per process."""
+    seq_len: int = 256
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is the mean over all target tokens of the step."""
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr: float = 3e-5
+    """The cosine schedule decays from `lr` to `min_lr` at `max_steps`."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; none on norms, biases and embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast, CPU or CUDA), fp16 (autocast with a gradient scaler, CUDA only), or auto: bf16 where
+    the hardware runs it natively (recent GPUs; CPUs with AMX or AVX512-BF16), else fp32."""
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."""
+    device: str = "auto"
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 looks the device up in a table (GPUs only)."""
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    resume: bool = False
+    """Continue from the newest checkpoint in `out_dir`."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` as type `tp`; strings from the command line are parsed. UserError when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+        if is_none and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except UserError:
+                continue
+        raise UserError(f"{source}: {key} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if tp is Any:
+        return _parse_scalar(value) if isinstance(value, str) else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{source}: {key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{source}: {key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{source}: {key} must be a string, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
+    """Instantiate dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {data!r}")
+    data = dict(data)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    if cls is ModelArgs:  # model fields go straight into `fields`, checked against ModelConfig
+        model_hints = typing.get_type_hints(ModelConfig)
+        extra = dict(data.pop("fields", None) or {})
+        for key in [k for k in data if k not in ("preset", "path")]:
+            extra[key] = data.pop(key)
+        for key, value in extra.items():
+            if key not in model_hints:
+                valid = [*names[:2], *model_hints]
+                raise UserError(f"{source}: unknown key '{prefix}{key}'{closest(key, valid)}")
+            extra[key] = _coerce(value, model_hints[key], prefix + key, source)
+        kwargs["fields"] = extra
+    for key, value in data.items():
+        if key not in names:
+            full = [prefix + n for n in names]
+            raise UserError(f"{source}: unknown key '{prefix}{key}'{closest(prefix + key, full)}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key, source)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """`cls` from a YAML recipe (optional) with `key.sub=value` overrides applied on top."""
+    tree = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key.sub=value")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), value)
+    return _build(cls, tree, "", source if not overrides else f"{source} + overrides")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a config, the form written to `config.yaml` in the run directory."""
+    d = dataclasses.asdict(cfg)
+    model = d.get("model")
+    if isinstance(model, dict) and "fields" in model:  # write model fields flat, as they are given
+        model.update(model.pop("fields"))
+    return d
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

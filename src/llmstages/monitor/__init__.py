@@ -1,0 +1,1 @@
+"""Monitoring: metric sinks (JSONL, TensorBoard) and, later, health checks and the report."""

@@ -1,0 +1,214 @@
+"""Stage 1, pre-training: next-token prediction on raw text.
+
+    llmstages pretrain --config configs/pretrain/tiny.yaml [train.max_steps=200 ...]
+
+setup: validate the config, pick the tokenizer (given, the model's, or trained here), size the model, check
+       the data; nothing is written until all of that has passed.
+main:  tokenize the corpus into shards, then run the shared loop with the language-model loss, validating on
+       held-out documents, and write `out_dir/final` (a model directory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmstages.config import PretrainConfig, save_config
+from llmstages.data.builtin import builtin_corpus
+from llmstages.data.text import META, TokenShards, iter_documents, prepare_shards, tokenizer_hash, unigram_entropy
+from llmstages.data.tokenizer import Tokenizer, train_bpe
+from llmstages.errors import UserError
+from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
+from llmstages.monitor.metrics import MetricsLogger
+from llmstages.train import checkpoint as ckpt
+from llmstages.train.loop import (
+    Loop,
+    apply_activation_checkpointing,
+    check_precision,
+    resolve_device,
+    resolve_precision,
+)
+
+SHARD_VERSION = 1
+VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
+
+
+@dataclass
+class Setup:
+    cfg: PretrainConfig
+    out: Path
+    device: torch.device
+    tokenizer: Tokenizer
+    train_tokenizer: bool
+    model: GPT
+    documents: list[str] | None
+    """Documents to tokenize (None when the data is already a shard folder)."""
+    shards_dir: Path
+    resume_from: Path | None
+
+
+def _documents(cfg: PretrainConfig) -> list[str] | None:
+    """The corpus as documents, or None when `data.path` is one folder of token shards."""
+    paths = cfg.data.path
+    if len(paths) == 1 and (Path(paths[0]) / META).is_file():
+        return None
+    if not paths:
+        return builtin_corpus(cfg.seed, cfg.data.builtin_size_mb)
+    docs = [d for d in iter_documents(paths) if d.strip()]
+    if not docs:
+        raise UserError(f"data.path {paths}: no non-empty documents")
+    return docs
+
+
+def _tokenizer(cfg: PretrainConfig, out: Path, documents: list[str] | None) -> tuple[Tokenizer, bool]:
+    """(tokenizer, trained_here). Order: data.tokenizer, model.path, the run's own, the shard folder, train one."""
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer), False
+    if cfg.model.path:
+        return load_tokenizer(cfg.model.path), False
+    if (out / "tokenizer" / "tokenizer.json").is_file() and cfg.resume:
+        return Tokenizer.load(out / "tokenizer"), False
+    if documents is None:
+        shard_dir = Path(cfg.data.path[0])
+        if (shard_dir / "tokenizer.json").is_file():
+            return Tokenizer.load(shard_dir), False
+        raise UserError(f"{shard_dir}: token shards without tokenizer.json; set data.tokenizer")
+    return train_bpe(documents, cfg.data.vocab_size), True
+
+
+def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:
+    fields = dict(cfg.model.fields)
+    if cfg.model.path:
+        unsupported = set(fields) - {"dropout"}
+        if unsupported:
+            raise UserError(f"model.path is set: model.{sorted(unsupported)[0]} cannot change a loaded model")
+        model = load_model(cfg.model.path)
+        model.config.dropout = fields.get("dropout", model.config.dropout)
+        return model
+    if not cfg.model.preset:
+        raise UserError("set model.preset (e.g. llama_tiny) or model.path")
+    fields.setdefault("vocab_size", 64 * math.ceil(tok.vocab_size / 64))
+    for name, tid in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
+        fields.setdefault(name, tid)
+    return GPT(preset(cfg.model.preset, **fields))
+
+
+def setup(cfg: PretrainConfig) -> Setup:
+    """Everything that can fail on bad input, before anything is written to `out_dir`."""
+    out = Path(cfg.out_dir)
+    device = resolve_device(cfg.train.device)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    check_precision(cfg.train.precision, device)
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(cfg.train, name) <= 0:
+            raise UserError(f"train.{name} must be positive, got {getattr(cfg.train, name)}")
+    existing = ckpt.latest_checkpoint(out / "checkpoints")
+    if existing is not None and not cfg.resume:
+        raise UserError(
+            f"{out} already holds checkpoints (newest: {existing.name}); pass resume=true to continue the run, "
+            "or choose another out_dir"
+        )
+    if existing is not None:
+        ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
+    torch.manual_seed(cfg.seed)
+    documents = _documents(cfg)
+    tok, trained = _tokenizer(cfg, out, documents)
+    model = _model(cfg, tok)
+    if cfg.train.seq_len > model.config.block_size:
+        raise UserError(
+            f"train.seq_len={cfg.train.seq_len} is above the model's context of {model.config.block_size} tokens "
+            "(model.block_size)"
+        )
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} tokens, more than model.vocab_size={model.config.vocab_size}"
+        )
+    shards_dir = out / "data" if documents is not None else Path(cfg.data.path[0])
+    if documents is None:
+        TokenShards.open(shards_dir).check(cfg.train.seq_len, model.config.vocab_size)
+    return Setup(cfg, out, device, tok, trained, model, documents, shards_dir, existing)
+
+
+def _prepared(shards_dir: Path, tok: Tokenizer, cfg: PretrainConfig) -> bool:
+    """True when `shards_dir` already holds these documents tokenized with this tokenizer (a resumed run)."""
+    try:
+        meta = TokenShards.open(shards_dir).meta
+    except UserError:
+        return False
+    return meta.get("tokenizer") == tokenizer_hash(tok) and meta.get("source") == _source(cfg)
+
+
+def _source(cfg: PretrainConfig) -> str:
+    if cfg.data.path:
+        return ",".join(cfg.data.path)
+    return f"builtin(seed={cfg.seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
+
+
+def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    args = cfg.train
+    if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
+        prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, cfg.seed, cfg.data.workers,
+                       _source(cfg))  # fmt: skip
+    shards = TokenShards.open(s.shards_dir)
+    shards.check(args.seq_len, s.model.config.vocab_size)
+    s.out.mkdir(parents=True, exist_ok=True)
+    if s.train_tokenizer:
+        s.tokenizer.save(s.out / "tokenizer")
+    save_config(cfg, s.out / "config.yaml")
+
+    model = s.model.to(s.device)
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+
+    def to_batch(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.from_numpy(x).to(s.device), "targets": torch.from_numpy(y).to(s.device)}
+
+    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        return [to_batch(*shards.batch("train", (cfg.seed, step, m, 0), args.batch_size, args.seq_len))
+                for m in range(args.grad_accum)]  # fmt: skip
+
+    has_val = len(shards.val) > args.seq_len
+
+    def evaluate(m: GPT) -> dict[str, float]:
+        from llmstages.train.loop import count_targets, lm_loss
+
+        total, n = 0.0, 0
+        for i in range(args.eval_batches):
+            b = to_batch(*shards.batch("val", (cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len))
+            loss, _ = lm_loss(m, b)
+            total, n = total + float(loss), n + count_targets(b)
+        return {"val_loss": total / n, "val_ppl": math.exp(total / n)}
+
+    loop = Loop(
+        model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
+        evaluate=evaluate if has_val else None,
+        flops_per_token=flops_per_token(model.config, args.seq_len),
+    )  # fmt: skip
+    resumed = loop.resume() if cfg.resume else False
+    if progress:
+        where = f"resuming at step {loop.state.step}" if resumed else "starting"
+        print(f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
+              f"{args.batch_size * args.grad_accum * args.seq_len:,} tokens; {where}")  # fmt: skip
+    log = MetricsLogger(s.out, resume_step=loop.state.step if resumed else None)
+    if not resumed:
+        log.log({"step": 0, "event": "start", "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"),
+                 "parameters": num_params(model), "train_tokens": int(len(shards.train))})  # fmt: skip
+    try:
+        state = loop.run(log, progress=progress)
+    finally:
+        log.close()
+    save_model(model, s.out / "final", s.tokenizer)
+    result = {"step": state.step, "tokens_seen": state.tokens_seen}
+    result.update(loop.last_eval)
+    if progress:
+        print(f"pretrain: done; final model in {s.out / 'final'}" +
+              (f", val_loss {result['val_loss']:.3f}" if "val_loss" in result else ""))  # fmt: skip
+    return result

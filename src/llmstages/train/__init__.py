@@ -1,0 +1,1 @@
+"""Training machinery shared by the stages: the loop, checkpoints, distributed helpers."""

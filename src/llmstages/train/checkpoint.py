@@ -1,0 +1,168 @@
+"""Training checkpoints: `checkpoints/step_N/` with the model (safetensors), the optimizer, the loop state and
+every RNG state, written atomically so that a crash mid-write leaves the previous checkpoint as it was.
+
+A checkpoint is complete when its folder is named `step_N`: it is written as `.step_N.tmp`, and `state.json`
+(written last) plus the rename mark it done. Only files we wrote are ever unpickled, and then with
+`weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmstages.errors import UserError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+    }
+    return state
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, tuple | list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model's state dict, shared storage (tied weights) saved once."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen and t.numel():
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict[str, Any],
+    keep: int = 2,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `root/step_{step}` atomically and keep the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*.tmp"):  # left by an earlier crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".step_{step}.tmp"
+    final = root / f"step_{step}"
+    tmp.mkdir()
+    try:
+        tensors = model_state(model)
+        for k, v in (extra_tensors or {}).items():
+            tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch_rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            torch_rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(
+            {"optimizer": optimizer.state_dict() if optimizer is not None else None, "torch_rng": torch_rng},
+            tmp / "optimizer.pt",
+        )
+        full_state = {**state, "step": step, "rng": rng_state()}
+        (tmp / "state.json").write_text(json.dumps(full_state) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, optimizer file contents, state) of a checkpoint; a clear error when any part is unreadable."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "model.safetensors"))
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable part means the checkpoint is unusable
+        raise UserError(f"{path}: corrupted checkpoint, cannot resume from it ({type(e).__name__}: {e})") from None
+    return tensors, opt, state
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore model, optimizer and RNG states from `path`; returns (loop state, extra tensors)."""
+    tensors, opt, state = read_checkpoint(path)
+    extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    weights = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not _is_tied_copy(model, k, weights)]
+    if missing or any(k not in own for k in weights):
+        bad = missing[0] if missing else next(k for k in weights if k not in own)
+        raise UserError(f"{path}: checkpoint does not fit this model (tensor '{bad}'); same config as the run?")
+    for k, v in weights.items():
+        if own[k].shape != v.shape:
+            raise UserError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, the model has {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            own[k].copy_(v)
+    if optimizer is not None and opt.get("optimizer") is not None:
+        try:
+            optimizer.load_state_dict(opt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit this run ({e})") from None
+    torch.set_rng_state(opt["torch_rng"]["cpu"])
+    if "cuda" in opt["torch_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(opt["torch_rng"]["cuda"])
+    set_rng_state(state["rng"])
+    return state, extra
+
+
+def _is_tied_copy(model: nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:
+    """True when `name` shares storage with a tensor saved under another name (a tied weight)."""
+    sd = model.state_dict()
+    ptr = sd[name].untyped_storage().data_ptr()
+    return any(k != name and k in saved and sd[k].untyped_storage().data_ptr() == ptr for k in sd)

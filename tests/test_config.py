@@ -1,0 +1,63 @@
+"""Typed configs: recipes and overrides fill dataclasses; unknown keys and wrong types are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmstages.config import PretrainConfig, load_config, save_config
+from llmstages.errors import UserError
+
+
+def test_overrides_and_types(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-3\n  max_steps: 5\nmodel:\n  preset: gpt2_tiny\n  n_layers: 3\n")
+    cfg = load_config(PretrainConfig, recipe, ["train.lr=3e-4", "train.precision=bf16", "model.d_model=64",
+                                                "resume=true", "data.path=a.txt,b.txt"])  # fmt: skip
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.max_steps == 5 and cfg.resume is True
+    assert cfg.model.preset == "gpt2_tiny" and cfg.model.fields == {"n_layers": 3, "d_model": 64}
+    assert cfg.data.path == ["a.txt", "b.txt"]
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(PretrainConfig, tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("trian.lr=1", "unknown key 'trian'"),
+        ("model.n_layer=2", "unknown key 'model.n_layer' (did you mean 'n_layers'?)"),
+        ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+        ("train.max_steps=1.5", "train.max_steps must be an integer"),
+        ("resume=maybe", "resume must be true or false"),
+        ("model.n_layers=two", "model.n_layers must be an integer"),
+        ("lr", "must look like key.sub=value"),
+    ],
+)
+def test_bad_keys_and_values(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [override])
+    assert message in str(e.value)
+
+
+def test_typo_in_a_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  warmup_step: 10\n")
+    with pytest.raises(UserError, match=r"r.yaml: unknown key 'train.warmup_step' \(did you mean 'train.warmup_steps'"):
+        load_config(PretrainConfig, recipe)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(UserError, match=r"r.yaml: line \d+ invalid YAML"):
+        load_config(PretrainConfig, recipe)
+
+
+def test_recipes_in_the_repository_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+    for recipe in root.glob("*.yaml"):
+        load_config(PretrainConfig, recipe)
