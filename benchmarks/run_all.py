@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_step.py", "generate.py"]
+BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py"]
 
 
 def main() -> None:

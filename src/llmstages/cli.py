@@ -81,6 +81,13 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llmstages.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
 def _add_stage(sub, name: str, help: str, func) -> None:
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
@@ -94,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmstages", description=__doc__)
     p.add_argument("--version", action="version", version=f"llmstages {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run the pipeline end to end on the built-in world (the main job)")
+    d.add_argument("--out", default="runs/demo", help="run directory (reused: finished stages are skipped)")
+    d.add_argument("--quick", action="store_true", help="a much shorter run, for tests")
+    d.set_defaults(func=cmd_demo)
 
     _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
 

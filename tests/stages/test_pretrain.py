@@ -56,7 +56,7 @@ def test_exact_resume_after_a_signal(tmp_path, monkeypatch):
 
 def test_tiny_recipe_learns_the_corpus(tmp_path):
     """The tiny recipe, cut to 50 steps: validation loss falls far below the corpus's unigram entropy."""
-    code = main(["pretrain", "--config", str(ROOT / "configs/pretrain/tiny.yaml"), f"out_dir={tmp_path}",
+    code = main(["pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny.yaml"), f"out_dir={tmp_path}",
                  "train.max_steps=50", "train.eval_every=50", "train.save_every=50"])  # fmt: skip
     assert code == 0
     records = read_metrics(tmp_path)
