@@ -18,8 +18,13 @@ from torch import nn
 
 from llmstages.losses import IGNORE_INDEX, cross_entropy, shift_labels
 from llmstages.model import GPT, ModelConfig, generate, load_model, num_params, save_model
+from llmstages.peft import BottleneckAdapter, LoRALinear, apply_adapters, apply_lora, disable_adapters, merge_lora
 
-__all__ = ["GPT", "ModelConfig", "SimpleLLM", "TrainingConfig", "generate", "load_model", "save_model"]
+__all__ = [
+    "GPT", "AdapterLayer", "BottleneckAdapter", "LoRALayer", "LoRALinear", "ModelConfig", "SimpleLLM",
+    "TrainingConfig", "apply_adapters", "apply_lora", "disable_adapters", "generate", "load_model", "merge_lora",
+    "save_model",
+]  # fmt: skip
 
 
 @dataclass
@@ -76,6 +81,16 @@ class SimpleLLM(nn.Module):
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         return {"logits": logits, "loss": cross_entropy(logits, shift_labels(labels))}
+
+
+def LoRALayer(linear_layer: nn.Linear, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0) -> LoRALinear:  # noqa: N802
+    """The seed's name: `linear_layer` frozen, plus a trainable rank-`rank` update scaled by alpha / rank."""
+    return LoRALinear.from_linear(linear_layer, rank=rank, alpha=alpha, dropout=dropout)
+
+
+def AdapterLayer(hidden_size: int, adapter_size: int = 64, dropout: float = 0.0) -> BottleneckAdapter:  # noqa: N802
+    """The seed's name: a bottleneck adapter x + up(relu(down(x))) with `adapter_size` hidden units."""
+    return BottleneckAdapter(hidden_size, adapter_size, activation="relu", dropout=dropout)
 
 
 def _batch(step: int, batch_size: int, seq_len: int, vocab: int) -> torch.Tensor:

@@ -73,6 +73,41 @@ class TestModel:
         assert model.model.config.pos == "learned" and model.model.lm_head.weight is model.model.tok_emb.weight
 
 
+class TestPEFT:
+    def test_seed_peft_snippet(self):
+        # The guide's "Test Parameter-Efficient Fine-tuning", verbatim.
+        from exercise import AdapterLayer, LoRALayer
+
+        linear_layer = torch.nn.Linear(512, 512)
+        lora_layer = LoRALayer(linear_layer, rank=16, alpha=32)
+        total_params = sum(p.numel() for p in lora_layer.parameters())
+        trainable_params = sum(p.numel() for p in lora_layer.parameters() if p.requires_grad)
+        assert trainable_params == 2 * 16 * 512  # A (16 x 512) and B (512 x 16)
+        assert total_params == 512 * 512 + 512 + trainable_params
+        adapter = AdapterLayer(hidden_size=512, adapter_size=64)
+        test_input = torch.randn(2, 10, 512)
+        output = adapter(test_input)
+        assert output.shape == (2, 10, 512)
+        assert torch.equal(output, test_input)  # the up-projection starts at zero: identity at init
+
+    def test_lora_layer_starts_as_the_base_and_learns(self):
+        from exercise import LoRALayer
+
+        base = torch.nn.Linear(32, 32)
+        lora = LoRALayer(base, rank=4, alpha=8)
+        x = torch.randn(8, 32)
+        target = torch.randn(8, 32)
+        assert torch.equal(lora(x), base(x))
+        opt = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+        first = torch.nn.functional.mse_loss(lora(x), target).item()
+        for _ in range(20):
+            loss = torch.nn.functional.mse_loss(lora(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < first and base.weight.grad is None
+
+
 class TestDistributedTraining:
     def test_torchrun_exercise(self):
         # The guide's `torchrun --nproc_per_node=2 exercise.py`, on CPU with gloo.

@@ -1,0 +1,123 @@
+"""LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024) as a drop-in replacement for `nn.Linear`.
+
+LoRA:  y = x W^T + b + s * B A x,   A (r, in) Kaiming-uniform, B (out, r) zeros, s = alpha / r
+       (or alpha / sqrt(r) with rsLoRA, Kalajdzievski 2023). At init B = 0, so the module equals the base.
+DoRA:  W' = m * (W + s B A) / ||W + s B A||_row,  m (out,) initialised to ||W||_row, so again equal at init.
+       The row norm is treated as a constant in the backward pass, as the DoRA paper proposes (section 4.3).
+
+The frozen base keeps the names `weight` and `bias`, so a model's state-dict keys do not change when LoRA is
+applied: only `lora_A.weight`, `lora_B.weight` (and `lora_magnitude_vector`) are added.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha, self.use_rslora, self.use_dora = rank, alpha, use_rslora, use_dora
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
+        self.merged = False
+        self.disabled = False
+        self.reset_lora()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> LoRALinear:
+        """Wrap an existing layer: its weight and bias become the frozen base (shared, not copied)."""
+        with torch.device("meta"):
+            m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kw)
+        m.weight = linear.weight
+        m.weight.requires_grad_(False)
+        if linear.bias is not None:
+            m.bias = linear.bias
+            m.bias.requires_grad_(False)
+        dev, dtype = linear.weight.device, linear.weight.dtype
+        m.lora_A.to_empty(device=dev)
+        m.lora_B.to_empty(device=dev)
+        m.lora_A.to(dtype)
+        m.lora_B.to(dtype)
+        if m.use_dora:
+            m.lora_magnitude_vector = nn.Parameter(torch.empty(m.out_features, device=dev, dtype=dtype))
+        m.reset_lora()
+        return m
+
+    def reset_lora(self) -> None:
+        if self.lora_A.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight.norm(p=2, dim=1))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, shape (out, in)."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def _dora_scale(self) -> torch.Tensor:
+        """m / ||W + s B A||_row, the norm detached (no gradient through it). Shape (out,)."""
+        norm = (self.weight + self.delta_weight().to(self.weight.dtype)).norm(p=2, dim=1).detach()
+        return self.lora_magnitude_vector / norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return F.linear(x, self.weight, self.bias)
+        base = F.linear(x, self.weight)
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        out = self._dora_scale() * (base + lora) if self.use_dora else base + lora
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into `weight` (inference is then a plain linear layer)."""
+        if self.merged:
+            return
+        delta = self.delta_weight().to(self.weight.dtype)
+        if self.use_dora:
+            self._merge_scale = self._dora_scale().to(self.weight.dtype)
+            self.weight.copy_(self._merge_scale[:, None] * (self.weight + delta))
+        else:
+            self.weight.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge()`, restoring the base weight (up to rounding)."""
+        if not self.merged:
+            return
+        delta = self.delta_weight().to(self.weight.dtype)
+        if self.use_dora:
+            self.weight.copy_(self.weight / self._merge_scale[:, None] - delta)
+        else:
+            self.weight.sub_(delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return f"{self.in_features}, {self.out_features}, {kind} rank={self.rank}, alpha={self.alpha}"

@@ -1,0 +1,146 @@
+"""LoRA, DoRA and adapters: closed-form identities, and parity with the `peft` library on a transformers model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llmstages.errors import UserError
+from llmstages.model import GPT, export_hf, load_model, preset
+from llmstages.peft import (
+    LoRALinear,
+    adapter_state_dict,
+    apply_adapters,
+    apply_lora,
+    disable_adapters,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+from llmstages.peft.export import export_peft
+from tests.helpers import hf_model, save_hf
+
+
+def _randomise(module: nn.Module) -> None:
+    """Move the adapter away from its (identity) initialisation."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name or "_adapter.up_proj" in name:
+                p.normal_(0, 0.1)
+            if "lora_magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora"])
+def test_lora_linear_identities(kind):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    lora = LoRALinear.from_linear(base, rank=4, alpha=8, use_rslora=kind == "rslora", use_dora=kind == "dora")
+    x = torch.randn(3, 5, 16)
+    w0 = base.weight.detach().clone()
+    assert torch.allclose(lora(x), base(x), atol=1e-6)  # at init the output is the base's
+    _randomise(lora)
+    expected_scaling = 8 / 2 if kind == "rslora" else 8 / 4
+    assert lora.scaling == expected_scaling
+    # closed form: W' = W + s B A (LoRA); m * (W + s B A) / ||W + s B A||_row (DoRA)
+    w = w0 + expected_scaling * lora.lora_B.weight @ lora.lora_A.weight
+    if kind == "dora":
+        w = lora.lora_magnitude_vector[:, None] * w / w.norm(dim=1, keepdim=True)
+    y = lora(x)
+    assert torch.allclose(y, x @ w.T + base.bias, atol=1e-5)
+    lora.merge()
+    assert torch.allclose(lora(x), y, atol=1e-5)
+    lora.unmerge()
+    assert torch.allclose(lora.weight, w0, atol=1e-6)
+    assert torch.allclose(lora(x), y, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adapter"])
+def test_only_adapter_parameters_train_and_disable_gives_the_base(method):
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=128, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2))
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        base_logits = model(x)
+    if method == "adapter":
+        apply_adapters(model, bottleneck=8)
+    else:
+        apply_lora(model, rank=4, alpha=8, target_modules="all-linear", use_dora=method == "dora")
+    with torch.no_grad():
+        assert torch.allclose(model(x), base_logits, atol=1e-5)  # identity at init
+    _randomise(model)
+    model(x).sum().backward()
+    for name, p in model.named_parameters():
+        is_peft = ".lora_" in name or "_adapter." in name
+        assert p.requires_grad == is_peft, name
+        assert (p.grad is not None) == is_peft, name
+    with torch.no_grad():
+        assert not torch.allclose(model(x), base_logits, atol=1e-3)
+        with disable_adapters(model):
+            assert torch.allclose(model(x), base_logits, atol=1e-5)
+    trainable, total = trainable_parameters(model)
+    assert 0 < trainable < 0.5 * total
+
+
+def test_save_load_and_merge(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=128, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    _randomise(model)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = model(x)
+    save_adapter(model, tmp_path)
+    fresh = GPT(model.config)
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), expected, atol=1e-6)
+        merged = merge_lora(fresh)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        assert torch.allclose(merged(x), expected, atol=1e-5)
+    assert set(merged.state_dict()) == set(base_state)  # merged: the plain model's names again
+
+
+def test_target_modules_that_match_nothing():
+    model = GPT(preset("llama_tiny", n_layers=1))
+    with pytest.raises(UserError, match=r"matched no linear module; there are: .*q_proj"):
+        apply_lora(model, target_modules=["qq_proj"])
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_trained_lora_exports_to_peft_and_matches(tmp_path, use_dora):
+    """Train a LoRA a few steps on an HF-imported Llama; load it with peft into transformers: same logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    src = save_hf(hf_model("llama"), tmp_path / "hf")
+    model = load_model(src)
+    apply_lora(model, rank=4, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+               use_dora=use_dora)  # fmt: skip
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 300, (4, 16))
+    for _ in range(5):
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(next(p for n, p in model.named_parameters() if "lora_B" in n).abs().sum()) > 0
+    with disable_adapters(model):
+        export_hf(model, tmp_path / "base")  # the frozen base, in HF format
+    export_peft(model, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(x).logits - model.eval()(x)).abs().max() < 1e-4
+
+
+def test_adapter_state_has_only_peft_tensors():
+    model = GPT(preset("gpt2_tiny", n_layers=1))
+    apply_adapters(model, bottleneck=4)
+    keys = set(adapter_state_dict(model))
+    assert keys == {f"blocks.0.{s}_adapter.{p}.{w}" for s in ("attn", "mlp") for p in ("down_proj", "up_proj")
+                    for w in ("weight", "bias")}  # fmt: skip
