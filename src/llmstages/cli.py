@@ -43,12 +43,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from llmstages.model import export_hf, load_model, load_tokenizer
+    from llmstages.model import export_hf, load_model, load_tokenizer, save_model
+    from llmstages.peft import merge_lora, peft_config
+    from llmstages.peft.export import export_peft
 
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
+    method = (peft_config(model) or {}).get("method")
     if args.format == "hf":
         export_hf(model, args.out, tok)
+    elif args.format == "peft":
+        export_peft(model, args.out)
+    else:
+        if method == "adapter":
+            raise UserError("bottleneck adapters cannot be merged into the weights; use the model directory as is")
+        save_model(merge_lora(model), args.out, tok)
     print(f"wrote {args.out}")
     return 0
 
@@ -81,6 +90,18 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from llmstages.config import SFTConfig, load_config
+    from llmstages.stages import sft
+
+    cfg = load_config(SFTConfig, args.config, args.overrides)
+    if args.show_example is not None:
+        print(sft.show_example(cfg, args.show_example))
+        return 0
+    sft.main(cfg)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmstages.demo import run_demo
 
@@ -88,11 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stage(sub, name: str, help: str, func) -> None:
+def _add_stage(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
     s.set_defaults(func=func)
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
+    sft_parser = _add_stage(sub, "sft", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)", cmd_sft)
+    sft_parser.add_argument("--show-example", type=int, metavar="N", help="print example N with its loss mask and exit")
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (and optionally tokenize the data)")
     t.add_argument("--data", nargs="*", default=[], help="files or folders (.txt, .jsonl, .json); none: built-in")
@@ -131,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a model directory in another format")
     e.add_argument("--model", required=True, help="model directory")
-    e.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers directory")
+    e.add_argument("--format", choices=["merged", "peft", "hf"], default="hf",
+                   help="merged: our directory with LoRA folded into the weights; peft: the adapter in the peft "
+                   "library's format; hf: a transformers directory (LoRA merged)")  # fmt: skip
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
     return p

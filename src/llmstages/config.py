@@ -93,6 +93,51 @@ class TrainArgs:
 
 
 @dataclass
+class PeftArgs:
+    method: str = "none"
+    """none (full fine-tuning), lora, dora or adapter."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names (suffixes) to adapt, or [all-linear]."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(rank) instead of alpha / rank."""
+    bottleneck: int = 64
+    """Hidden units of each bottleneck adapter."""
+
+
+@dataclass
+class SFTDataArgs:
+    path: list[str] = field(default_factory=list)
+    """SFT files (Alpaca, chat or prompt/completion JSONL). Empty: the built-in instruction tasks."""
+    val_path: list[str] = field(default_factory=list)
+    """Held-out SFT files for validation loss and exact match. Empty with built-in tasks: their held-out split."""
+    train_on_prompt: bool = False
+    """Train on every token, not only the assistant's."""
+    packing: bool = False
+    """Pack several examples per row (block-diagonal attention, per-example positions)."""
+    truncate: bool = True
+    """Cut examples longer than train.seq_len (counted and reported); false refuses them."""
+    heldout_people: int = 8
+    """Built-in tasks: people whose fact questions are held out."""
+    max_eval_examples: int = 256
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    seed: int = 0
+    resume: bool = False
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    data: SFTDataArgs = field(default_factory=SFTDataArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-3,
+                                                               warmup_steps=10, min_lr=1e-4, eval_every=25,
+                                                               save_every=50, weight_decay=0.0))  # fmt: skip
+
+
+@dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0
@@ -160,7 +205,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
+            text = value.strip()
+            if text.startswith("["):  # YAML flow list: [a, b]
+                value = _parse_scalar(text)
+                if not isinstance(value, list):
+                    raise UserError(f"{source}: {key} must be a list like [a, b], got {text!r}")
+            else:  # a,b
+                value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]

@@ -16,6 +16,14 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import hf as hf_io
 from llmstages.model.gpt import GPT, ModelConfig
+from llmstages.peft import (
+    ADAPTER_CONFIG,
+    adapter_state_dict,
+    adapters_enabled,
+    load_adapter,
+    peft_config,
+    save_adapter,
+)
 
 FORMAT_KEY = "llmstages_format"
 
@@ -84,7 +92,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     model.reset_rope(device)
-    return model.to(device)
+    model = model.to(device)
+    if (p / ADAPTER_CONFIG).is_file():  # a PEFT run's model directory: base weights plus the adapter
+        load_adapter(model, p)
+    return model
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -108,19 +119,23 @@ def _commit(tmp: Path, path: Path) -> None:
 
 
 def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
+    """The base model's tensors (PEFT tensors, if any, are saved apart by `save_adapter`)."""
+    sd = {k: v for k, v in model.state_dict().items() if k not in adapter_state_dict(model)}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the tie is in the config
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
 def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write our model directory atomically: a crash mid-write leaves any previous directory intact."""
+    """Write our model directory atomically: a crash mid-write leaves any previous directory intact.
+    A model with PEFT modules is written as its base weights plus `adapter.safetensors` / `adapter_config.json`."""
     path = Path(path)
     tmp = _atomic_dir(path)
     try:
         (tmp / "config.json").write_text(json.dumps({FORMAT_KEY: 1, **model.config.to_dict()}, indent=2) + "\n")
         save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if peft_config(model) is not None:
+            save_adapter(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         _commit(tmp, path)
@@ -131,8 +146,19 @@ def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None)
 
 
 def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write a Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    """Write a Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    LoRA/DoRA are merged into a copy of the weights first; bottleneck adapters have no HF form and are refused.
+    Inside `disable_adapters(model)` the frozen base is exported."""
     path = Path(path)
+    cfg_peft = peft_config(model)
+    if cfg_peft is not None and adapters_enabled(model):
+        if cfg_peft["method"] == "adapter":
+            raise UserError("bottleneck adapters have no Hugging Face form; export the model in our format")
+        import copy
+
+        from llmstages.peft import merge_lora
+
+        model = merge_lora(copy.deepcopy(model))
     cfg = model.config
     sd = _state_dict(model)
     dtype = next(iter(sd.values())).dtype

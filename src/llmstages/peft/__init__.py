@@ -27,7 +27,8 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 METHODS = ("none", "lora", "dora", "adapter")
 
 __all__ = [
-    "BottleneckAdapter", "LoRALinear", "adapter_state_dict", "apply_adapters", "apply_lora", "apply_peft",
+    "BottleneckAdapter", "LoRALinear", "adapter_state_dict", "adapters_enabled", "apply_adapters", "apply_lora",
+    "apply_peft",
     "disable_adapters", "load_adapter", "merge_lora", "peft_config", "save_adapter", "trainable_parameters",
 ]  # fmt: skip
 
@@ -122,6 +123,11 @@ def _peft_modules(model: nn.Module) -> Iterator[LoRALinear | BottleneckAdapter]:
     for m in model.modules():
         if isinstance(m, LoRALinear | BottleneckAdapter):
             yield m
+
+
+def adapters_enabled(model: nn.Module) -> bool:
+    """True when the model has PEFT modules and they are not switched off by `disable_adapters`."""
+    return any(not m.disabled for m in _peft_modules(model))
 
 
 @contextlib.contextmanager

@@ -24,14 +24,7 @@ from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.train import checkpoint as ckpt
-from llmstages.train.loop import (
-    Loop,
-    apply_activation_checkpointing,
-    check_precision,
-    resolve_device,
-    resolve_precision,
-)
+from llmstages.train.loop import Loop, apply_activation_checkpointing, start_run
 
 SHARD_VERSION = 1
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
@@ -100,20 +93,7 @@ def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:
 def setup(cfg: PretrainConfig) -> Setup:
     """Everything that can fail on bad input, before anything is written to `out_dir`."""
     out = Path(cfg.out_dir)
-    device = resolve_device(cfg.train.device)
-    cfg.train.precision = resolve_precision(cfg.train.precision, device)
-    check_precision(cfg.train.precision, device)
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every"):
-        if getattr(cfg.train, name) <= 0:
-            raise UserError(f"train.{name} must be positive, got {getattr(cfg.train, name)}")
-    existing = ckpt.latest_checkpoint(out / "checkpoints")
-    if existing is not None and not cfg.resume:
-        raise UserError(
-            f"{out} already holds checkpoints (newest: {existing.name}); pass resume=true to continue the run, "
-            "or choose another out_dir"
-        )
-    if existing is not None:
-        ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
+    device, existing = start_run(out, cfg.train, cfg.resume)
     torch.manual_seed(cfg.seed)
     documents = _documents(cfg)
     tok, trained = _tokenizer(cfg, out, documents)

@@ -149,6 +149,27 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             block.forward = partial(checkpoint, block._forward_without_checkpoint, use_reentrant=False)
 
 
+def start_run(out: Path, args: TrainArgs, resume: bool) -> tuple[torch.device, Path | None]:
+    """Checks every stage makes before writing anything: device and precision (resolving `auto` in place),
+    positive step settings, and the run directory: checkpoints there need resume=true, and a checkpoint to
+    resume from must be readable. Returns (device, checkpoint to resume from or None)."""
+    device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
+    check_precision(args.precision, device)
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"train.{name} must be positive, got {getattr(args, name)}")
+    existing = ckpt.latest_checkpoint(out / "checkpoints")
+    if existing is not None and not resume:
+        raise UserError(
+            f"{out} already holds checkpoints (newest: {existing.name}); pass resume=true to continue the run, "
+            "or choose another out_dir"
+        )
+    if existing is not None:
+        ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
+    return device, existing
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Language-model loss (pre-training and SFT)
 

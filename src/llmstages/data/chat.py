@@ -1,0 +1,234 @@
+"""Supervised fine-tuning data: record formats, chat templates, loss masks and packing.
+
+Records (JSONL, or a JSON array):
+- Alpaca:  {"instruction", "input" (optional), "output"}
+- chat:    {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
+- completion: {"prompt", "completion"}
+
+A conversation is rendered to text with the tokenizer's jinja `chat_template` when it has one, else with the
+built-in template `<|role|> content<|eos|>` per turn. The character spans of assistant replies (with the EOS
+that closes them) are found while rendering; after tokenization exactly the tokens inside those spans are
+trained, everything else gets the label IGNORE_INDEX. The EOS is trained even when pad and EOS are one token,
+because masking is by position, never by token id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmstages.data.text import list_files, read_jsonl
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
+from llmstages.losses import IGNORE_INDEX
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Records -> conversations
+
+
+def to_messages(record: object, where: str) -> list[Message]:
+    """A record in any of the three formats as a list of messages; errors name `where` (file:line)."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs, 1):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UserError(f"{where}: message {i} needs 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise UserError(f"{where}: message {i} has unknown role '{m['role']}' (roles: {', '.join(ROLES)})")
+            if not isinstance(m["content"], str):
+                raise UserError(f"{where}: message {i} content must be a string")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
+        return out
+    if "instruction" in record:
+        if "output" not in record:
+            raise UserError(f"{where}: Alpaca record has no 'output'")
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    if "prompt" in record:
+        if "completion" not in record:
+            raise UserError(f"{where}: prompt/completion record has no 'completion'")
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    raise UserError(
+        f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected 'messages', "
+        "'instruction'/'output' or 'prompt'/'completion'"
+    )
+
+
+def read_conversations(paths: Sequence[str | Path]) -> list[tuple[str, list[Message]]]:
+    """(file:line, messages) for every record of the SFT files."""
+    out = []
+    for f in list_files(paths):
+        for n, record in read_jsonl(f):
+            where = f"{f}:{n}"
+            out.append((where, to_messages(record, where)))
+    if not out:
+        raise UserError(f"no SFT records in {', '.join(map(str, paths))}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _builtin_render(messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool):
+    text, spans = "", []
+    eos = tok.eos_token or ""
+    for m in messages:
+        text += f"<|{m['role']}|>"
+        start = len(text)
+        text += " " + m["content"] + eos  # the space: words tokenize as in running text (" cat", not "ca" "t")
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+    if add_generation_prompt:
+        text += "<|assistant|>"
+    return text, spans
+
+
+def _jinja_render(messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool) -> str:
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise UserError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(tok.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=tok.bos_token or "",
+        eos_token=tok.eos_token or "",
+    )  # fmt: skip
+
+
+def render(
+    messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character spans of assistant replies). With a jinja template, a reply's span is what rendering
+    the conversation up to and including it adds beyond rendering up to it with the generation prompt."""
+    if tok.chat_template is None:
+        return _builtin_render(messages, tok, add_generation_prompt)
+    text = _jinja_render(messages, tok, add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _jinja_render(messages[:i], tok, True)
+        upto = _jinja_render(messages[: i + 1], tok, False)
+        if not text.startswith(before) or not text.startswith(upto):
+            raise UserError("chat template: rendering is not prefix-stable; cannot locate assistant replies")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    """Same length as input_ids; IGNORE_INDEX where not trained. Label t is the token at t (unshifted)."""
+    where: str = ""
+
+
+def tokenize_conversation(
+    messages: Sequence[Message], tok: Tokenizer, train_on_prompt: bool = False, where: str = ""
+) -> Example:
+    text, spans = render(messages, tok)
+    enc = tok.tk.encode(text, add_special_tokens=False)
+    ids = list(enc.ids)
+    labels = []
+    for tid, (a, b) in zip(ids, enc.offsets):
+        inside = any(s <= a and b <= e and b > a for s, e in spans)
+        labels.append(tid if (inside or train_on_prompt) else IGNORE_INDEX)
+    return Example(ids, labels, where)
+
+
+def prompt_ids(messages: Sequence[Message], tok: Tokenizer) -> list[int]:
+    """Token ids of a conversation up to the assistant's turn (what generation starts from)."""
+    text, _ = render(messages, tok, add_generation_prompt=True)
+    return tok.tk.encode(text, add_special_tokens=False).ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: padded or packed
+
+
+def fit_length(examples: list[Example], seq_len: int, truncate: bool) -> tuple[list[Example], int]:
+    """Examples cut to `seq_len + 1` tokens (truncate) or refused; returns (examples, how many were cut)."""
+    out, cut = [], 0
+    for ex in examples:
+        if len(ex.input_ids) > seq_len + 1:
+            if not truncate:
+                raise UserError(
+                    f"{ex.where}: example of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = "
+                    f"{seq_len + 1}; raise train.seq_len or set data.truncate=true"
+                )
+            ex = Example(ex.input_ids[: seq_len + 1], ex.labels[: seq_len + 1], ex.where)
+            cut += 1
+        if all(label == IGNORE_INDEX for label in ex.labels[1:]):
+            if not truncate:
+                raise UserError(f"{ex.where}: no trained token left")
+            continue
+        out.append(ex)
+    return out, cut
+
+
+def padded_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows: input_ids, targets (next-token labels, IGNORE_INDEX on padding) and the key mask."""
+    T = max(len(e.input_ids) for e in examples) - 1
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids) - 1
+        ids[i, :n] = torch.tensor(e.input_ids[:-1])
+        targets[i, :n] = torch.tensor(e.labels[1:])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "targets": targets, "mask": mask}
+
+
+def packed_batch(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples placed one after another in rows of `seq_len` (first fit, in order), with per-document position
+    ids and a block-diagonal causal mask: no attention and no loss crosses an example boundary."""
+    rows: list[list[Example]] = []
+    used: list[int] = []
+    for e in examples:
+        n = len(e.input_ids) - 1
+        for r, u in enumerate(used):
+            if u + n <= seq_len:
+                rows[r].append(e)
+                used[r] += n
+                break
+        else:
+            rows.append([e])
+            used.append(n)
+    B = len(rows)
+    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((B, seq_len), dtype=torch.long)
+    doc = torch.full((B, seq_len), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, e in enumerate(row):
+            n = len(e.input_ids) - 1
+            ids[r, at : at + n] = torch.tensor(e.input_ids[:-1])
+            targets[r, at : at + n] = torch.tensor(e.labels[1:])
+            pos[r, at : at + n] = torch.arange(n)
+            doc[r, at : at + n] = d
+            at += n
+    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
+    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
+    eye = torch.eye(seq_len, dtype=torch.bool)  # padding positions see themselves only (their output is unused)
+    mask = (causal & same) | eye
+    return {"input_ids": ids, "targets": targets, "position_ids": pos, "mask": mask[:, None]}

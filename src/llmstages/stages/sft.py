@@ -1,0 +1,214 @@
+"""Stage 2, supervised fine-tuning: train on assistant replies only, fully or with LoRA / DoRA / adapters.
+
+    llmstages sft --config configs/sft/lora.yaml [peft.rank=16 train.max_steps=200 ...]
+    llmstages sft --config configs/sft/lora.yaml --show-example 0    # one rendered example and its loss mask
+
+setup: load the base model (ours or a Hugging Face directory), render and tokenize the conversations (built-in
+       tasks or the user's files), check lengths; nothing is written until all of that has passed.
+main:  apply PEFT from outside, run the shared loop with the language-model loss on masked labels, evaluate
+       held-out exact match at every eval step, and write `out_dir/final` (base + adapter for PEFT runs).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmstages.config import SFTConfig, save_config
+from llmstages.data.chat import (
+    Example,
+    fit_length,
+    packed_batch,
+    padded_batch,
+    prompt_ids,
+    read_conversations,
+    tokenize_conversation,
+)
+from llmstages.data.tasks import Task, builtin_tasks, normalise
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
+from llmstages.losses import IGNORE_INDEX
+from llmstages.model import GPT, flops_per_token, generate, load_model, load_tokenizer, save_model
+from llmstages.monitor.metrics import MetricsLogger
+from llmstages.peft import apply_peft, trainable_parameters
+from llmstages.train.loop import Loop, apply_activation_checkpointing, count_targets, lm_loss, start_run
+
+
+@dataclass
+class EvalItem:
+    """A held-out prompt (token ids up to the assistant turn), its reference answer and its kind."""
+
+    prompt: list[int]
+    answer: str
+    kind: str
+
+
+@dataclass
+class Setup:
+    out: Path
+    device: torch.device
+    model: GPT
+    tokenizer: Tokenizer
+    train: list[Example]
+    val: list[Example]
+    eval_items: list[EvalItem]
+    truncated: int
+
+
+def _examples(cfg: SFTConfig, tok: Tokenizer):
+    """(train examples, val examples, exact-match items) from the built-in tasks or the user's files."""
+    render = lambda msgs, where: tokenize_conversation(msgs, tok, cfg.data.train_on_prompt, where)  # noqa: E731
+    if not cfg.data.path:
+        tasks = builtin_tasks(cfg.seed, cfg.data.heldout_people)
+        train = [render(t.messages(), f"builtin:{i}") for i, t in enumerate(tasks["train"])]
+        held: list[Task] = tasks["heldout"]
+        val = [render(t.messages(), f"builtin-heldout:{i}") for i, t in enumerate(held)]
+        items = [EvalItem(prompt_ids(t.messages()[:1], tok), t.answer, t.kind) for t in held]
+        return train, val, items
+    train = [render(m, where) for where, m in read_conversations(cfg.data.path)]
+    val, items = [], []
+    if cfg.data.val_path:
+        for where, msgs in read_conversations(cfg.data.val_path):
+            val.append(render(msgs, where))
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            items.append(EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user"))
+    return train, val, items
+
+
+def setup(cfg: SFTConfig) -> Setup:
+    out = Path(cfg.out_dir)
+    device, _ = start_run(out, cfg.train, cfg.resume)
+    if not cfg.model.path:
+        raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model.path)
+    tok = load_tokenizer(cfg.model.path)
+    if tok.eos_id is None:
+        raise UserError(f"{cfg.model.path}: the tokenizer has no EOS token; SFT trains the EOS that ends a reply")
+    if cfg.train.seq_len > model.config.block_size:
+        raise UserError(
+            f"train.seq_len={cfg.train.seq_len} is above the model's context of {model.config.block_size} tokens"
+        )
+    train, val, items = _examples(cfg, tok)
+    train, cut = fit_length(train, cfg.train.seq_len, cfg.data.truncate)
+    val, _ = fit_length(val, cfg.train.seq_len, truncate=True)
+    if not train:
+        raise UserError("no SFT example left to train on")
+    apply_peft(model, cfg.peft.method, rank=cfg.peft.rank, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
+               target_modules=_targets(cfg.peft.target_modules), use_rslora=cfg.peft.use_rslora,
+               bottleneck=cfg.peft.bottleneck)  # fmt: skip
+    return Setup(out, device, model, tok, train, val, items[: cfg.data.max_eval_examples], cut)
+
+
+def _targets(targets: list[str]) -> str | list[str]:
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
+@torch.no_grad()
+def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64) -> dict[str, float]:
+    """Greedy answers to held-out prompts against the references: overall and per task kind."""
+    if not items:
+        return {}
+    hits: dict[str, list[int]] = {}
+    max_new = max(len(tok.encode(i.answer)) for i in items) + 2
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        out = generate(model, [i.prompt for i in chunk], max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        for item, row, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
+            answer = tok.decode(row[:n])
+            hits.setdefault(item.kind, []).append(int(normalise(answer) == normalise(item.answer)))
+    result = {"task_accuracy": float(np.mean([h for v in hits.values() for h in v]))}
+    result.update({f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(hits.items())})
+    return result
+
+
+def show_example(cfg: SFTConfig, index: int) -> str:
+    """One rendered training example, each token with whether it is trained (the loss mask made visible)."""
+    tok = load_tokenizer(cfg.model.path)
+    train, _, _ = _examples(cfg, tok)
+    if not 0 <= index < len(train):
+        raise UserError(f"--show-example {index}: there are {len(train)} examples")
+    ex = train[index]
+    lines = [f"example {index} ({ex.where}), {len(ex.input_ids)} tokens; [trained] tokens in brackets:"]
+    pieces = [(f"[{tok.decode([t], False)}]" if lab != IGNORE_INDEX else tok.decode([t], False))
+              for t, lab in zip(ex.input_ids, ex.labels)]  # fmt: skip
+    lines.append("".join(pieces))
+    return "\n".join(lines)
+
+
+def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    args = cfg.train
+    s.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, s.out / "config.yaml")
+    model = s.model.to(s.device)
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    pad = s.tokenizer.pad_id
+    world_batch = args.batch_size  # one process; the distributed issue adds ranks
+    n = len(s.train)
+    perms: dict[int, list[int]] = {}
+
+    def examples_for(step: int, micro: int) -> list[Example]:
+        """Epoch-wise shuffles, indexed by the global position of (step, micro): resume replays it exactly."""
+        first = (step * args.grad_accum + micro) * world_batch
+        picked = []
+        for k in range(first, first + args.batch_size):
+            epoch, pos = divmod(k, n)
+            if epoch not in perms:
+                perms[epoch] = random.Random(cfg.seed * 1_000_003 + epoch).sample(range(n), n)
+            picked.append(s.train[perms[epoch][pos]])
+        return picked
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(s.device) for k, v in batch.items()}
+
+    def make_batch(exs: list[Example]) -> dict[str, torch.Tensor]:
+        return to_device(packed_batch(exs, args.seq_len, pad) if cfg.data.packing else padded_batch(exs, pad))
+
+    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        return [make_batch(examples_for(step, m)) for m in range(args.grad_accum)]
+
+    def evaluate(m: GPT) -> dict[str, float]:
+        result: dict[str, float] = {}
+        if s.val:
+            total, count = 0.0, 0
+            for i in range(0, len(s.val), args.batch_size):
+                b = to_device(padded_batch(s.val[i : i + args.batch_size], pad))
+                loss, _ = lm_loss(m, b)
+                total, count = total + float(loss), count + count_targets(b)
+            result.update(val_loss=total / count, val_ppl=math.exp(total / count))
+        result.update(exact_match(m, s.tokenizer, s.eval_items))
+        return result
+
+    loop = Loop(model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
+                evaluate=evaluate, flops_per_token=flops_per_token(model.config, args.seq_len))  # fmt: skip
+    resumed = loop.resume() if cfg.resume else False
+    trainable, total = trainable_parameters(model)
+    if progress:
+        print(f"sft: {len(s.train)} examples ({s.truncated} truncated), {len(s.eval_items)} held-out prompts; "
+              f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
+              f"({trainable / total:.2%})")  # fmt: skip
+    log = MetricsLogger(s.out, resume_step=loop.state.step if resumed else None)
+    if not resumed:
+        model.eval()
+        with torch.no_grad():
+            before = evaluate(model)
+        model.train()
+        log.log({"step": 0, "event": "start", "trainable_parameters": trainable, "parameters": total,
+                 "truncated_examples": s.truncated, **before})  # fmt: skip
+    try:
+        state = loop.run(log, progress=progress)
+    finally:
+        log.close()
+    save_model(model, s.out / "final", s.tokenizer)
+    result = {"step": state.step, **loop.last_eval}
+    if progress:
+        acc = result.get("task_accuracy")
+        print(f"sft: done; final model in {s.out / 'final'}" + (f", held-out exact match {acc:.1%}" if acc else ""))
+    return result

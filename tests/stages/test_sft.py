@@ -1,0 +1,110 @@
+"""The SFT stage end to end from the CLI: LoRA/adapters/full on built-in tasks or user files, exact resume,
+a Hugging Face base, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from llmstages.cli import main
+from llmstages.data.builtin import builtin_corpus
+from llmstages.data.tokenizer import train_bpe
+from llmstages.model import GPT, load_model, preset, save_model
+from llmstages.monitor.metrics import read_metrics
+from llmstages.train import loop as loop_mod
+from tests.helpers import hf_model, save_hf, tiny_tokenizer
+
+FAST = [
+    "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
+    "train.save_every=100", "train.warmup_steps=1", "train.precision=fp32", "data.max_eval_examples=16",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    tok = train_bpe(builtin_corpus(0, 0.2), 600)
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
+    return save_model(model, tmp_path_factory.mktemp("base") / "model", tok)
+
+
+def _sft(base, out, *extra):
+    return main(["sft", f"model.path={base}", f"out_dir={out}", *FAST, *extra])
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "none"])
+def test_methods_run_and_save(base_dir, tmp_path, method):
+    assert _sft(base_dir, tmp_path, f"peft.method={method}", "peft.target_modules=[all-linear]") == 0
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").is_file() == (method != "none")
+    records = read_metrics(tmp_path)
+    assert records[0]["event"] == "start" and "task_accuracy" in records[0]
+    assert any("task_accuracy" in r and r["step"] == 8 for r in records)
+    tuned, base = load_model(final), load_model(base_dir)
+    x = torch.randint(0, 600, (1, 12))
+    with torch.no_grad():
+        assert not torch.allclose(tuned(x), base(x), atol=1e-4)  # the saved model carries what was learned
+
+
+def test_exact_resume(base_dir, tmp_path, monkeypatch):
+    assert _sft(base_dir, tmp_path / "a", "peft.method=lora") == 0
+    real_step = loop_mod.Loop._step
+
+    def step_then_signal(self, batches):
+        out = real_step(self, batches)
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    assert _sft(base_dir, tmp_path / "b", "peft.method=lora") == 130
+    monkeypatch.undo()
+    assert _sft(base_dir, tmp_path / "b", "peft.method=lora", "resume=true") == 0
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 8
+
+
+def test_user_files_on_a_hugging_face_base(tmp_path):
+    base = save_hf(hf_model("llama"), tmp_path / "hf", tiny_tokenizer())
+    data = tmp_path / "train.jsonl"
+    rows = [{"instruction": "Where does Ada live?", "output": "Oakfield"},
+            {"messages": [{"role": "user", "content": "Pet of Bram?"}, {"role": "assistant", "content": "a cat"}]},
+            {"prompt": "Two plus three is", "completion": "five"}]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _sft(base, tmp_path / "run", f"data.path={data}", f"data.val_path={data}", "peft.method=dora") == 0
+    assert "val_loss" in read_metrics(tmp_path / "run")[-1]
+
+
+def test_show_example(base_dir, capsys):
+    assert main(["sft", f"model.path={base_dir}", "--show-example", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "<|assistant|>" in out and "[" in out and "<|eos|>]" in out
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input(base_dir, tmp_path, capsys):
+    run = ["sft", f"model.path={base_dir}", f"out_dir={tmp_path / 'x'}", *FAST]
+    assert "matched no linear module" in _error(capsys, [*run, "peft.method=lora", "peft.target_modules=[qq_proj]"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+    assert "bad.jsonl:2: message 1 has unknown role 'robot'" in _error(capsys, [*run, f"data.path={bad}"])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 80, "completion": "yes"}) + "\n")
+    err = _error(capsys, [*run, f"data.path={long}", "data.truncate=false"])
+    assert "long.jsonl:1: example of" in err
+    assert "peft.method must be one of" in _error(capsys, [*run, "peft.method=qlora"])
+    assert not (tmp_path / "x").exists()  # failed starts wrote nothing
