@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py"]
+BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py", "peft_memory.py"]
 
 
 def main() -> None:

@@ -31,11 +31,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, targets, ignore_index: int, chunk: int):  # type: ignore[override]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. no dW for a frozen head (PEFT)
+        need_grad = need_h or need_w
         wc = w.to(h.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if need_grad else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, h.size(0), chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
             valid = tc != ignore_index
@@ -48,16 +49,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z[torch.arange(z.size(0), device=z.device), tc] -= 1.0
                 z.mul_(valid[:, None])
                 zc = z.to(h.dtype)
-                torch.mm(zc, wc, out=dh[s : s + chunk])
-                dw.addmm_(zc.t().float() if zc.dtype != torch.float32 else zc.t(), hc.float())
+                if need_h:
+                    torch.mm(zc, wc, out=dh[s : s + chunk])
+                if need_w:
+                    dw.addmm_(z.t(), hc.float())
+        ctx.need = (need_h, need_w)
         if need_grad:
-            ctx.save_for_backward(dh, dw.to(w.dtype))
+            ctx.save_for_backward(dh if need_h else h.new_empty(0), dw.to(w.dtype) if need_w else w.new_empty(0))
         return total
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         dh, dw = ctx.saved_tensors
-        return dh * grad.to(dh.dtype), dw * grad.to(dw.dtype), None, None, None
+        need_h, need_w = ctx.need
+        return (dh * grad.to(dh.dtype) if need_h else None, dw * grad.to(dw.dtype) if need_w else None,
+                None, None, None)  # fmt: skip
 
 
 def linear_cross_entropy(
@@ -81,3 +87,156 @@ def linear_cross_entropy(
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return total / (t != ignore_index).sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked reductions and normalisation
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum of x where mask is 1 (over `dim`, or everything)."""
+    x = x * mask
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), over `dim` or everything; 0 where the mask is empty."""
+    return masked_sum(x, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over the masked entries (unbiased variance); `shift_mean=False` keeps the mean
+    (PPO whitens advantages fully and rewards without shifting)."""
+    mask = torch.ones_like(x) if mask is None else mask
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward model
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0):
+    """-log sigmoid(r_chosen - r_rejected - margin), mean over pairs (Bradley & Terry 1952; with a margin as in
+    Llama 2, Touvron et al. 2023). Two rewards equal and margin 0 give log 2."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Direct preference optimisation and relatives. Inputs are per-sequence summed log-probabilities of the
+# completion tokens (prompt masked): policy and reference, chosen (w) and rejected (l).
+
+
+def dpo_loss(pol_w, pol_l, ref_w, ref_l, beta: float = 0.1, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).
+
+    With label_smoothing eps > 0 it is conservative DPO (cDPO, Mitchell 2023): labels flipped with prob. eps,
+    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h). Returns (loss, chosen rewards, rejected rewards),
+    the rewards being beta * (pi - ref) per pair (detached).
+    """
+    h = (pol_w - ref_w) - (pol_l - ref_l)
+    loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return loss.mean(), (beta * (pol_w - ref_w)).detach(), (beta * (pol_l - ref_l)).detach()
+
+
+def ipo_loss(pol_w, pol_l, ref_w, ref_l, beta: float = 0.1, len_w=None, len_l=None):
+    """IPO (Azar et al. 2023): (h - 1 / (2 beta))^2 with h the log-ratio difference. The paper uses
+    per-token averages of log-probs: pass the completion lengths to average (TRL does the same)."""
+    if len_w is not None:
+        pol_w, ref_w = pol_w / len_w, ref_w / len_w
+        pol_l, ref_l = pol_l / len_l, ref_l / len_l
+    h = (pol_w - ref_w) - (pol_l - ref_l)
+    return ((h - 1 / (2 * beta)) ** 2).mean(), (beta * (pol_w - ref_w)).detach(), (beta * (pol_l - ref_l)).detach()
+
+
+def simpo_loss(pol_w, pol_l, len_w, len_l, beta: float = 2.0, gamma: float = 0.5):
+    """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) -
+    gamma). Returns (loss, chosen rewards, rejected rewards) with rewards beta * mean token log-prob."""
+    rw, rl = beta * pol_w / len_w, beta * pol_l / len_l
+    return -F.logsigmoid(rw - rl - gamma).mean(), rw.detach(), rl.detach()
+
+
+def orpo_loss(pol_w, pol_l, len_w, len_l, nll_w, lam: float = 0.1):
+    """ORPO (Hong et al. 2024), reference-free: NLL(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l)),
+    odds(y) = p / (1 - p) with p = exp(mean token log-prob). `nll_w` is the chosen completion's mean NLL."""
+
+    def log_odds(logp_mean):
+        return logp_mean - torch.log1p(-torch.exp(logp_mean).clamp(max=1 - 1e-6))
+
+    ratio = log_odds(pol_w / len_w) - log_odds(pol_l / len_l)
+    loss = nll_w - lam * F.logsigmoid(ratio)
+    return loss.mean(), (lam * pol_w / len_w).detach(), (lam * pol_l / len_l).detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO (Schulman et al. 2017) and GRPO (Shao et al. 2024)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimators of KL(pi || ref) from samples of pi, with r = ref/pi (Schulman 2020, "Approximating
+    KL divergence"): k1 = -log r (unbiased, can be negative), k2 = (log r)^2 / 2, k3 = (r - 1) - log r
+    (unbiased and non-negative)."""
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"KL estimator must be k1, k2 or k3, got {kind!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    rewards, values, mask: (B, T). delta_t = r_t + gamma V_{t+1} - V_t (V after the last valid token is 0);
+    A_t = delta_t + gamma lam A_{t+1}. Returns (advantages, returns = advantages + values), zero where masked.
+    """
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
+    """Clipped surrogate: -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - old_logp), masked mean.
+    Returns (loss, clip fraction, approximate KL (k3) between old and new policy)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+    loss = masked_mean(-torch.min(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped < unclipped).float(), mask)
+    approx_kl = masked_mean(kl_estimate(old_logp, logp, "k3"), mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), masked mean."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return masked_mean(loss, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the softmax over the last dim: logsumexp(z) - sum softmax(z) z. Shape logits.shape[:-1]."""
+    logits = logits.float()
+    p = torch.softmax(logits, -1)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True):
+    """GRPO: each reward minus its group's mean, divided by the group's standard deviation (unbiased) when
+    `scale`. rewards: (N * G,) ordered group by group. A group of equal rewards gets advantage 0."""
+    r = rewards.view(-1, group_size)
+    centred = r - r.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (r.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)

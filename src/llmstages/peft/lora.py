@@ -88,9 +88,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return F.linear(x, self.weight, self.bias)
-        base = F.linear(x, self.weight)
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        out = self._dora_scale() * (base + lora) if self.use_dora else base + lora
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper
+        if not self.use_dora:
+            # In place on the base output (its backward does not need it): no extra full-size activations.
+            return F.linear(x, self.weight, self.bias).add_(lora)
+        out = self._dora_scale() * (F.linear(x, self.weight) + lora)
         return out if self.bias is None else out + self.bias
 
     @torch.no_grad()
