@@ -103,3 +103,40 @@ def test_entropy_whiten_groups_and_masks():
     adv = L.group_advantages(t(1.0, 2.0, 3.0, 5.0, 5.0, 5.0), group_size=3)
     torch.testing.assert_close(adv, t(-1.0, 0.0, 1.0, 0.0, 0.0, 0.0), atol=1e-5, rtol=0)
     assert math.isclose(L.masked_mean(t(1.0, 3.0, 9.0), t(1.0, 1.0, 0.0)), 2.0)
+
+
+def test_dpo_on_sequence_logprobs_equals_the_textbook_formula_from_logits():
+    """Summed completion log-probs (prompt masked) from a real model, then sigmoid DPO, against a direct loop."""
+    from llmstages.model import GPT, preset
+
+    torch.manual_seed(0)
+    policy = GPT(preset("llama_tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)).eval()
+    reference = GPT(preset("llama_tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)).eval()
+    prompt = [5, 6, 7]
+    chosen, rejected = [8, 9, 10, 1], [11, 1]
+
+    def batch(completion):
+        ids = torch.tensor([prompt + completion])
+        targets = ids[:, 1:].clone()
+        targets[:, : len(prompt) - 1] = L.IGNORE_INDEX  # predictions of prompt tokens are not counted
+        return ids[:, :-1], targets
+
+    def ours(model, completion):
+        x, y = batch(completion)
+        with torch.no_grad():
+            return L.sequence_logprobs(model(x), y)[0]
+
+    def textbook(model, completion):  # log pi(y | x) = sum_t log softmax(logits at t-1)[y_t], looped
+        seq = prompt + completion
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0]
+        return sum(float(torch.log_softmax(logits[t - 1], -1)[seq[t]]) for t in range(len(prompt), len(seq)))
+
+    beta = 0.3
+    loss, _, _ = L.dpo_loss(ours(policy, chosen), ours(policy, rejected), ours(reference, chosen),
+                            ours(reference, rejected), beta=beta)  # fmt: skip
+    h = (textbook(policy, chosen) - textbook(reference, chosen)) - (
+        textbook(policy, rejected) - textbook(reference, rejected)
+    )
+    assert math.isclose(float(loss), math.log1p(math.exp(-beta * h)), rel_tol=1e-5)
+    assert int(L.sequence_logprobs(torch.zeros(1, 6, 64), batch(chosen)[1])[1]) == len(chosen)

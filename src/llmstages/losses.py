@@ -240,3 +240,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     if scale:
         centred = centred / (r.std(-1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """log p(target_t) at each position, 0 where the target is ignored. logits (B, T, V), targets (B, T)."""
+    mask = targets != ignore_index
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets.masked_fill(~mask, 0)[..., None]).squeeze(-1)
+    return logp * mask
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    """(sum of target log-probs per row, number of targets per row): what DPO-style losses take. Prompt tokens
+    carry ignore_index in `targets`, so only the completion counts."""
+    mask = targets != ignore_index
+    return token_logprobs(logits, targets, ignore_index).sum(-1), mask.sum(-1)

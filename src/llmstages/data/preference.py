@@ -1,0 +1,140 @@
+"""Preference data for reward models and DPO, and prompt sets for PPO/GRPO.
+
+Records (JSONL, or a JSON array):
+- {"prompt", "chosen", "rejected"}: strings, or message lists (the prompt a conversation, chosen/rejected the
+  assistant replies, or whole conversations that share the prompt);
+- HH-RLHF style {"chosen", "rejected"}: two whole dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...") that share a
+  prefix; the prompt is split off at the last "Assistant:" turn they have in common;
+- prompts only, {"prompt"}: string or message list.
+Every record becomes a conversation (a list of messages) for the prompt and a reply string per side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmstages.data.chat import ROLES, Message, to_messages
+from llmstages.data.text import list_files, read_jsonl
+from llmstages.errors import UserError
+
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+    where: str = ""
+
+
+def _messages(value: object, where: str, field: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        for i, m in enumerate(value, 1):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise UserError(
+                    f"{where}: '{field}' message {i} needs a role ({', '.join(ROLES)}) and a content string"
+                )
+        return [dict(m) for m in value]
+    raise UserError(f"{where}: '{field}' must be a string or a list of messages")
+
+
+def _reply(value: object, prompt: list[Message], where: str, field: str) -> str:
+    """The assistant reply of one side: a string, or a conversation that extends the prompt by one reply."""
+    if isinstance(value, str):
+        return value
+    msgs = _messages(value, where, field)
+    if msgs[: len(prompt)] == prompt:
+        msgs = msgs[len(prompt) :]
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise UserError(f"{where}: '{field}' must be one assistant reply after the prompt")
+    return msgs[0]["content"]
+
+
+def _hh_dialogue(text: str) -> list[Message]:
+    """ "\\n\\nHuman: a\\n\\nAssistant: b..." -> messages (a trailing empty assistant turn is dropped)."""
+    out: list[Message] = []
+    rest = text
+    while rest:
+        h, a = rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)
+        starts = [(i, role) for i, role in ((h, "user"), (a, "assistant")) if i >= 0]
+        if not starts:
+            break
+        i, role = min(starts)
+        marker = HH_HUMAN if role == "user" else HH_ASSISTANT
+        rest = rest[i + len(marker) :]
+        nxt = [j for j in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if j >= 0]
+        end = min(nxt) if nxt else len(rest)
+        out.append({"role": role, "content": rest[:end].strip()})
+        rest = rest[end:]
+    return out
+
+
+def split_hh(chosen: str, rejected: str, where: str) -> tuple[list[Message], str, str]:
+    """Split two HH-RLHF dialogues at their last shared "Assistant:" turn: (prompt, chosen reply, rejected)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, n)  # the last Assistant marker inside the shared prefix
+    if cut < 0:
+        raise UserError(f"{where}: chosen and rejected share no '\\n\\nAssistant:' turn to split the prompt at")
+    head = cut + len(HH_ASSISTANT)
+    prompt = _hh_dialogue(chosen[:cut])
+    if not prompt:
+        raise UserError(f"{where}: no Human turn before the shared Assistant turn")
+    return prompt, chosen[head:].strip(), rejected[head:].strip()
+
+
+def to_pair(record: object, where: str) -> PreferencePair:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise UserError(f"{where}: preference record has no '{key}'")
+    if "prompt" in record:
+        prompt = _messages(record["prompt"], where, "prompt")
+        chosen = _reply(record["chosen"], prompt, where, "chosen")
+        rejected = _reply(record["rejected"], prompt, where, "rejected")
+    elif isinstance(record["chosen"], str) and isinstance(record["rejected"], str):
+        prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"], where)
+    else:
+        raise UserError(f"{where}: without 'prompt', chosen and rejected must be HH-RLHF dialogue strings")
+    if chosen == rejected:
+        raise UserError(f"{where}: chosen and rejected are identical (the pair carries no preference)")
+    if not chosen.strip() or not rejected.strip():
+        raise UserError(f"{where}: empty chosen or rejected reply")
+    return PreferencePair(tuple(prompt), chosen, rejected, where)
+
+
+def read_preferences(paths: Sequence[str | Path]) -> list[PreferencePair]:
+    pairs = [to_pair(r, f"{f}:{n}") for f in list_files(paths) for n, r in read_jsonl(f)]
+    if not pairs:
+        raise UserError(f"no preference records in {', '.join(map(str, paths))}")
+    return pairs
+
+
+def read_prompts(paths: Sequence[str | Path]) -> list[tuple[str, list[Message]]]:
+    """(file:line, prompt conversation) for PPO/GRPO prompt files; chat or Alpaca records give their prompt."""
+    out = []
+    for f in list_files(paths):
+        for n, record in read_jsonl(f):
+            where = f"{f}:{n}"
+            if isinstance(record, dict) and "prompt" in record and "completion" not in record:
+                msgs = _messages(record["prompt"], where, "prompt")
+            elif isinstance(record, dict) and ("messages" in record or "instruction" in record):
+                full = to_messages(record, where)
+                last = max(i for i, m in enumerate(full) if m["role"] == "assistant")
+                msgs = full[:last]
+            else:
+                raise UserError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages)")
+            if not msgs or not any(m["content"].strip() for m in msgs):
+                raise UserError(f"{where}: empty prompt")
+            out.append((where, msgs))
+    if not out:
+        raise UserError(f"the prompt set {', '.join(map(str, paths))} is empty")
+    return out
