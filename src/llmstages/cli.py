@@ -102,6 +102,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from llmstages.config import DPOConfig, load_config
+    from llmstages.stages import dpo
+
+    dpo.main(load_config(DPOConfig, args.config, args.overrides))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmstages.demo import run_demo
 
@@ -131,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
     sft_parser = _add_stage(sub, "sft", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)", cmd_sft)
+    _add_stage(sub, "dpo", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)", cmd_dpo)
     sft_parser.add_argument("--show-example", type=int, metavar="N", help="print example N with its loss mask and exit")
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (and optionally tokenize the data)")

@@ -106,6 +106,12 @@ class PeftArgs:
     bottleneck: int = 64
     """Hidden units of each bottleneck adapter."""
 
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `llmstages.peft.apply_peft`."""
+        targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
+                    use_rslora=self.use_rslora, bottleneck=self.bottleneck)  # fmt: skip
+
 
 @dataclass
 class SFTDataArgs:
@@ -135,6 +141,47 @@ class SFTConfig:
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-3,
                                                                warmup_steps=10, min_lr=1e-4, eval_every=25,
                                                                save_every=50, weight_decay=0.0))  # fmt: skip
+
+
+@dataclass
+class PreferenceDataArgs:
+    path: list[str] = field(default_factory=list)
+    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues."""
+    val_path: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    """Share of pairs held out when no val_path is given."""
+
+
+@dataclass
+class DPOArgs:
+    loss: str = "dpo"
+    """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, simpo (reference-free) or orpo (reference-free)."""
+    beta: float = 0.1
+    label_smoothing: float = 0.1
+    """cDPO only: the assumed probability that a label is flipped."""
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+
+
+@dataclass
+class RefArgs:
+    precompute: bool = False
+    """Compute the reference log-probs of every pair once before training (no reference model kept)."""
+
+
+@dataclass
+class DPOConfig:
+    out_dir: str = "runs/dpo"
+    seed: int = 0
+    resume: bool = False
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    dpo: DPOArgs = field(default_factory=DPOArgs)
+    ref: RefArgs = field(default_factory=RefArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=40, batch_size=16, seq_len=128, lr=1e-5,
+                                                               warmup_steps=4, min_lr=1e-6, eval_every=10,
+                                                               save_every=20, weight_decay=0.0))  # fmt: skip
 
 
 @dataclass

@@ -99,14 +99,8 @@ def setup(cfg: SFTConfig) -> Setup:
     val, _ = fit_length(val, cfg.train.seq_len, truncate=True)
     if not train:
         raise UserError("no SFT example left to train on")
-    apply_peft(model, cfg.peft.method, rank=cfg.peft.rank, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout,
-               target_modules=_targets(cfg.peft.target_modules), use_rslora=cfg.peft.use_rslora,
-               bottleneck=cfg.peft.bottleneck)  # fmt: skip
+    apply_peft(model, cfg.peft.method, **cfg.peft.options())
     return Setup(out, device, model, tok, train, val, items[: cfg.data.max_eval_examples], cut)
-
-
-def _targets(targets: list[str]) -> str | list[str]:
-    return "all-linear" if targets == ["all-linear"] else targets
 
 
 @torch.no_grad()

@@ -1,0 +1,225 @@
+"""Stage 3a, direct preference optimisation: DPO and its relatives on (prompt, chosen, rejected) pairs.
+
+    llmstages dpo --config configs/dpo/lora.yaml [dpo.loss=ipo dpo.beta=0.5 ref.precompute=true ...]
+
+setup: load the policy, tokenize the pairs (only the final reply is scored: prompt tokens masked), split off
+       validation pairs; nothing is written until that has passed.
+main:  the reference is the policy with its adapters disabled (LoRA/adapters: no second copy), a frozen copy
+       (full fine-tuning), or log-probs computed once up front (ref.precompute=true). Chosen and rejected go
+       through the model in one concatenated forward; the loss comes from losses.py, picked by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmstages import losses as L
+from llmstages.config import DPOConfig, save_config
+from llmstages.data.chat import Example, padded_batch, prompt_ids, tokenize_conversation
+from llmstages.data.preference import PreferencePair, read_preferences
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
+from llmstages.model import GPT, load_model, load_tokenizer, save_model
+from llmstages.monitor.metrics import MetricsLogger
+from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
+from llmstages.train.loop import Loop, start_run
+
+REFERENCE_FREE = ("simpo", "orpo")
+LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    index: int
+
+
+def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
+    """Both sides as prompt + reply + EOS, with labels only on the final reply (earlier turns are context)."""
+    n_prompt = len(prompt_ids(list(pair.prompt), tok))
+    sides = []
+    for reply in (pair.chosen, pair.rejected):
+        ex = tokenize_conversation([*pair.prompt, {"role": "assistant", "content": reply}], tok, where=pair.where)
+        labels = [L.IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:]
+        if len(ex.input_ids) > seq_len + 1:
+            raise UserError(
+                f"{pair.where}: pair of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = {seq_len + 1}"
+            )
+        sides.append(Example(ex.input_ids, labels, pair.where))
+    return Pair(sides[0], sides[1], index)
+
+
+def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, padded together: one forward scores both."""
+    batch = padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["index"] = torch.tensor([p.index for p in pairs])
+    return batch
+
+
+def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch."""
+    logits = model(batch["input_ids"], mask=batch["mask"])
+    return L.sequence_logprobs(logits, batch["targets"])
+
+
+def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The configured loss as f(pol_w, pol_l, ref_w, ref_l, len_w, len_l, nll_w) -> (loss, r_w, r_l)."""
+    d = cfg.dpo
+    table = {
+        "dpo": lambda pw, pl, rw, rl, lw, ll, nll: L.dpo_loss(pw, pl, rw, rl, d.beta),
+        "cdpo": lambda pw, pl, rw, rl, lw, ll, nll: L.dpo_loss(pw, pl, rw, rl, d.beta, d.label_smoothing),
+        "ipo": lambda pw, pl, rw, rl, lw, ll, nll: L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll),
+        "simpo": lambda pw, pl, rw, rl, lw, ll, nll: L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma),
+        "orpo": lambda pw, pl, rw, rl, lw, ll, nll: L.orpo_loss(pw, pl, lw, ll, nll, d.orpo_lambda),
+    }  # fmt: skip
+    if d.loss not in table:
+        raise UserError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{d.loss}'")
+    return table[d.loss]
+
+
+def _split(pairs: list[PreferencePair], cfg: DPOConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    if cfg.data.val_path:
+        return pairs, read_preferences(cfg.data.val_path)
+    order = random.Random(cfg.seed).sample(range(len(pairs)), len(pairs))
+    n_val = int(len(pairs) * cfg.data.val_fraction)
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
+    out = Path(cfg.out_dir)
+    device, _ = start_run(out, cfg.train, cfg.resume)
+    if not cfg.model.path:
+        raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
+    if not cfg.data.path:
+        raise UserError("set data.path to preference files (the built-in oracle-labelled pairs come later)")
+    loss_of = make_loss(cfg)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model.path)
+    tok = load_tokenizer(cfg.model.path)
+    train_pairs, val_pairs = _split(read_preferences(cfg.data.path), cfg)
+    if not train_pairs:
+        raise UserError("no preference pair left for training")
+    train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
+    val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
+    loaded = (peft_config(model) or {}).get("method")
+    if loaded in ("lora", "dora"):
+        merge_lora(model)  # the fine-tuned policy becomes the base: the reference is the SFT model itself
+        loaded = None
+    if loaded is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        apply_peft(model, cfg.peft.method, **cfg.peft.options())
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    model = model.to(device)
+    # Adapters added in this run can be switched off to give the reference; a policy that came with
+    # bottleneck adapters (they cannot be merged) keeps training them against a frozen copy.
+    uses_adapters = loaded is None and peft_config(model) is not None
+
+    # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).
+    frozen = None
+    if cfg.dpo.loss not in REFERENCE_FREE and not uses_adapters:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_scores(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if frozen is not None:
+            return sequence_scores(frozen, batch)[0]
+        was_training = model.training
+        model.eval()
+        with disable_adapters(model):
+            scores = sequence_scores(model, batch)[0]
+        model.train(was_training)
+        return scores
+
+    pad = tok.pad_id
+    to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    precomputed: dict[str, torch.Tensor] = {}
+    if cfg.ref.precompute and cfg.dpo.loss not in REFERENCE_FREE:
+        for name, pairs in (("train", train), ("val", val)):
+            table = torch.zeros(len(pairs), 2)
+            for s in range(0, len(pairs), cfg.train.batch_size):
+                b = to_device(pair_batch(pairs[s : s + cfg.train.batch_size], pad))
+                table[b["index"].cpu()] = reference_scores(b).view(2, -1).t().cpu()
+            precomputed[name] = table
+        frozen = None  # the copy is no longer needed
+
+    def score(m: GPT, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+        n = batch["index"].numel()
+        logp, lengths = sequence_scores(m, batch)
+        pol_w, pol_l, len_w, len_l = logp[:n], logp[n:], lengths[:n].float(), lengths[n:].float()
+        if cfg.dpo.loss in REFERENCE_FREE:
+            ref_w = ref_l = torch.zeros_like(pol_w)
+        elif split in precomputed:
+            ref = precomputed[split][batch["index"].cpu()].to(logp.device)
+            ref_w, ref_l = ref[:, 0], ref[:, 1]
+        else:
+            ref = reference_scores(batch)
+            ref_w, ref_l = ref[:n], ref[n:]
+        loss, r_w, r_l = loss_of(pol_w, pol_l, ref_w, ref_l, len_w, len_l, -pol_w / len_w)
+        margin = r_w - r_l
+        kl = ((pol_w - ref_w).detach().sum() + (pol_l - ref_l).detach().sum()) / (len_w.sum() + len_l.sum())
+        stats = {
+            "rewards/chosen": float(r_w.mean()), "rewards/rejected": float(r_l.mean()), "margin": float(margin.mean()),
+            "accuracy": float((margin > 0).float().mean()), "kl": float(kl),
+        }  # fmt: skip
+        return loss * n, stats
+
+    n_train = len(train)
+
+    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
+        out_batches = []
+        for micro in range(cfg.train.grad_accum):
+            first = (step * cfg.train.grad_accum + micro) * cfg.train.batch_size
+            picked = []
+            for k in range(first, first + cfg.train.batch_size):
+                epoch, pos = divmod(k, n_train)
+                perm = random.Random(cfg.seed * 7_000_003 + epoch).sample(range(n_train), n_train)
+                picked.append(train[perm[pos]])
+            out_batches.append(to_device(pair_batch(picked, pad)))
+        return out_batches
+
+    def evaluate(m: GPT) -> dict[str, float]:
+        if not val:
+            return {}
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for s in range(0, len(val), cfg.train.batch_size):
+            chunk = val[s : s + cfg.train.batch_size]
+            loss, stats = score(m, to_device(pair_batch(chunk, pad)), "val")
+            loss_sum += float(loss)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * len(chunk)
+        return {"val_loss": loss_sum / len(val), **{f"val_{k}": v / len(val) for k, v in totals.items()}}
+
+    loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=next_batches, device=device,
+                loss_fn=lambda m, b: score(m, b, "train"), count_fn=lambda b: int(b["index"].numel()),
+                evaluate=evaluate)  # fmt: skip
+    resumed = loop.resume() if cfg.resume else False
+    trainable, total = trainable_parameters(model)
+    if progress:
+        if cfg.dpo.loss in REFERENCE_FREE:
+            ref = "none"
+        else:
+            ref = "precomputed" if precomputed else "adapters disabled" if frozen is None else "frozen copy"
+        print(f"dpo: {len(train)} pairs ({len(val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
+              f"reference: {ref}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
+    log = MetricsLogger(out, resume_step=loop.state.step if resumed else None)
+    if not resumed:
+        model.eval()
+        with torch.no_grad():
+            log.log({"step": 0, "event": "start", "pairs": len(train), **evaluate(model)})
+        model.train()
+    try:
+        state = loop.run(log, progress=progress)
+    finally:
+        log.close()
+    save_model(model, out / "final", tok)
+    return {"step": state.step, **loop.last_eval}

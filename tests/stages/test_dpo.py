@@ -1,0 +1,115 @@
+"""The DPO stage end to end: every loss runs, the first evaluation sits at log 2 (policy == reference), the
+preferred replies gain probability, resume is exact, and bad input is refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from llmstages.cli import main
+from llmstages.data.builtin import builtin_corpus
+from llmstages.data.tokenizer import train_bpe
+from llmstages.model import GPT, preset, save_model
+from llmstages.monitor.metrics import read_metrics
+from llmstages.peft import apply_lora
+from llmstages.train import loop as loop_mod
+
+FAST = [
+    "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
+    "train.save_every=100", "train.warmup_steps=1", "train.precision=fp32", "train.lr=3e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    tok = train_bpe(builtin_corpus(0, 0.2), 600)
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
+    save_model(model, root / "base", tok)
+    apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_model(model, root / "sft-lora", tok)  # an SFT model that carries a LoRA: merged before DPO
+    towns = ["Oakfield", "Millbrook", "Ashford", "Riverton"]
+    rows = [{"prompt": f"Where does person {i} live?", "chosen": towns[i % 4], "rejected": f"{towns[i % 4]} or maybe"}
+            for i in range(40)]  # fmt: skip
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _dpo(root, out, *extra):
+    return main(["dpo", f"model.path={root / 'base'}", f"data.path={root / 'prefs.jsonl'}", f"out_dir={out}",
+                 *FAST, *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["peft.method=lora"],
+        ["peft.method=none"],
+        ["peft.method=lora", "ref.precompute=true"],
+        ["dpo.loss=ipo", "peft.method=lora"],
+        ["dpo.loss=cdpo", "peft.method=lora"],
+        ["dpo.loss=simpo", "peft.method=lora", "dpo.beta=2"],
+        ["dpo.loss=orpo", "peft.method=lora"],
+    ],
+    ids=["lora", "full", "precompute", "ipo", "cdpo", "simpo", "orpo"],
+)
+def test_losses_run_and_learn_the_preference(setup_dirs, tmp_path, extra):
+    assert _dpo(setup_dirs, tmp_path, *extra) == 0
+    records = read_metrics(tmp_path)
+    start, end = records[0], [r for r in records if "val_margin" in r][-1]
+    if "dpo.loss=" not in " ".join(extra) or "dpo.loss=cdpo" in extra:
+        assert math.isclose(start["val_loss"], math.log(2), rel_tol=1e-4)  # policy == reference at step 0
+        assert abs(start["val_margin"]) < 1e-5
+    assert end["val_margin"] > start["val_margin"]  # the chosen replies gained on the rejected ones
+    assert (tmp_path / "final/model.safetensors").is_file()
+
+
+def test_reference_of_a_lora_sft_model_is_the_sft_model(setup_dirs, tmp_path):
+    """The SFT LoRA is merged, so at step 0 policy == reference exactly (loss log 2), not base vs SFT."""
+    assert main(["dpo", f"model.path={setup_dirs / 'sft-lora'}", f"data.path={setup_dirs / 'prefs.jsonl'}",
+                 f"out_dir={tmp_path}", *FAST, "train.max_steps=1", "peft.method=lora"]) == 0  # fmt: skip
+    assert math.isclose(read_metrics(tmp_path)[0]["val_loss"], math.log(2), rel_tol=1e-4)
+
+
+def test_exact_resume(setup_dirs, tmp_path, monkeypatch):
+    assert _dpo(setup_dirs, tmp_path / "a", "peft.method=lora") == 0
+    real_step = loop_mod.Loop._step
+
+    def step_then_signal(self, batches):
+        out = real_step(self, batches)
+        if self.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    assert _dpo(setup_dirs, tmp_path / "b", "peft.method=lora") == 130
+    monkeypatch.undo()
+    assert _dpo(setup_dirs, tmp_path / "b", "peft.method=lora", "resume=true") == 0
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_bad_input(setup_dirs, tmp_path, capsys):
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n" + json.dumps(
+        {"prompt": "q", "chosen": "x", "rejected": "x"}) + "\n")  # fmt: skip
+    code = main(["dpo", f"model.path={setup_dirs / 'base'}", f"data.path={same}", f"out_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "same.jsonl:1: preference record has no 'rejected'" in err
+    code = _dpo(setup_dirs, tmp_path / "o", "dpo.loss=kto")
+    assert code == 2 and "dpo.loss must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
