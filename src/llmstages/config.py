@@ -185,6 +185,21 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    out_dir: str = "runs/reward"
+    seed: int = 0
+    resume: bool = False
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    margin: float = 0.0
+    """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-4,
+                                                               warmup_steps=10, min_lr=1e-5, eval_every=25,
+                                                               save_every=50, weight_decay=0.0))  # fmt: skip
+
+
+@dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0

@@ -11,13 +11,18 @@ Every record becomes a conversation (a list of messages) for the prompt and a re
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmstages.data.chat import ROLES, Message, to_messages
+import torch
+
+from llmstages.data.chat import ROLES, Example, Message, padded_batch, prompt_ids, to_messages, tokenize_conversation
 from llmstages.data.text import list_files, read_jsonl
+from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
+from llmstages.losses import IGNORE_INDEX
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -138,3 +143,46 @@ def read_prompts(paths: Sequence[str | Path]) -> list[tuple[str, list[Message]]]
     if not out:
         raise UserError(f"the prompt set {', '.join(map(str, paths))} is empty")
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenized pairs (reward model, DPO)
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    index: int
+
+
+def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
+    """Both sides as prompt + reply + EOS, with labels only on the final reply (earlier turns are context)."""
+    n_prompt = len(prompt_ids(list(pair.prompt), tok))
+    sides = []
+    for reply in (pair.chosen, pair.rejected):
+        ex = tokenize_conversation([*pair.prompt, {"role": "assistant", "content": reply}], tok, where=pair.where)
+        labels = [IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:]
+        if len(ex.input_ids) > seq_len + 1:
+            raise UserError(
+                f"{pair.where}: pair of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = {seq_len + 1}"
+            )
+        sides.append(Example(ex.input_ids, labels, pair.where))
+    return Pair(sides[0], sides[1], index)
+
+
+def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, padded together: one forward scores both."""
+    batch = padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["index"] = torch.tensor([p.index for p in pairs])
+    return batch
+
+
+def split_pairs(data, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, validation) pairs from `data` (a PreferenceDataArgs): val_path when given, else a seeded share."""
+    pairs = read_preferences(data.path)
+    if data.val_path:
+        return pairs, read_preferences(data.val_path)
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    n_val = int(len(pairs) * data.val_fraction)
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]

@@ -12,55 +12,22 @@ main:  the reference is the policy with its adapters disabled (LoRA/adapters: no
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmstages import losses as L
 from llmstages.config import DPOConfig, save_config
-from llmstages.data.chat import Example, padded_batch, prompt_ids, tokenize_conversation
-from llmstages.data.preference import PreferencePair, read_preferences
-from llmstages.data.tokenizer import Tokenizer
+from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
-from llmstages.train.loop import Loop, start_run
+from llmstages.train.loop import EpochSampler, Loop, start_run
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
-
-
-@dataclass
-class Pair:
-    chosen: Example
-    rejected: Example
-    index: int
-
-
-def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
-    """Both sides as prompt + reply + EOS, with labels only on the final reply (earlier turns are context)."""
-    n_prompt = len(prompt_ids(list(pair.prompt), tok))
-    sides = []
-    for reply in (pair.chosen, pair.rejected):
-        ex = tokenize_conversation([*pair.prompt, {"role": "assistant", "content": reply}], tok, where=pair.where)
-        labels = [L.IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:]
-        if len(ex.input_ids) > seq_len + 1:
-            raise UserError(
-                f"{pair.where}: pair of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = {seq_len + 1}"
-            )
-        sides.append(Example(ex.input_ids, labels, pair.where))
-    return Pair(sides[0], sides[1], index)
-
-
-def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, padded together: one forward scores both."""
-    batch = padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["index"] = torch.tensor([p.index for p in pairs])
-    return batch
 
 
 def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,14 +51,6 @@ def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor,
     return table[d.loss]
 
 
-def _split(pairs: list[PreferencePair], cfg: DPOConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    if cfg.data.val_path:
-        return pairs, read_preferences(cfg.data.val_path)
-    order = random.Random(cfg.seed).sample(range(len(pairs)), len(pairs))
-    n_val = int(len(pairs) * cfg.data.val_fraction)
-    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
-
-
 def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
     device, _ = start_run(out, cfg.train, cfg.resume)
@@ -103,7 +62,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    train_pairs, val_pairs = _split(read_preferences(cfg.data.path), cfg)
+    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed)
     if not train_pairs:
         raise UserError("no preference pair left for training")
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
@@ -172,19 +131,10 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         }  # fmt: skip
         return loss * n, stats
 
-    n_train = len(train)
+    sampler = EpochSampler(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        out_batches = []
-        for micro in range(cfg.train.grad_accum):
-            first = (step * cfg.train.grad_accum + micro) * cfg.train.batch_size
-            picked = []
-            for k in range(first, first + cfg.train.batch_size):
-                epoch, pos = divmod(k, n_train)
-                perm = random.Random(cfg.seed * 7_000_003 + epoch).sample(range(n_train), n_train)
-                picked.append(train[perm[pos]])
-            out_batches.append(to_device(pair_batch(picked, pad)))
-        return out_batches
+        return [to_device(pair_batch([train[i] for i in sampler(step, m)], pad)) for m in range(cfg.train.grad_accum)]
 
     def evaluate(m: GPT) -> dict[str, float]:
         if not val:

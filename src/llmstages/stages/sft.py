@@ -12,7 +12,6 @@ main:  apply PEFT from outside, run the shared loop with the language-model loss
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,14 @@ from llmstages.losses import IGNORE_INDEX
 from llmstages.model import GPT, flops_per_token, generate, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, trainable_parameters
-from llmstages.train.loop import Loop, apply_activation_checkpointing, count_targets, lm_loss, start_run
+from llmstages.train.loop import (
+    EpochSampler,
+    Loop,
+    apply_activation_checkpointing,
+    count_targets,
+    lm_loss,
+    start_run,
+)
 
 
 @dataclass
@@ -144,20 +150,10 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     if args.activation_checkpointing:
         apply_activation_checkpointing(model)
     pad = s.tokenizer.pad_id
-    world_batch = args.batch_size  # one process; the distributed issue adds ranks
-    n = len(s.train)
-    perms: dict[int, list[int]] = {}
+    sampler = EpochSampler(len(s.train), args.batch_size, args.grad_accum, cfg.seed)
 
     def examples_for(step: int, micro: int) -> list[Example]:
-        """Epoch-wise shuffles, indexed by the global position of (step, micro): resume replays it exactly."""
-        first = (step * args.grad_accum + micro) * world_batch
-        picked = []
-        for k in range(first, first + args.batch_size):
-            epoch, pos = divmod(k, n)
-            if epoch not in perms:
-                perms[epoch] = random.Random(cfg.seed * 1_000_003 + epoch).sample(range(n), n)
-            picked.append(s.train[perms[epoch][pos]])
-        return picked
+        return [s.train[i] for i in sampler(step, micro)]
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(s.device) for k, v in batch.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -386,6 +387,24 @@ class Loop:
     def _restore_signal_handlers(old: dict[int, Any]) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+class EpochSampler:
+    """Indices of the examples in micro-batch `micro` of step `step`: epoch-wise shuffles of range(n), a pure
+    function of (seed, step, micro), so that a resumed run draws exactly what an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int) -> None:
+        self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            self._perms[epoch] = random.Random(self.seed * 1_000_003 + epoch).sample(range(self.n), self.n)
+        return self._perms[epoch]
+
+    def __call__(self, step: int, micro: int) -> list[int]:
+        first = (step * self.grad_accum + micro) * self.batch_size
+        return [self._perm(k // self.n)[k % self.n] for k in range(first, first + self.batch_size)]
 
 
 def batches_from(fn: Callable[[int, int], Batch], grad_accum: int) -> Callable[[int], list[Batch]]:
