@@ -58,6 +58,11 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_recipes_in_the_repository_load():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
-    for recipe in root.glob("*.yaml"):
-        load_config(PretrainConfig, recipe)
+    from llmstages.config import DPOConfig, RewardConfig, SFTConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
+    recipes = sorted(root.glob("*/*.yaml"))
+    assert len(recipes) >= 7
+    for recipe in recipes:
+        load_config(classes[recipe.parent.name], recipe)
