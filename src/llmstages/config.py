@@ -200,6 +200,51 @@ class RewardConfig:
 
 
 @dataclass
+class RewardSourceArgs:
+    fn: str | None = "llmstages.data.oracle:oracle_reward"
+    """A Python callable `module:function(prompts, responses, ended) -> list[float]`."""
+    model: str | None = None
+    """A reward-model directory (from `llmstages reward`); used instead of `fn` when set."""
+
+
+@dataclass
+class PromptDataArgs:
+    path: list[str] = field(default_factory=list)
+    """Prompt files ({"prompt"} or chat records). Empty: the built-in fact questions about the training people."""
+    heldout_people: int = 8
+
+
+@dataclass
+class GRPOArgs:
+    group_size: int = 8
+    """Samples per prompt (G); advantages are rewards normalised within each group."""
+    prompts_per_step: int = 8
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    kl_beta: float = 0.05
+    """Weight of the k3 KL estimate to the reference in the loss."""
+    clip: float = 0.2
+    scale_advantages: bool = True
+    """Divide by the group's standard deviation (GRPO); false keeps only the mean baseline (Dr. GRPO)."""
+
+
+@dataclass
+class GRPOConfig:
+    out_dir: str = "runs/grpo"
+    seed: int = 0
+    resume: bool = False
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    data: PromptDataArgs = field(default_factory=PromptDataArgs)
+    reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    grpo: GRPOArgs = field(default_factory=GRPOArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=30, batch_size=64, seq_len=64, lr=3e-5,
+                                                               warmup_steps=2, min_lr=3e-6, eval_every=10,
+                                                               save_every=10, weight_decay=0.0,
+                                                               log_every=1))  # fmt: skip
+
+
+@dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0

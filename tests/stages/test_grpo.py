@@ -1,0 +1,86 @@
+"""The GRPO stage end to end: rollouts, group advantages, the oracle or a reward model as reward, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from llmstages.cli import main
+from llmstages.data.builtin import builtin_corpus
+from llmstages.data.tokenizer import train_bpe
+from llmstages.model import GPT, preset, save_model
+from llmstages.monitor.metrics import read_metrics
+from llmstages.train import loop as loop_mod
+
+FAST = [
+    "train.max_steps=6", "train.log_every=1", "train.eval_every=3", "train.save_every=100", "train.warmup_steps=1",
+    "train.precision=fp32", "train.lr=1e-3", "grpo.group_size=4", "grpo.prompts_per_step=4", "grpo.max_new_tokens=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    tok = train_bpe(builtin_corpus(0, 0.2), 600)
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
+    return save_model(model, tmp_path_factory.mktemp("grpo") / "base", tok)
+
+
+def _grpo(base, out, *extra):
+    return main(["grpo", f"model.path={base}", f"out_dir={out}", *FAST, *extra])
+
+
+@pytest.mark.parametrize("method", ["lora", "none"])
+def test_runs_and_logs(base_dir, tmp_path, method):
+    assert _grpo(base_dir, tmp_path, f"peft.method={method}") == 0
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "reward_mean" in r]
+    assert len(steps) == 6
+    assert {"kl", "clip_fraction", "zero_advantage_groups", "response_length", "rollout_tokens_per_s"} <= set(steps[0])
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    assert any("eval_reward" in r for r in records) and (tmp_path / "final/model.safetensors").is_file()
+
+
+def test_exact_resume(base_dir, tmp_path, monkeypatch):
+    assert _grpo(base_dir, tmp_path / "a", "peft.method=lora") == 0
+    real_step = loop_mod.Loop._step
+
+    def step_then_signal(self, batches):
+        out = real_step(self, batches)
+        if self.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    assert _grpo(base_dir, tmp_path / "b", "peft.method=lora") == 130
+    monkeypatch.undo()
+    assert _grpo(base_dir, tmp_path / "b", "peft.method=lora", "resume=true") == 0
+
+    def trace(run):
+        return [(r["step"], r["loss"], r["reward_mean"]) for r in read_metrics(run) if "reward_mean" in r]
+
+    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+
+
+def test_bad_reward_sources(base_dir, tmp_path, capsys):
+    assert _grpo(base_dir, tmp_path / "x", "reward.fn=no_such_module:score") == 2
+    assert "reward.fn 'no_such_module:score' does not import" in capsys.readouterr().err
+    assert _grpo(base_dir, tmp_path / "x", f"reward.model={base_dir}") == 2
+    assert "not a reward model" in capsys.readouterr().err
+    from llmstages.model.heads import ScalarHead, save_head
+
+    other_tok = train_bpe(builtin_corpus(1, 0.1), 500)
+    rm_dir = save_model(GPT(preset("llama_tiny", vocab_size=other_tok.vocab_size, n_layers=1, d_model=32, n_heads=2,
+                                   n_kv_heads=1)), tmp_path / "rm", other_tok)  # fmt: skip
+    save_head(ScalarHead(32), rm_dir, kind="reward")
+    assert _grpo(base_dir, tmp_path / "x", f"reward.model={rm_dir}") == 2
+    assert "its tokenizer differs from the policy's" in capsys.readouterr().err
+    empty = tmp_path / "p.jsonl"
+    empty.write_text("\n")
+    assert _grpo(base_dir, tmp_path / "x", f"data.path={empty}") == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
