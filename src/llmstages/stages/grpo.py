@@ -14,82 +14,21 @@ Rollouts are seeded by (seed, step), so a resumed run samples what the uninterru
 from __future__ import annotations
 
 import copy
-import importlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from llmstages import losses as L
 from llmstages.config import GRPOConfig, save_config
-from llmstages.data.chat import Message, prompt_ids
+from llmstages.data.chat import prompt_ids
 from llmstages.data.preference import read_prompts
-from llmstages.data.tasks import QUESTIONS, split_people
-from llmstages.data.text import tokenizer_hash
 from llmstages.errors import UserError
-from llmstages.model import GPT, generate, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
-
-RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
-
-
-def import_reward_fn(spec: str) -> RewardFn:
-    """`module:function` -> the function; a clear error when it does not import."""
-    if ":" not in spec:
-        raise UserError(f"reward.fn '{spec}' must look like module:function")
-    module, name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"reward.fn '{spec}' does not import ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise UserError(f"reward.fn '{spec}' is not callable")
-    return fn
-
-
-def reward_source(cfg: GRPOConfig, policy_tok, device) -> RewardFn:
-    """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model."""
-    if not cfg.reward.model:
-        if not cfg.reward.fn:
-            raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
-        return import_reward_fn(cfg.reward.fn)
-    from llmstages.data.chat import tokenize_conversation
-    from llmstages.model.heads import load_reward_model
-
-    rm = load_reward_model(cfg.reward.model, device=device).eval()
-    rm_tok = load_tokenizer(cfg.reward.model)
-    if tokenizer_hash(rm_tok) != tokenizer_hash(policy_tok):
-        raise UserError(f"reward.model {cfg.reward.model}: its tokenizer differs from the policy's")
-
-    @torch.no_grad()
-    def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
-        rows = [tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                      rm_tok).input_ids for p, r in zip(prompts, responses)]  # fmt: skip
-        ids = torch.full((len(rows), max(map(len, rows))), rm_tok.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, row in enumerate(rows):
-            ids[k, : len(row)] = torch.tensor(row)
-            mask[k, : len(row)] = 1
-        return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
-
-    return score
-
-
-def builtin_prompts(seed: int, heldout: int) -> tuple[list[list[Message]], list[list[Message]]]:
-    """Fact questions about the training people (for RL) and about held-out people (for evaluation)."""
-    from llmstages.data.builtin import World
-
-    train_people, held = split_people(World(seed), heldout)
-
-    def qs(people):
-        return [
-            [{"role": "user", "content": q.format(n=p.name)}] for p in people for a in QUESTIONS for q in QUESTIONS[a]
-        ]
-
-    return qs(train_people), qs(held)
+from llmstages.train.rollout import builtin_prompts, evaluate_policy, reply_rows, reward_source, sample_replies
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
@@ -105,7 +44,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg, tok, device)
+    reward_of = reward_source(cfg.reward, tok, device)
     if cfg.data.path:
         train_prompts = [m for _, m in read_prompts(cfg.data.path)]
         eval_prompts = train_prompts[: min(64, len(train_prompts))]
@@ -145,29 +84,12 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         idx = [i for i in sampler(step, 0) for _ in range(g.group_size)]
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         model.eval()
-        out_gen = generate(model, [encoded[i] for i in idx], g.max_new_tokens, temperature=g.temperature,
-                           eos_id=tok.eos_id, pad_id=tok.pad_id, generator=gen)  # fmt: skip
+        prompts = [encoded[i] for i in idx]
+        replies, responses, ended = sample_replies(model, tok, prompts, g.max_new_tokens, g.temperature, gen)
         t_gen = time.perf_counter() - t0
-        rows, responses, ended = [], [], []
-        for i, toks, n in zip(idx, out_gen.tokens.tolist(), out_gen.lengths.tolist()):
-            resp = toks[:n]
-            ended.append(bool(n) and resp[-1] == tok.eos_id)
-            responses.append(tok.decode(resp))
-            rows.append((encoded[i], resp))
         rewards = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
-        adv = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages)
-        T = max(len(p) + len(r) for p, r in rows) - 1
-        ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-        targets = torch.full((len(rows), T), L.IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for k, (p, r) in enumerate(rows):
-            seq = p + r
-            ids[k, : len(seq) - 1] = torch.tensor(seq[:-1])
-            mask[k, : len(seq) - 1] = 1
-            if r:
-                targets[k, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
-        batch = {"input_ids": ids.to(device), "targets": targets.to(device), "mask": mask.to(device),
-                 "adv": adv.to(device)}  # fmt: skip
+        batch = reply_rows(prompts, replies, tok.pad_id, device)
+        batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(device)
         with torch.no_grad():
             batch["old_logp"] = logprobs(model, batch)
             batch["ref_logp"] = reference_logprobs(batch)
@@ -176,8 +98,8 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         batch["stats"] = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
-            "response_length": float(out_gen.lengths.float().mean()),
-            "rollout_tokens_per_s": float(out_gen.lengths.sum()) / max(t_gen, 1e-9),
+            "response_length": sum(map(len, replies)) / len(replies),
+            "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
         }  # fmt: skip
         return [batch]
 
@@ -197,11 +119,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     eval_texts = [m[-1]["content"] for m in eval_prompts]
 
     def evaluate(m: GPT) -> dict[str, float]:
-        res = generate(m, eval_ids, g.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        responses = [tok.decode(t[:n]) for t, n in zip(res.tokens.tolist(), res.lengths.tolist())]
-        ended = [bool(n) and t[n - 1] == tok.eos_id for t, n in zip(res.tokens.tolist(), res.lengths.tolist())]
-        scores = torch.tensor(reward_of(eval_texts, responses, ended))
-        return {"eval_reward": float(scores.mean()), "eval_length": float(res.lengths.float().mean())}
+        return evaluate_policy(m, tok, eval_ids, eval_texts, reward_of, g.max_new_tokens)
 
     loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=rollout, device=device, loss_fn=loss_fn,
                 count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()), evaluate=evaluate)  # fmt: skip

@@ -1,0 +1,117 @@
+"""Plumbing shared by the RL stages (GRPO, PPO): reward sources, prompt sets, sampling replies, and turning
+(prompt, reply) pairs into training rows whose targets are the reply tokens only."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+from llmstages import losses as L
+from llmstages.config import RewardSourceArgs
+from llmstages.data.chat import Message
+from llmstages.data.tasks import QUESTIONS, split_people
+from llmstages.data.text import tokenizer_hash
+from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
+from llmstages.model import GPT, generate, load_tokenizer
+
+RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
+
+
+def import_reward_fn(spec: str) -> RewardFn:
+    """`module:function` -> the function; a clear error when it does not import."""
+    if ":" not in spec:
+        raise UserError(f"reward.fn '{spec}' must look like module:function")
+    module, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"reward.fn '{spec}' does not import ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise UserError(f"reward.fn '{spec}' is not callable")
+    return fn
+
+
+def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> RewardFn:
+    """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model."""
+    if not reward.model:
+        if not reward.fn:
+            raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
+        return import_reward_fn(reward.fn)
+    from llmstages.data.chat import tokenize_conversation
+    from llmstages.model.heads import load_reward_model
+
+    rm = load_reward_model(reward.model, device=device).eval()
+    rm_tok = load_tokenizer(reward.model)
+    if tokenizer_hash(rm_tok) != tokenizer_hash(policy_tok):
+        raise UserError(f"reward.model {reward.model}: its tokenizer differs from the policy's")
+
+    @torch.no_grad()
+    def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
+        rows = [tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                      rm_tok).input_ids for p, r in zip(prompts, responses)]  # fmt: skip
+        ids = torch.full((len(rows), max(map(len, rows))), rm_tok.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, row in enumerate(rows):
+            ids[k, : len(row)] = torch.tensor(row)
+            mask[k, : len(row)] = 1
+        return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
+
+    return score
+
+
+def builtin_prompts(seed: int, heldout: int) -> tuple[list[list[Message]], list[list[Message]]]:
+    """Fact questions about the training people (for RL) and about held-out people (for evaluation)."""
+    from llmstages.data.builtin import World
+
+    train_people, held = split_people(World(seed), heldout)
+
+    def qs(people):
+        return [
+            [{"role": "user", "content": q.format(n=p.name)}] for p in people for a in QUESTIONS for q in QUESTIONS[a]
+        ]
+
+    return qs(train_people), qs(held)
+
+
+def sample_replies(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[str], list[bool]]:
+    """(reply tokens, reply texts, ended with EOS) for each prompt; temperature 0 is greedy."""
+    out = generate(model, list(prompts), max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id, generator=generator)  # fmt: skip
+    replies = [t[:n] for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+    ended = [bool(r) and r[-1] == tok.eos_id for r in replies]
+    return replies, [tok.decode(r) for r in replies], ended
+
+
+def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, device) -> dict:
+    """Right-padded rows prompt + reply (last token dropped: inputs), targets = the reply tokens at the
+    positions that predict them, IGNORE_INDEX elsewhere."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, replies)) - 1
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(prompts), T), L.IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for k, (p, r) in enumerate(zip(prompts, replies)):
+        seq = list(p) + list(r)
+        ids[k, : len(seq) - 1] = torch.tensor(seq[:-1])
+        mask[k, : len(seq) - 1] = 1
+        if r:
+            targets[k, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
+    return {"input_ids": ids.to(device), "targets": targets.to(device), "mask": mask.to(device)}
+
+
+@torch.no_grad()
+def evaluate_policy(model: GPT, tok: Tokenizer, prompts: Sequence[list[int]], texts: Sequence[str],
+                    reward_of: RewardFn, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
+    """Greedy replies to held-out prompts: mean reward and mean length."""
+    replies, responses, ended = sample_replies(model, tok, prompts, max_new_tokens, 0.0)
+    scores = reward_of(list(texts), responses, ended)
+    return {"eval_reward": float(sum(scores) / len(scores)), "eval_length": sum(map(len, replies)) / len(replies)}
