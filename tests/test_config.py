@@ -58,11 +58,11 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_recipes_in_the_repository_load():
     from pathlib import Path
 
-    from llmstages.config import DPOConfig, GRPOConfig, RewardConfig, SFTConfig
+    from llmstages.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
-               "grpo": GRPOConfig}  # fmt: skip
+               "grpo": GRPOConfig, "ppo": PPOConfig}  # fmt: skip
     recipes = sorted(root.glob("*/*.yaml"))
     assert len(recipes) >= 7
     for recipe in recipes:

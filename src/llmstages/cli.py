@@ -126,6 +126,14 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from llmstages.config import PPOConfig, load_config
+    from llmstages.stages import ppo
+
+    ppo.main(load_config(PPOConfig, args.config, args.overrides))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmstages.demo import run_demo
 
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
     sft_parser = _add_stage(sub, "sft", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)", cmd_sft)
     _add_stage(sub, "reward", "stage 3: train a reward model on preference pairs (Bradley-Terry)", cmd_reward)
+    _add_stage(sub, "ppo", "stage 3: PPO with a critic, a KL penalty to the reference and GAE", cmd_ppo)
     _add_stage(sub, "grpo", "stage 3: GRPO, group-relative policy optimisation with a reward fn or model", cmd_grpo)
     _add_stage(sub, "dpo", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)", cmd_dpo)
     sft_parser.add_argument("--show-example", type=int, metavar="N", help="print example N with its loss mask and exit")

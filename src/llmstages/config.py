@@ -245,6 +245,50 @@ class GRPOConfig:
 
 
 @dataclass
+class PPOArgs:
+    rollout_size: int = 64
+    """Prompts sampled (one reply each) per rollout."""
+    ppo_epochs: int = 2
+    minibatches: int = 4
+    """Each rollout gives ppo_epochs x minibatches optimizer steps (train.max_steps counts those)."""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    clip: float = 0.2
+    value_clip: float = 0.5
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+    value_lr: float = 1e-3
+    """Learning rate of the value head (and a separate critic), scheduled like train.lr."""
+    critic: str = "shared"
+    """shared: a value head on the policy's trunk; separate: a copy of the initial model with its own head."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty in the reward: r_t = -kl_coef (log pi_old - log ref) (+ the score at the end)."""
+    target_kl: float = 0.0
+    """> 0: adapt kl_coef towards this per-token KL (Ziegler et al. 2019), horizon kl_horizon."""
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a reply that ran out of tokens before its EOS."""
+
+
+@dataclass
+class PPOConfig:
+    out_dir: str = "runs/ppo"
+    seed: int = 0
+    resume: bool = False
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    data: PromptDataArgs = field(default_factory=PromptDataArgs)
+    reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+    ppo: PPOArgs = field(default_factory=PPOArgs)
+    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=32, batch_size=16, seq_len=64, lr=1e-5,
+                                                               warmup_steps=0, min_lr=1e-5, eval_every=16,
+                                                               save_every=16, weight_decay=0.0,
+                                                               log_every=1))  # fmt: skip
+
+
+@dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0

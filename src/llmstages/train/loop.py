@@ -287,8 +287,8 @@ class Loop:
     def _step(self, batches: list[Batch]) -> tuple[float, float, dict[str, float], bool]:
         """One optimizer step. Returns (loss, grad norm, stats, applied)."""
         args, opt = self.args, self.optimizer
-        for g in opt.param_groups:
-            g["lr"] = lr_at(self.state.step, args)
+        for g in opt.param_groups:  # a group may run at a multiple of the schedule (PPO's value head)
+            g["lr"] = lr_at(self.state.step, args) * g.get("lr_scale", 1.0)
         scale = self.scaler.scale if self.scaler else (lambda x: x)
         loss, stats = accumulate(
             self.model, batches, self.loss_fn, self.count_fn,

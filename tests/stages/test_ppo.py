@@ -1,0 +1,82 @@
+"""The PPO stage end to end: shared and separate critics, LoRA and full, metrics, exact resume mid-rollout."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from llmstages.cli import main
+from llmstages.data.builtin import builtin_corpus
+from llmstages.data.tokenizer import train_bpe
+from llmstages.model import GPT, preset, save_model
+from llmstages.monitor.metrics import read_metrics
+from llmstages.train import loop as loop_mod
+
+FAST = [
+    "train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.save_every=100", "train.precision=fp32",
+    "train.lr=1e-3", "ppo.rollout_size=8", "ppo.minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    tok = train_bpe(builtin_corpus(0, 0.2), 600)
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
+    return save_model(model, tmp_path_factory.mktemp("ppo") / "base", tok)
+
+
+def _ppo(base, out, *extra):
+    return main(["ppo", f"model.path={base}", f"out_dir={out}", *FAST, *extra])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["peft.method=lora"], ["peft.method=none", "ppo.critic=separate"], ["peft.method=lora", "ppo.target_kl=0.01"]],
+    ids=["lora", "full-separate", "adaptive"],
+)
+def test_runs_and_logs(base_dir, tmp_path, extra):
+    assert _ppo(base_dir, tmp_path, *extra) == 0
+    steps = [r for r in read_metrics(tmp_path) if "policy_loss" in r]
+    assert len(steps) == 8
+    keys = {"reward_mean", "reward_std", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
+            "explained_variance", "response_length", "rollout_tokens_per_s", "tokens_per_s"}  # fmt: skip
+    assert keys <= set(steps[0])
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[0]["clip_fraction"] == 0.0
+    assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first minibatch: policy == pi_old
+    assert (tmp_path / "final/model.safetensors").is_file()
+
+
+def test_exact_resume_in_the_middle_of_a_rollout(base_dir, tmp_path, monkeypatch):
+    assert _ppo(base_dir, tmp_path / "a", "peft.method=lora") == 0
+    real_step = loop_mod.Loop._step
+
+    def step_then_signal(self, batches):
+        out = real_step(self, batches)
+        if self.state.step == 1:  # stops after step 2 of a 4-update rollout
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    assert _ppo(base_dir, tmp_path / "b", "peft.method=lora") == 130
+    monkeypatch.undo()
+    assert _ppo(base_dir, tmp_path / "b", "peft.method=lora", "resume=true") == 0
+
+    def trace(run):
+        return [
+            (r["step"], r["loss"], r["reward_mean"], r["value_loss"]) for r in read_metrics(run) if "value_loss" in r
+        ]
+
+    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+
+
+def test_bad_settings(base_dir, tmp_path, capsys):
+    assert _ppo(base_dir, tmp_path / "x", "ppo.critic=twin") == 2
+    assert "ppo.critic must be shared or separate" in capsys.readouterr().err
+    assert _ppo(base_dir, tmp_path / "x", "ppo.rollout_size=7") == 2
+    assert "not divisible" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
