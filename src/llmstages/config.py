@@ -146,7 +146,8 @@ class SFTConfig:
 @dataclass
 class PreferenceDataArgs:
     path: list[str] = field(default_factory=list)
-    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues."""
+    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues. Empty: built-in pairs, two samples
+    of the starting model per training fact question, labelled by the built-in oracle."""
     val_path: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     """Share of pairs held out when no val_path is given."""

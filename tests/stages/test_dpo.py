@@ -113,3 +113,34 @@ def test_bad_input(setup_dirs, tmp_path, capsys):
     code = _dpo(setup_dirs, tmp_path / "o", "dpo.loss=kto")
     assert code == 2 and "dpo.loss must be one of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_builtin_pairs_when_no_data_is_given(setup_dirs, tmp_path):
+    """Without data.path, pairs are the starting model's own samples labelled by the built-in oracle."""
+    assert main(["dpo", f"model.path={setup_dirs / 'base'}", f"out_dir={tmp_path}", *FAST, "train.max_steps=2",
+                 "peft.method=lora"]) == 0  # fmt: skip
+    assert read_metrics(tmp_path)[0]["pairs"] > 0
+
+
+def test_builtin_pairs_put_the_oracles_favourite_first(setup_dirs, monkeypatch):
+    from llmstages.data.builtin import World
+    from llmstages.data.oracle import parse_question
+    from llmstages.model import load_model, load_tokenizer
+    from llmstages.train import rollout
+
+    world = World(0)
+    prompts, _ = rollout.builtin_prompts(0, 8)
+
+    def fake_samples(model, tok, ids, max_new_tokens, temperature, generator=None):
+        responses, ended = [], []
+        for m in prompts:  # two samples per prompt: a hedged reply first, then the clean true one
+            name, attribute = parse_question(m[-1]["content"])
+            truth = world.by_name[name].get(attribute)
+            responses += [f"{truth} or maybe not", truth]
+            ended += [True, True]
+        return [[1]] * len(responses), responses, ended
+
+    monkeypatch.setattr(rollout, "sample_replies", fake_samples)
+    pairs = rollout.builtin_preference_pairs(load_model(setup_dirs / "base"), load_tokenizer(setup_dirs / "base"))
+    assert len(pairs) == len(prompts)
+    assert all(" or " not in p.chosen and " or maybe" in p.rejected for p in pairs)

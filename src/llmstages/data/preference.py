@@ -178,9 +178,12 @@ def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def split_pairs(data, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, validation) pairs from `data` (a PreferenceDataArgs): val_path when given, else a seeded share."""
-    pairs = read_preferences(data.path)
+def split_pairs(
+    data, seed: int, pairs: list[PreferencePair] | None = None
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, validation) pairs from `data` (a PreferenceDataArgs), or from `pairs` when given: val_path when
+    set, else a seeded share of them."""
+    pairs = read_preferences(data.path) if pairs is None else pairs
     if data.val_path:
         return pairs, read_preferences(data.val_path)
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))

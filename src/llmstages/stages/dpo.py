@@ -25,6 +25,7 @@ from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train.rollout import builtin_preference_pairs
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
@@ -56,13 +57,12 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     device, _ = start_run(out, cfg.train, cfg.resume)
     if not cfg.model.path:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
-    if not cfg.data.path:
-        raise UserError("set data.path to preference files (the built-in oracle-labelled pairs come later)")
     loss_of = make_loss(cfg)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed)
+    builtin = None if cfg.data.path else builtin_preference_pairs(model, tok, cfg.seed)  # oracle-labelled samples
+    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     if not train_pairs:
         raise UserError("no preference pair left for training")
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]

@@ -24,6 +24,7 @@ from llmstages.model.heads import RewardModel, save_head
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, merge_lora, peft_config, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train.rollout import builtin_preference_pairs
 
 # Calibration: accuracy of the predicted order within bins of |r_w - r_l|.
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, float("inf"))
@@ -43,8 +44,6 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     device, _ = start_run(out, cfg.train, cfg.resume)
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
-    if not cfg.data.path:
-        raise UserError("set data.path to preference files (the built-in oracle-labelled pairs come later)")
     torch.manual_seed(cfg.seed)
     backbone = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
@@ -52,7 +51,8 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
         merge_lora(backbone)
     for p in backbone.parameters():
         p.requires_grad_(True)
-    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed)
+    builtin = None if cfg.data.path else builtin_preference_pairs(backbone, tok, cfg.seed)  # oracle-labelled
+    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     apply_peft(backbone, cfg.peft.method, **cfg.peft.options())

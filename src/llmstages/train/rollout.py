@@ -109,6 +109,44 @@ def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_i
 
 
 @torch.no_grad()
+def builtin_preference_pairs(
+    model: GPT,
+    tok: Tokenizer,
+    seed: int = 0,
+    heldout_people: int = 8,
+    samples: int = 2,
+    max_new_tokens: int = 8,
+    temperature: float = 1.0,
+) -> list:
+    """Preference pairs on the built-in world: `samples` replies of `model` per training fact question, the two
+    best-separated by the oracle's score become (chosen, rejected); prompts whose replies tie are skipped."""
+    from llmstages.data.chat import prompt_ids
+    from llmstages.data.oracle import oracle_reward
+    from llmstages.data.preference import PreferencePair
+
+    prompts, _ = builtin_prompts(seed, heldout_people)
+    ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + 17)
+    was_training = model.training
+    model.eval()
+    _, responses, ended = sample_replies(model, tok, ids, max_new_tokens, temperature, gen)
+    model.train(was_training)
+    texts = [m[-1]["content"] for m in prompts for _ in range(samples)]
+    scores = oracle_reward(texts, responses, ended, seed)
+    pairs = []
+    for k, m in enumerate(prompts):
+        group = sorted(range(k * samples, (k + 1) * samples), key=lambda i: scores[i])
+        lo, hi = group[0], group[-1]
+        if scores[hi] > scores[lo] and responses[hi].strip() != responses[lo].strip() and responses[lo].strip():
+            pairs.append(PreferencePair(tuple(m), responses[hi].strip(), responses[lo].strip(), f"builtin:{k}"))
+    if not pairs:
+        raise UserError(
+            "the model's replies to the built-in questions all tie under the oracle: no pairs to learn from"
+        )
+    return pairs
+
+
+@torch.no_grad()
 def evaluate_policy(model: GPT, tok: Tokenizer, prompts: Sequence[list[int]], texts: Sequence[str],
                     reward_of: RewardFn, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
     """Greedy replies to held-out prompts: mean reward and mean length."""
