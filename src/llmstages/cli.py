@@ -62,14 +62,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from llmstages.config import PretrainConfig, load_config
-    from llmstages.stages import pretrain
-
-    pretrain.main(load_config(PretrainConfig, args.config, args.overrides))
-    return 0
-
-
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmstages.data.builtin import builtin_corpus
     from llmstages.data.text import iter_documents, prepare_shards
@@ -90,50 +82,6 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    from llmstages.config import SFTConfig, load_config
-    from llmstages.stages import sft
-
-    cfg = load_config(SFTConfig, args.config, args.overrides)
-    if args.show_example is not None:
-        print(sft.show_example(cfg, args.show_example))
-        return 0
-    sft.main(cfg)
-    return 0
-
-
-def cmd_dpo(args: argparse.Namespace) -> int:
-    from llmstages.config import DPOConfig, load_config
-    from llmstages.stages import dpo
-
-    dpo.main(load_config(DPOConfig, args.config, args.overrides))
-    return 0
-
-
-def cmd_reward(args: argparse.Namespace) -> int:
-    from llmstages.config import RewardConfig, load_config
-    from llmstages.stages import reward
-
-    reward.main(load_config(RewardConfig, args.config, args.overrides))
-    return 0
-
-
-def cmd_grpo(args: argparse.Namespace) -> int:
-    from llmstages.config import GRPOConfig, load_config
-    from llmstages.stages import grpo
-
-    grpo.main(load_config(GRPOConfig, args.config, args.overrides))
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace) -> int:
-    from llmstages.config import PPOConfig, load_config
-    from llmstages.stages import ppo
-
-    ppo.main(load_config(PPOConfig, args.config, args.overrides))
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmstages.demo import run_demo
 
@@ -141,11 +89,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stage(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+# stage name -> (config class in llmstages.config, one-line help). Each stage module has main(cfg).
+STAGES = {
+    "pretrain": ("PretrainConfig", "stage 1: pre-train a model on text"),
+    "sft": ("SFTConfig", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)"),
+    "reward": ("RewardConfig", "stage 3: train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("DPOConfig", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)"),
+    "ppo": ("PPOConfig", "stage 3: PPO with a critic, a KL penalty to the reference and GAE"),
+    "grpo": ("GRPOConfig", "stage 3: GRPO, group-relative policy optimisation with a reward fn or model"),
+}
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    import importlib
+
+    from llmstages import config
+
+    cfg = config.load_config(getattr(config, STAGES[args.command][0]), args.config, args.overrides)
+    stage = importlib.import_module(f"llmstages.stages.{args.command}")
+    if getattr(args, "show_example", None) is not None:
+        print(stage.show_example(cfg, args.show_example))
+        return 0
+    stage.main(cfg)
+    return 0
+
+
+def _add_stage(sub, name: str) -> argparse.ArgumentParser:
+    help = STAGES[name][1]
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
-    s.set_defaults(func=func)
+    s.set_defaults(func=cmd_stage)
     return s
 
 
@@ -161,13 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much shorter run, for tests")
     d.set_defaults(func=cmd_demo)
 
-    _add_stage(sub, "pretrain", "stage 1: pre-train a model on text", cmd_pretrain)
-    sft_parser = _add_stage(sub, "sft", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)", cmd_sft)
-    _add_stage(sub, "reward", "stage 3: train a reward model on preference pairs (Bradley-Terry)", cmd_reward)
-    _add_stage(sub, "ppo", "stage 3: PPO with a critic, a KL penalty to the reference and GAE", cmd_ppo)
-    _add_stage(sub, "grpo", "stage 3: GRPO, group-relative policy optimisation with a reward fn or model", cmd_grpo)
-    _add_stage(sub, "dpo", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)", cmd_dpo)
-    sft_parser.add_argument("--show-example", type=int, metavar="N", help="print example N with its loss mask and exit")
+    parsers = {name: _add_stage(sub, name) for name in STAGES}
+    parsers["sft"].add_argument(
+        "--show-example", type=int, metavar="N", help="print example N with its loss mask and exit"
+    )
 
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (and optionally tokenize the data)")
     t.add_argument("--data", nargs="*", default=[], help="files or folders (.txt, .jsonl, .json); none: built-in")

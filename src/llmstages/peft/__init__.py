@@ -29,7 +29,8 @@ METHODS = ("none", "lora", "dora", "adapter")
 __all__ = [
     "BottleneckAdapter", "LoRALinear", "adapter_state_dict", "adapters_enabled", "apply_adapters", "apply_lora",
     "apply_peft",
-    "disable_adapters", "load_adapter", "merge_lora", "peft_config", "save_adapter", "trainable_parameters",
+    "disable_adapters", "load_adapter", "merge_lora", "peft_config", "prepare_policy", "save_adapter",
+    "trainable_parameters",
 ]  # fmt: skip
 
 
@@ -94,6 +95,21 @@ def apply_peft(model: nn.Module, method: str, **kw: Any) -> None:
         apply_lora(model, use_dora=method == "dora", **{k: kw[k] for k in keys if k in kw})
     elif method == "adapter":
         apply_adapters(model, **{k: kw[k] for k in ("bottleneck", "activation", "dropout") if k in kw})
+
+
+def prepare_policy(model: nn.Module, method: str, **options: Any) -> bool:
+    """Ready a fine-tuned model for another stage (reward, DPO, PPO, GRPO). A LoRA/DoRA it carries is merged, so
+    the fine-tuned model becomes the base (and the reference); then the run's `method` is applied. Returns True
+    when the reference is this model with its adapters disabled, False when it needs a frozen copy (full
+    fine-tuning, or bottleneck adapters that came with the model and keep training)."""
+    loaded = (peft_config(model) or {}).get("method")
+    if loaded in ("lora", "dora"):
+        merge_lora(model)
+        loaded = None
+    if loaded is None:
+        model.requires_grad_(True)
+        apply_peft(model, method, **options)
+    return loaded is None and peft_config(model) is not None
 
 
 def peft_config(model: nn.Module) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
+from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_preference_pairs
 
@@ -67,20 +67,10 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         raise UserError("no preference pair left for training")
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
-    loaded = (peft_config(model) or {}).get("method")
-    if loaded in ("lora", "dora"):
-        merge_lora(model)  # the fine-tuned policy becomes the base: the reference is the SFT model itself
-        loaded = None
-    if loaded is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        apply_peft(model, cfg.peft.method, **cfg.peft.options())
+    uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     model = model.to(device)
-    # Adapters added in this run can be switched off to give the reference; a policy that came with
-    # bottleneck adapters (they cannot be merged) keeps training them against a frozen copy.
-    uses_adapters = loaded is None and peft_config(model) is not None
 
     # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).
     frozen = None

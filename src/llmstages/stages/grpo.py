@@ -26,7 +26,7 @@ from llmstages.data.preference import read_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
+from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_prompts, evaluate_policy, reply_rows, reward_source, sample_replies
 
@@ -50,18 +50,9 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         eval_prompts = train_prompts[: min(64, len(train_prompts))]
     else:
         train_prompts, eval_prompts = builtin_prompts(cfg.seed, cfg.data.heldout_people)
-    loaded = (peft_config(model) or {}).get("method")
-    if loaded in ("lora", "dora"):
-        merge_lora(model)  # the SFT model becomes the base and the reference
-        loaded = None
-    if loaded is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        apply_peft(model, cfg.peft.method, **cfg.peft.options())
+    by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
-    frozen = None if (loaded is None and peft_config(model) is not None) else copy.deepcopy(model).eval()
-    if frozen is not None:
-        frozen.requires_grad_(False)
+    frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     encoded = [prompt_ids(m, tok) for m in train_prompts]

@@ -30,7 +30,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.peft import apply_peft, disable_adapters, merge_lora, peft_config, trainable_parameters
+from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_prompts, evaluate_policy, reply_rows, reward_source, sample_replies
 
@@ -83,18 +83,10 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         eval_prompts = train_prompts[: min(64, len(train_prompts))]
     else:
         train_prompts, eval_prompts = builtin_prompts(cfg.seed, cfg.data.heldout_people)
-    loaded = (peft_config(policy) or {}).get("method")
-    if loaded in ("lora", "dora"):
-        merge_lora(policy)  # the SFT model becomes the base: it is the reference
-        loaded = None
-    if loaded is None:
-        policy.requires_grad_(True)
-    critic = copy.deepcopy(policy).requires_grad_(True) if p.critic == "separate" else None
-    if loaded is None:
-        apply_peft(policy, cfg.peft.method, **cfg.peft.options())
-    frozen = None if (loaded is None and peft_config(policy) is not None) else copy.deepcopy(policy).eval()
-    if frozen is not None:
-        frozen.requires_grad_(False).to(device)
+    by_disabling = prepare_policy(policy, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
+    # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
+    critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
+    frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     ac = ActorCritic(policy, critic).to(device)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

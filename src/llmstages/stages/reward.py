@@ -22,7 +22,7 @@ from llmstages.errors import UserError
 from llmstages.model import load_model, load_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.peft import apply_peft, merge_lora, peft_config, trainable_parameters
+from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_preference_pairs
 
@@ -47,15 +47,11 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     backbone = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    if (peft_config(backbone) or {}).get("method") in ("lora", "dora"):
-        merge_lora(backbone)
-    for p in backbone.parameters():
-        p.requires_grad_(True)
+    prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
     builtin = None if cfg.data.path else builtin_preference_pairs(backbone, tok, cfg.seed)  # oracle-labelled
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
-    apply_peft(backbone, cfg.peft.method, **cfg.peft.options())
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
