@@ -51,3 +51,41 @@ def save_hf(model, path: Path, tokenizer: Tokenizer | None = None) -> Path:
     if tokenizer is not None:
         tokenizer.save(path)
     return path
+
+
+def builtin_base(path: Path) -> Path:
+    """A tiny untrained Llama with a BPE trained on a slice of the built-in corpus, saved as a model directory."""
+    from llmstages.data.builtin import builtin_corpus
+    from llmstages.model import GPT, preset, save_model
+
+    tok = train_bpe(builtin_corpus(0, 0.2), 600)
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
+    return save_model(model, path, tok)
+
+
+def stop_after_step(monkeypatch, step: int, sig: int | None = None) -> None:
+    """Deliver a real SIGTERM (or `sig`) to this process right after optimizer step `step + 1` of the next run:
+    the loop's handler saves a checkpoint and the run exits with code 130. Undo with monkeypatch.undo()."""
+    import os
+    import signal
+
+    from llmstages.train import loop as loop_mod
+
+    real = loop_mod.Loop._step
+
+    def step_then_signal(self, batches):
+        out = real(self, batches)
+        if self.state.step == step:
+            os.kill(os.getpid(), sig or signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+
+
+def trace(run: Path, *keys: str) -> list[tuple]:
+    """(step, *keys) of every metrics record that has keys[0]."""
+    from llmstages.monitor.metrics import read_metrics
+
+    return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run) if keys[0] in r]

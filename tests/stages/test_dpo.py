@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from llmstages.data.tokenizer import train_bpe
 from llmstages.model import GPT, preset, save_model
 from llmstages.monitor.metrics import read_metrics
 from llmstages.peft import apply_lora
-from llmstages.train import loop as loop_mod
+from tests.helpers import stop_after_step, trace
 
 FAST = [
     "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
@@ -84,23 +82,12 @@ def test_reference_of_a_lora_sft_model_is_the_sft_model(setup_dirs, tmp_path):
 
 def test_exact_resume(setup_dirs, tmp_path, monkeypatch):
     assert _dpo(setup_dirs, tmp_path / "a", "peft.method=lora") == 0
-    real_step = loop_mod.Loop._step
-
-    def step_then_signal(self, batches):
-        out = real_step(self, batches)
-        if self.state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    stop_after_step(monkeypatch, 3)
     assert _dpo(setup_dirs, tmp_path / "b", "peft.method=lora") == 130
     monkeypatch.undo()
     assert _dpo(setup_dirs, tmp_path / "b", "peft.method=lora", "resume=true") == 0
 
-    def losses(run):
-        return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
-
-    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert trace(tmp_path / "b", "loss") == trace(tmp_path / "a", "loss")
 
 
 def test_bad_input(setup_dirs, tmp_path, capsys):

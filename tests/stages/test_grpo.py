@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
-import torch
 
 from llmstages.cli import main
 from llmstages.data.builtin import builtin_corpus
 from llmstages.data.tokenizer import train_bpe
 from llmstages.model import GPT, preset, save_model
 from llmstages.monitor.metrics import read_metrics
-from llmstages.train import loop as loop_mod
+from tests.helpers import builtin_base, stop_after_step, trace
 
 FAST = [
     "train.max_steps=6", "train.log_every=1", "train.eval_every=3", "train.save_every=100", "train.warmup_steps=1",
@@ -23,11 +19,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tok = train_bpe(builtin_corpus(0, 0.2), 600)
-    torch.manual_seed(0)
-    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
-    return save_model(model, tmp_path_factory.mktemp("grpo") / "base", tok)
+    return builtin_base(tmp_path_factory.mktemp("grpo") / "base")
 
 
 def _grpo(base, out, *extra):
@@ -47,23 +39,11 @@ def test_runs_and_logs(base_dir, tmp_path, method):
 
 def test_exact_resume(base_dir, tmp_path, monkeypatch):
     assert _grpo(base_dir, tmp_path / "a", "peft.method=lora") == 0
-    real_step = loop_mod.Loop._step
-
-    def step_then_signal(self, batches):
-        out = real_step(self, batches)
-        if self.state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    stop_after_step(monkeypatch, 2)
     assert _grpo(base_dir, tmp_path / "b", "peft.method=lora") == 130
     monkeypatch.undo()
     assert _grpo(base_dir, tmp_path / "b", "peft.method=lora", "resume=true") == 0
-
-    def trace(run):
-        return [(r["step"], r["loss"], r["reward_mean"]) for r in read_metrics(run) if "reward_mean" in r]
-
-    assert trace(tmp_path / "b") == trace(tmp_path / "a")
+    assert trace(tmp_path / "b", "reward_mean", "loss") == trace(tmp_path / "a", "reward_mean", "loss")
 
 
 def test_bad_reward_sources(base_dir, tmp_path, capsys):

@@ -4,19 +4,15 @@ a Hugging Face base, and clean errors."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.data.builtin import builtin_corpus
-from llmstages.data.tokenizer import train_bpe
-from llmstages.model import GPT, load_model, preset, save_model
+from llmstages.model import load_model
 from llmstages.monitor.metrics import read_metrics
-from llmstages.train import loop as loop_mod
-from tests.helpers import hf_model, save_hf, tiny_tokenizer
+from tests.helpers import builtin_base, hf_model, save_hf, stop_after_step, tiny_tokenizer, trace
 
 FAST = [
     "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
@@ -26,11 +22,7 @@ FAST = [
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    tok = train_bpe(builtin_corpus(0, 0.2), 600)
-    torch.manual_seed(0)
-    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
-    return save_model(model, tmp_path_factory.mktemp("base") / "model", tok)
+    return builtin_base(tmp_path_factory.mktemp("base") / "model")
 
 
 def _sft(base, out, *extra):
@@ -53,23 +45,12 @@ def test_methods_run_and_save(base_dir, tmp_path, method):
 
 def test_exact_resume(base_dir, tmp_path, monkeypatch):
     assert _sft(base_dir, tmp_path / "a", "peft.method=lora") == 0
-    real_step = loop_mod.Loop._step
-
-    def step_then_signal(self, batches):
-        out = real_step(self, batches)
-        if self.state.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    stop_after_step(monkeypatch, 3, signal.SIGINT)
     assert _sft(base_dir, tmp_path / "b", "peft.method=lora") == 130
     monkeypatch.undo()
     assert _sft(base_dir, tmp_path / "b", "peft.method=lora", "resume=true") == 0
 
-    def losses(run):
-        return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
-
-    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 8
+    assert trace(tmp_path / "b", "loss") == trace(tmp_path / "a", "loss") and len(trace(tmp_path / "a", "loss")) == 8
 
 
 def test_user_files_on_a_hugging_face_base(tmp_path):
