@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py", "peft_memory.py"]
+BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py", "peft_memory.py", "ppo_iteration.py"]
 
 
 def main() -> None:
