@@ -29,7 +29,15 @@ from llmstages.data.text import TokenShards, prepare_shards  # noqa: E402
 from llmstages.data.tokenizer import train_bpe  # noqa: E402
 from llmstages.model import GPT, flops_per_token, preset  # noqa: E402
 from llmstages.monitor.metrics import MetricsLogger  # noqa: E402
-from llmstages.train.loop import Loop, accumulate, autocast, build_optimizer, count_targets, lm_loss  # noqa: E402
+from llmstages.train.loop import (  # noqa: E402
+    Loop,
+    accumulate,
+    autocast,
+    build_optimizer,
+    count_targets,
+    fast_bf16,
+    lm_loss,
+)
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048) -> float:
@@ -50,10 +58,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=None, help="default: fp32, plus bf16 where it is native")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.precision is None:  # emulated bf16 (CPUs without AMX / AVX512-BF16) runs for tens of minutes
+        args.precision = ["fp32", "bf16"] if fast_bf16(device) else ["fp32"]
     cfg = preset("llama_tiny", n_layers=SIZE["n_layers"], d_model=SIZE["d_model"], n_heads=SIZE["n_heads"],
                  n_kv_heads=SIZE["n_heads"], vocab_size=SIZE["vocab_size"], block_size=SIZE["seq"],
                  tie_embeddings=False, d_ff=1024)  # fmt: skip
