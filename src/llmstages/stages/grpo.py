@@ -22,13 +22,12 @@ import torch
 from llmstages import losses as L
 from llmstages.config import GRPOConfig, save_config
 from llmstages.data.chat import prompt_ids
-from llmstages.data.preference import read_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
-from llmstages.train.rollout import builtin_prompts, evaluate_policy, reply_rows, reward_source, sample_replies
+from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
@@ -45,11 +44,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
     reward_of = reward_source(cfg.reward, tok, device)
-    if cfg.data.path:
-        train_prompts = [m for _, m in read_prompts(cfg.data.path)]
-        eval_prompts = train_prompts[: min(64, len(train_prompts))]
-    else:
-        train_prompts, eval_prompts = builtin_prompts(cfg.seed, cfg.data.heldout_people)
+    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.seed)
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)

@@ -25,14 +25,13 @@ from torch import nn
 from llmstages import losses as L
 from llmstages.config import PPOConfig, save_config
 from llmstages.data.chat import prompt_ids
-from llmstages.data.preference import read_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
-from llmstages.train.rollout import builtin_prompts, evaluate_policy, reply_rows, reward_source, sample_replies
+from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -78,11 +77,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     policy = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
     reward_of = reward_source(cfg.reward, tok, device)
-    if cfg.data.path:
-        train_prompts = [m for _, m in read_prompts(cfg.data.path)]
-        eval_prompts = train_prompts[: min(64, len(train_prompts))]
-    else:
-        train_prompts, eval_prompts = builtin_prompts(cfg.seed, cfg.data.heldout_people)
+    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.seed)
     by_disabling = prepare_policy(policy, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None

@@ -76,6 +76,17 @@ def builtin_prompts(seed: int, heldout: int) -> tuple[list[list[Message]], list[
     return qs(train_people), qs(held)
 
 
+def prompt_sets(data, seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
+    """(training prompts, evaluation prompts) from `data` (PromptDataArgs): the user's prompt files (evaluated on
+    their first 64) or the built-in fact questions (training people / held-out people)."""
+    if data.path:
+        from llmstages.data.preference import read_prompts
+
+        prompts = [m for _, m in read_prompts(data.path)]
+        return prompts, prompts[:64]
+    return builtin_prompts(seed, data.heldout_people)
+
+
 def sample_replies(
     model: GPT,
     tok: Tokenizer,
