@@ -10,12 +10,10 @@ import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.data.builtin import builtin_corpus
-from llmstages.data.tokenizer import train_bpe
-from llmstages.model import GPT, preset, save_model
+from llmstages.model import load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import read_metrics
 from llmstages.peft import apply_lora
-from tests.helpers import stop_after_step, trace
+from tests.helpers import builtin_base, stop_after_step, trace
 
 FAST = [
     "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
@@ -26,11 +24,8 @@ FAST = [
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    tok = train_bpe(builtin_corpus(0, 0.2), 600)
-    torch.manual_seed(0)
-    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
-    save_model(model, root / "base", tok)
+    base = builtin_base(root / "base")
+    model, tok = load_model(base), load_tokenizer(base)
     apply_lora(model, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.data.builtin import builtin_corpus
 from llmstages.data.preference import pair_batch, read_preferences, tokenize_pair
-from llmstages.data.tokenizer import train_bpe
-from llmstages.model import GPT, load_tokenizer, preset, save_model
+from llmstages.model import GPT, load_tokenizer, preset
 from llmstages.model.heads import RewardModel, load_reward_model
 from llmstages.monitor.metrics import read_metrics
+from tests.helpers import builtin_base
 
 FAST = [
     "train.max_steps=30", "train.batch_size=8", "train.seq_len=48", "train.log_every=5", "train.eval_every=15",
@@ -25,11 +24,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def setup_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
-    tok = train_bpe(builtin_corpus(0, 0.2), 600)
-    torch.manual_seed(0)
-    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                       block_size=64, eos_token_id=tok.eos_id))  # fmt: skip
-    save_model(model, root / "base", tok)
+    builtin_base(root / "base")
     towns = ["Oakfield", "Millbrook", "Ashford", "Riverton", "Stonebay", "Fernhill"]
     rows = [{"prompt": f"Where does {n} live?", "chosen": t, "rejected": f"{t} or maybe really {t}"}
             for n in ("Ada", "Bram", "Cleo", "Dev", "Edda", "Finn", "Gus", "Hana") for t in towns]  # fmt: skip

@@ -22,7 +22,6 @@ from llmstages.config import DPOConfig, save_config
 from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_preference_pairs
@@ -151,15 +150,6 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
             ref = "precomputed" if precomputed else "adapters disabled" if frozen is None else "frozen copy"
         print(f"dpo: {len(train)} pairs ({len(val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
               f"reference: {ref}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    log = MetricsLogger(out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        model.eval()
-        with torch.no_grad():
-            log.log({"step": 0, "event": "start", "pairs": len(train), **evaluate(model)})
-        model.train()
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
     save_model(model, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

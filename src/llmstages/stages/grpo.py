@@ -24,7 +24,6 @@ from llmstages.config import GRPOConfig, save_config
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
@@ -114,15 +113,6 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     if progress:
         print(f"grpo: {len(train_prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
               f"{trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    log = MetricsLogger(out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        model.eval()
-        with torch.no_grad():
-            log.log({"step": 0, "event": "start", **evaluate(model)})
-        model.train()
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    state = loop.run_logged(resumed, lambda: evaluate(model), progress)
     save_model(model, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

@@ -28,7 +28,6 @@ from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
@@ -195,15 +194,6 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     if progress:
         print(f"ppo: {len(encoded)} prompts, rollouts of {p.rollout_size}, {updates} updates each, critic "
               f"{p.critic}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    log = MetricsLogger(out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        with torch.no_grad():
-            ac.eval()
-            log.log({"step": 0, "event": "start", **evaluate(ac)})
-        ac.train()
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    state = loop.run_logged(resumed, lambda: evaluate(ac), progress)
     save_model(policy, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

@@ -23,7 +23,6 @@ from llmstages.data.text import META, TokenShards, iter_documents, prepare_shard
 from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.train.loop import Loop, apply_activation_checkpointing, start_run
 
 SHARD_VERSION = 1
@@ -177,14 +176,10 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
         where = f"resuming at step {loop.state.step}" if resumed else "starting"
         print(f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
               f"{args.batch_size * args.grad_accum * args.seq_len:,} tokens; {where}")  # fmt: skip
-    log = MetricsLogger(s.out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        log.log({"step": 0, "event": "start", "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"),
-                 "parameters": num_params(model), "train_tokens": int(len(shards.train))})  # fmt: skip
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    state = loop.run_logged(resumed, lambda: {
+        "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"), "parameters": num_params(model),
+        "train_tokens": int(len(shards.train)),
+    }, progress)  # fmt: skip
     save_model(model, s.out / "final", s.tokenizer)
     result = {"step": state.step, "tokens_seen": state.tokens_seen}
     result.update(loop.last_eval)

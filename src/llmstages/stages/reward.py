@@ -21,7 +21,6 @@ from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import load_model, load_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, start_run
 from llmstages.train.rollout import builtin_preference_pairs
@@ -92,16 +91,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     trainable, total = trainable_parameters(model)
     if progress:
         print(f"reward: {len(train)} pairs ({len(val)} held out); {trainable:,} of {total:,} parameters trainable")
-    log = MetricsLogger(out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        model.eval()
-        with torch.no_grad():
-            log.log({"step": 0, "event": "start", "pairs": len(train), **evaluate(model)})
-        model.train()
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
     if peft_config(backbone) is not None and peft_config(backbone)["method"] in ("lora", "dora"):
         merge_lora(backbone)  # a reward model is used as a whole: save it merged
     save_model(backbone, out / "final", tok)

@@ -33,7 +33,6 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
 from llmstages.model import GPT, flops_per_token, generate, load_model, load_tokenizer, save_model
-from llmstages.monitor.metrics import MetricsLogger
 from llmstages.peft import apply_peft, trainable_parameters
 from llmstages.train.loop import (
     EpochSampler,
@@ -184,18 +183,8 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         print(f"sft: {len(s.train)} examples ({s.truncated} truncated), {len(s.eval_items)} held-out prompts; "
               f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
               f"({trainable / total:.2%})")  # fmt: skip
-    log = MetricsLogger(s.out, resume_step=loop.state.step if resumed else None)
-    if not resumed:
-        model.eval()
-        with torch.no_grad():
-            before = evaluate(model)
-        model.train()
-        log.log({"step": 0, "event": "start", "trainable_parameters": trainable, "parameters": total,
-                 "truncated_examples": s.truncated, **before})  # fmt: skip
-    try:
-        state = loop.run(log, progress=progress)
-    finally:
-        log.close()
+    start = {"trainable_parameters": trainable, "parameters": total, "truncated_examples": s.truncated}
+    state = loop.run_logged(resumed, lambda: {**start, **evaluate(model)}, progress)
     save_model(model, s.out / "final", s.tokenizer)
     result = {"step": state.step, **loop.last_eval}
     if progress:

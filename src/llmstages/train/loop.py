@@ -362,6 +362,22 @@ class Loop:
             self._restore_signal_handlers(old_handlers)
         return st
 
+    def run_logged(
+        self, resumed: bool, start: Callable[[], dict[str, Any]] | None = None, progress: bool = True
+    ) -> LoopState:
+        """`run` with the run's metrics sinks: a resumed run keeps its records up to the checkpoint; a fresh one
+        first logs `start()` (evaluated in eval mode without gradients) as its step-0 record."""
+        log = MetricsLogger(self.run_dir, resume_step=self.state.step if resumed else None)
+        try:
+            if not resumed and start is not None:
+                self.model.eval()
+                with torch.no_grad():
+                    log.log({"step": 0, "event": "start", **start()})
+                self.model.train()
+            return self.run(log, progress=progress)
+        finally:
+            log.close()
+
     def _validate(self, log: MetricsLogger) -> None:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.args.precision):
