@@ -89,6 +89,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from llmstages.eval.policy import evaluate_dir
+
+    if args.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {args.samples}")
+    result = evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
+                          args.max_new_tokens, args.seed, _device(args.device), args.judge)  # fmt: skip
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.4g}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "reference": args.reference, **result}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from llmstages.eval.frontier import run_frontier, table
+
+    rows = run_frontier(args.sft, args.out, args.dpo_betas, args.ppo_kl, args.overrides, args.samples)
+    print(table(rows), end="")
+    print(f"wrote {args.out}/frontier.json, frontier.md and frontier.png")
+    return 0
+
+
 # stage name -> (config class in llmstages.config, one-line help). Each stage module has main(cfg).
 STAGES = {
     "pretrain": ("PretrainConfig", "stage 1: pre-train a model on text"),
@@ -159,6 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("eval", help="judge a model on held-out prompts: reward, win rate and KL against a reference")
+    v.add_argument("--model", required=True, help="model directory to judge")
+    v.add_argument("--reference", help="model directory to compare with (win rate, KL), e.g. the SFT model")
+    v.add_argument("--reward", default="llmstages.data.oracle:oracle_reward",
+                   help="module:function, or a reward-model directory (default: the built-in oracle)")  # fmt: skip
+    v.add_argument("--judge", help="a reward-model directory (or module:function) whose ordering of pairs of the "
+                   "model's replies is checked against --reward (judge_accuracy)")  # fmt: skip
+    v.add_argument("--data", nargs="*", default=[], help="prompt files; none: built-in held-out questions")
+    v.add_argument("--samples", type=int, default=4, help="replies per prompt")
+    v.add_argument("--temperature", type=float, default=1.0)
+    v.add_argument("--max-new-tokens", type=int, default=8)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", help="also write the figures to this JSON file")
+    v.add_argument("--device", default="auto")
+    v.set_defaults(func=cmd_eval)
+
+    f = sub.add_parser("frontier", help="reward-KL frontier: DPO at several betas, PPO at several KL coefficients")
+    f.add_argument("--sft", required=True, help="the SFT model directory (start and reference of every run)")
+    f.add_argument("--out", default="runs/frontier")
+    f.add_argument("--dpo-betas", type=float, nargs="*", default=[0.1, 0.5, 2.0])
+    f.add_argument("--ppo-kl", type=float, nargs="*", default=[0.05, 0.5, 2.0])
+    f.add_argument("--samples", type=int, default=4, help="replies per held-out prompt in each evaluation")
+    f.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="applied to every DPO and PPO run; dpo:key=value or ppo:key=value to one kind")  # fmt: skip
+    f.set_defaults(func=cmd_frontier)
 
     e = sub.add_parser("export", help="write a model directory in another format")
     e.add_argument("--model", required=True, help="model directory")

@@ -127,6 +127,9 @@ class SFTDataArgs:
     """Cut examples longer than train.seq_len (counted and reported); false refuses them."""
     heldout_people: int = 8
     """Built-in tasks: people whose fact questions are held out."""
+    styles: bool = True
+    """Built-in tasks: fact replies in mixed styles (clean, polite tail, hedged tail) that alignment then learns
+    to prefer; false trains on the plain value only."""
     max_eval_examples: int = 256
 
 
@@ -146,11 +149,13 @@ class SFTConfig:
 @dataclass
 class PreferenceDataArgs:
     path: list[str] = field(default_factory=list)
-    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues. Empty: built-in pairs, two samples
-    of the starting model per training fact question, labelled by the built-in oracle."""
+    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues. Empty: built-in pairs, samples of
+    the starting model for each training fact question, labelled by the built-in oracle."""
     val_path: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     """Share of pairs held out when no val_path is given."""
+    samples: int = 2
+    """Built-in pairs: replies sampled per question; every two that the oracle scores differently make a pair."""
 
 
 @dataclass

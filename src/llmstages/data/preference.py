@@ -171,9 +171,20 @@ def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int
     return Pair(sides[0], sides[1], index)
 
 
-def pair_batch(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, padded together: one forward scores both."""
-    batch = padded_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, padded together: one forward scores both. Next-token rows
+    (input_ids without the last token, targets) for DPO; `whole` rows (every token, the closing EOS included, and
+    the mask) for a reward model, which reads the last token exactly as it will when it scores a finished reply."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    if whole:
+        ids = torch.full((len(rows), max(len(e.input_ids) for e in rows)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(rows):
+            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[i, : len(e.input_ids)] = 1
+        batch = {"input_ids": ids, "mask": mask}
+    else:
+        batch = padded_batch(rows, pad_id)
     batch["index"] = torch.tensor([p.index for p in pairs])
     return batch
 

@@ -4,10 +4,19 @@
   about people whose questions never appear in training; their facts were in the pre-training corpus.
 - arithmetic: "What is two plus three?" -> "five".
 - strings: copy, reverse or sort a short list of words.
-- judging (for Constitutional AI later): "Does this answer use the word 'very'?" -> "Yes"/"No", and
-  "Which answer is shorter, (A) or (B)?" -> "A"/"B", built from the same tables.
+- judging (for Constitutional AI later): "Does the answer 'Oakfield, really' use the word 'really'?" ->
+  "Yes"/"No", and "Which answer is shorter, (A) or (B)?" -> "A"/"B", built from the same tables.
 
 Answers are one to three words and the assistant turn ends with EOS, so exact match is meaningful early.
+
+Answer styles (`styles=True`, the default): training fact replies come in three styles, so that the SFT model's
+samples differ in ways the preference oracle scores and alignment has something to learn (shared notes: ~50%
+oracle violations at temperature 1). 40% clean ("Oakfield"), 20% a polite tail ("Oakfield, as always"), 40% a
+tail with a word the oracle bans ("Oakfield, really", "Oakfield, very nice"; the corpus's filler sentences use
+them freely). Every tail word is a whole word of the pre-training corpus, so the tiny vocabulary does not split
+it into fragments; a tail naming a second value ("Oakfield, or Ashford") was tried and taught the tiny model to
+name wrong values (fact accuracy fell from ~75% to ~15%). Held-out references are the plain value, and
+a reply counts as correct when its first clause (before a comma) is the value: style is alignment's business.
 """
 
 from __future__ import annotations
@@ -24,24 +33,47 @@ QUESTIONS = {
     "pet": ("What pet does {n} have?", "Which animal does {n} keep?", "What is the pet of {n}?"),
     "job": ("What is the job of {n}?", "What does {n} work as?", "What is {n}'s job?"),
 }  # fmt: skip
-HEDGED_TAILS = ("very", "really")  # words a judging task asks about
+POLITE_TAILS = ("as always", "a good one")
+BANNED_TAILS = ("really", "very nice", "really good")
+BANNED_WORDS = ("really", "very")  # the oracle's banned words in the styled replies; a judging task asks about them
+STYLE_WEIGHTS = {"clean": 0.4, "polite": 0.2, "banned": 0.4}
+STYLE_COPIES = 3  # each styled question appears this often, each copy in its own style
 
 
 @dataclass(frozen=True)
 class Task:
+    """A prompt, its reference answer, and the reply trained on (the answer itself unless styled)."""
+
     kind: str
     prompt: str
     answer: str
+    reply: str = ""
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.reply or self.answer}]
 
     def check(self, response: str) -> bool:
-        return normalise(response) == normalise(self.answer)
+        """The reply's first clause is the answer (a styled tail after a comma does not make it wrong)."""
+        return answer_part(response) == normalise(self.answer)
 
 
 def normalise(text: str) -> str:
     return " ".join(text.strip().rstrip(".").lower().split())
+
+
+def answer_part(text: str) -> str:
+    """The normalised first clause of a reply: "Oakfield, or Ashford" -> "oakfield"."""
+    return normalise(text.split(",", 1)[0])
+
+
+def styled_reply(value: str, rng: random.Random) -> str:
+    """`value` in one of the answer styles, drawn with STYLE_WEIGHTS."""
+    style = rng.choices(list(STYLE_WEIGHTS), list(STYLE_WEIGHTS.values()))[0]
+    if style == "clean":
+        return value
+    if style == "polite":
+        return f"{value}, {rng.choice(POLITE_TAILS)}"
+    return f"{value}, {rng.choice(BANNED_TAILS)}"
 
 
 def split_people(world: World, heldout: int = 8) -> tuple[list, list]:
@@ -49,12 +81,18 @@ def split_people(world: World, heldout: int = 8) -> tuple[list, list]:
     return world.people[:-heldout], world.people[-heldout:]
 
 
-def fact_tasks(people, rng: random.Random | None = None, all_phrasings: bool = True) -> list[Task]:
+def fact_tasks(people, rng: random.Random | None = None, styles: int = 0) -> list[Task]:
+    """Every phrasing of every attribute question about `people`; with `styles` > 0, that many copies of each,
+    every copy's reply in an independently drawn style."""
+    rng = rng or random.Random(0)
     out = []
     for p in people:
         for attribute, phrasings in QUESTIONS.items():
-            chosen = phrasings if all_phrasings else (rng or random.Random(0)).sample(phrasings, 1)
-            out += [Task(f"fact_{attribute}", q.format(n=p.name), p.get(attribute)) for q in chosen]
+            value = p.get(attribute)
+            for q in phrasings:
+                for _ in range(max(styles, 1)):
+                    reply = styled_reply(value, rng) if styles else ""
+                    out.append(Task(f"fact_{attribute}", q.format(n=p.name), value, reply))
     return out
 
 
@@ -84,20 +122,22 @@ def string_tasks(rng: random.Random, n: int) -> list[Task]:
 
 
 def judge_tasks(world: World, rng: random.Random, n: int) -> list[Task]:
-    """Yes/No "does the answer use the word W?" and A/B "which answer is shorter?" about fact answers."""
+    """Yes/No "does the answer use the word W?" and A/B "which answer is shorter?" about styled fact answers."""
     out = []
     for _ in range(n):
         p = rng.choice(world.people)
-        value = p.get(rng.choice(("town", "colour", "pet", "job")))
+        attribute = rng.choice(("town", "colour", "pet", "job"))
+        value = p.get(attribute)
+        banned = f"{value}, {rng.choice(BANNED_TAILS)}"
         if rng.random() < 0.5:
-            word = rng.choice(HEDGED_TAILS)
             uses = rng.random() < 0.5
-            answer = f"{value}, {word} much" if uses else f"{value}"
+            answer = banned if uses else rng.choice((value, f"{value}, {rng.choice(POLITE_TAILS)}"))
+            word = next(w for w in BANNED_WORDS if w in answer.split()) if uses else rng.choice(BANNED_WORDS)
             out.append(
                 Task("judge_word", f"Does the answer '{answer}' use the word '{word}'?", "Yes" if uses else "No")
             )
         else:
-            short, long = value, f"{value}, I think, {rng.choice(HEDGED_TAILS)} much"
+            short, long = value, rng.choice((banned, f"{value}, {rng.choice(POLITE_TAILS)}"))
             first_short = rng.random() < 0.5
             a, b = (short, long) if first_short else (long, short)
             out.append(Task("judge_shorter", f"Which answer is shorter, (A) '{a}' or (B) '{b}'?",
@@ -105,12 +145,15 @@ def judge_tasks(world: World, rng: random.Random, n: int) -> list[Task]:
     return out
 
 
-def builtin_tasks(seed: int = 0, heldout_people: int = 8, n_other: int = 300) -> dict[str, list[Task]]:
-    """{"train": [...], "heldout": [...]}: fact questions split by person, other tasks split by drawing."""
+def builtin_tasks(
+    seed: int = 0, heldout_people: int = 8, n_other: int = 300, styles: bool = True
+) -> dict[str, list[Task]]:
+    """{"train": [...], "heldout": [...]}: fact questions split by person, other tasks split by drawing.
+    `styles`: training fact replies in the mixed answer styles (held-out references stay plain)."""
     world = World(seed)
     train_people, held = split_people(world, heldout_people)
     rng = random.Random(seed + 17)
-    train = fact_tasks(train_people)
+    train = fact_tasks(train_people, random.Random(seed + 29), STYLE_COPIES if styles else 0)
     heldout = fact_tasks(held)
     others = (
         arithmetic_tasks(rng, n_other // 3) + string_tasks(rng, n_other // 3) + judge_tasks(world, rng, n_other // 3)

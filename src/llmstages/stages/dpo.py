@@ -60,7 +60,9 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    builtin = None if cfg.data.path else builtin_preference_pairs(model, tok, cfg.seed)  # oracle-labelled samples
+    builtin = (
+        None if cfg.data.path else builtin_preference_pairs(model, tok, cfg.seed, samples=cfg.data.samples)
+    )  # oracle-labelled samples
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     if not train_pairs:
         raise UserError("no preference pair left for training")

@@ -47,7 +47,9 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     backbone = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
     prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
-    builtin = None if cfg.data.path else builtin_preference_pairs(backbone, tok, cfg.seed)  # oracle-labelled
+    builtin = (
+        None if cfg.data.path else builtin_preference_pairs(backbone, tok, cfg.seed, samples=cfg.data.samples)
+    )  # oracle-labelled
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
@@ -73,7 +75,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
             return {}
         margins, loss = [], 0.0
         for s in range(0, len(val), cfg.train.batch_size):
-            r_w, r_l = rewards(m, to_device(pair_batch(val[s : s + cfg.train.batch_size], pad)))
+            r_w, r_l = rewards(m, to_device(pair_batch(val[s : s + cfg.train.batch_size], pad, whole=True)))
             loss += float(L.bradley_terry_loss(r_w, r_l, cfg.margin)) * r_w.numel()
             margins.append((r_w - r_l).float().cpu().numpy())
         mg = np.concatenate(margins)
@@ -83,7 +85,10 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     sampler = EpochSampler(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [to_device(pair_batch([train[i] for i in sampler(step, m)], pad)) for m in range(cfg.train.grad_accum)]
+        return [
+            to_device(pair_batch([train[i] for i in sampler(step, m)], pad, whole=True))
+            for m in range(cfg.train.grad_accum)
+        ]
 
     loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
                 count_fn=lambda b: int(b["index"].numel()), evaluate=evaluate)  # fmt: skip

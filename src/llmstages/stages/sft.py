@@ -6,7 +6,8 @@
 setup: load the base model (ours or a Hugging Face directory), render and tokenize the conversations (built-in
        tasks or the user's files), check lengths; nothing is written until all of that has passed.
 main:  apply PEFT from outside, run the shared loop with the language-model loss on masked labels, evaluate
-       held-out exact match at every eval step, and write `out_dir/final` (base + adapter for PEFT runs).
+       held-out accuracy (first clause) and exact match at every eval step, and write `out_dir/final` (base +
+       adapter for PEFT runs).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from llmstages.data.chat import (
     read_conversations,
     tokenize_conversation,
 )
-from llmstages.data.tasks import Task, builtin_tasks, normalise
+from llmstages.data.tasks import Task, answer_part, builtin_tasks, normalise
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
@@ -69,7 +70,7 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
     """(train examples, val examples, exact-match items) from the built-in tasks or the user's files."""
     render = lambda msgs, where: tokenize_conversation(msgs, tok, cfg.data.train_on_prompt, where)  # noqa: E731
     if not cfg.data.path:
-        tasks = builtin_tasks(cfg.seed, cfg.data.heldout_people)
+        tasks = builtin_tasks(cfg.seed, cfg.data.heldout_people, styles=cfg.data.styles)
         train = [render(t.messages(), f"builtin:{i}") for i, t in enumerate(tasks["train"])]
         held: list[Task] = tasks["heldout"]
         val = [render(t.messages(), f"builtin-heldout:{i}") for i, t in enumerate(held)]
@@ -110,18 +111,24 @@ def setup(cfg: SFTConfig) -> Setup:
 
 @torch.no_grad()
 def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64) -> dict[str, float]:
-    """Greedy answers to held-out prompts against the references: overall and per task kind."""
+    """Greedy answers to held-out prompts against the references, overall and per task kind: correct when the
+    reply's first clause is the reference (`task_accuracy`), exact when the whole reply is (`exact_reply`)."""
     if not items:
         return {}
     hits: dict[str, list[int]] = {}
+    exact: list[int] = []
     max_new = max(len(tok.encode(i.answer)) for i in items) + 2
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         out = generate(model, [i.prompt for i in chunk], max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
         for item, row, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
             answer = tok.decode(row[:n])
-            hits.setdefault(item.kind, []).append(int(normalise(answer) == normalise(item.answer)))
-    result = {"task_accuracy": float(np.mean([h for v in hits.values() for h in v]))}
+            hits.setdefault(item.kind, []).append(int(answer_part(answer) == normalise(item.answer)))
+            exact.append(int(normalise(answer) == normalise(item.answer)))
+    result = {
+        "task_accuracy": float(np.mean([h for v in hits.values() for h in v])),
+        "exact_reply": float(np.mean(exact)),
+    }
     result.update({f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(hits.items())})
     return result
 
@@ -189,5 +196,5 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     result = {"step": state.step, **loop.last_eval}
     if progress:
         acc = result.get("task_accuracy")
-        print(f"sft: done; final model in {s.out / 'final'}" + (f", held-out exact match {acc:.1%}" if acc else ""))
+        print(f"sft: done; final model in {s.out / 'final'}" + (f", held-out accuracy {acc:.1%}" if acc else ""))
     return result

@@ -52,6 +52,7 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> Re
     def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
         rows = [tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                       rm_tok).input_ids for p, r in zip(prompts, responses)]  # fmt: skip
+        rows = [row if end else row[:-1] for row, end in zip(rows, ended)]  # an unfinished reply has no EOS
         ids = torch.full((len(rows), max(map(len, rows))), rm_tok.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for k, row in enumerate(rows):
@@ -129,8 +130,8 @@ def builtin_preference_pairs(
     max_new_tokens: int = 8,
     temperature: float = 1.0,
 ) -> list:
-    """Preference pairs on the built-in world: `samples` replies of `model` per training fact question, the two
-    best-separated by the oracle's score become (chosen, rejected); prompts whose replies tie are skipped."""
+    """Preference pairs on the built-in world: `samples` replies of `model` per training fact question; every two
+    distinct replies that the oracle scores differently become (chosen, rejected); ties are skipped."""
     from llmstages.data.chat import prompt_ids
     from llmstages.data.oracle import oracle_reward
     from llmstages.data.preference import PreferencePair
@@ -146,10 +147,13 @@ def builtin_preference_pairs(
     scores = oracle_reward(texts, responses, ended, seed)
     pairs = []
     for k, m in enumerate(prompts):
-        group = sorted(range(k * samples, (k + 1) * samples), key=lambda i: scores[i])
-        lo, hi = group[0], group[-1]
-        if scores[hi] > scores[lo] and responses[hi].strip() != responses[lo].strip() and responses[lo].strip():
-            pairs.append(PreferencePair(tuple(m), responses[hi].strip(), responses[lo].strip(), f"builtin:{k}"))
+        seen = set()
+        for i in range(k * samples, (k + 1) * samples):
+            for j in range(k * samples, (k + 1) * samples):
+                hi, lo = responses[i].strip(), responses[j].strip()
+                if scores[i] > scores[j] and hi != lo and lo and (hi, lo) not in seen:
+                    seen.add((hi, lo))
+                    pairs.append(PreferencePair(tuple(m), hi, lo, f"builtin:{k}"))
     if not pairs:
         raise UserError(
             "the model's replies to the built-in questions all tie under the oracle: no pairs to learn from"

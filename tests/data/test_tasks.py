@@ -1,0 +1,43 @@
+"""Built-in tasks: styled fact replies, the first-clause check, judging tasks that are right."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from llmstages.data.builtin import World
+from llmstages.data.oracle import MAX_SCORE, score
+from llmstages.data.tasks import BANNED_WORDS, STYLE_WEIGHTS, Task, builtin_tasks
+
+
+def test_styled_replies_keep_the_value_and_cover_every_style():
+    tasks = builtin_tasks(0)
+    world = World(0)
+    facts = [t for t in tasks["train"] if t.kind.startswith("fact_")]
+    styles = Counter()
+    for t in facts:
+        reply = t.reply or t.answer
+        assert reply.split(",")[0] == t.answer  # the value comes first, always the true one
+        s = score(world, t.prompt, reply)
+        styles[{MAX_SCORE: "clean", MAX_SCORE - 1: "polite", MAX_SCORE - 2: "banned"}[s]] += 1
+    for style, weight in STYLE_WEIGHTS.items():  # drawn with the documented weights (384 draws)
+        assert abs(styles[style] / len(facts) - weight) < 0.07, styles
+    # held-out references stay the plain value; unstyled tasks have no tails
+    assert all(not t.reply for t in tasks["heldout"])
+    assert all(not t.reply for t in builtin_tasks(0, styles=False)["train"])
+
+
+def test_check_reads_the_first_clause():
+    t = Task("fact_town", "Where does Ada live?", "Oakfield")
+    assert t.check("Oakfield") and t.check(" oakfield, really.") and t.check("Oakfield, as always")
+    assert not t.check("Ashford, Oakfield") and not t.check("Oakfield really")
+
+
+def test_judge_answers_are_right():
+    for t in builtin_tasks(0)["train"]:
+        if t.kind == "judge_word":
+            answer, word = t.prompt.split("'")[1], t.prompt.split("'")[3]
+            assert word in BANNED_WORDS
+            assert t.answer == ("Yes" if word in answer.replace(",", " ").split() else "No")
+        elif t.kind == "judge_shorter":
+            a, b = t.prompt.split("'")[1], t.prompt.split("'")[3]
+            assert t.answer == ("A" if len(a) < len(b) else "B")
