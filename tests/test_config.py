@@ -58,12 +58,16 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_recipes_in_the_repository_load():
     from pathlib import Path
 
-    from llmstages.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
+    from llmstages.config import CAIConfig, DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig
+    from llmstages.data.constitution import load_constitution
 
     root = Path(__file__).resolve().parents[1] / "configs"
     classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig,
-               "grpo": GRPOConfig, "ppo": PPOConfig}  # fmt: skip
+               "grpo": GRPOConfig, "ppo": PPOConfig, "cai": CAIConfig}  # fmt: skip
     recipes = sorted(root.glob("*/*.yaml"))
-    assert len(recipes) >= 7
+    assert len(recipes) >= 10
     for recipe in recipes:
-        load_config(classes[recipe.parent.name], recipe)
+        if recipe.name.startswith("constitution_"):
+            load_constitution(recipe)
+        else:
+            load_config(classes[recipe.parent.name], recipe)

@@ -93,12 +93,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from llmstages.eval.policy import evaluate_dir
+    from llmstages.eval.policy import evaluate_dir, label_agreement
 
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
-    result = evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
-                          args.max_new_tokens, args.seed, _device(args.device), args.judge)  # fmt: skip
+    if not args.model and not args.labels:
+        raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
+    result = label_agreement(args.labels, args.reward) if args.labels else {}
+    if args.model:
+        result.update(evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
+                                   args.max_new_tokens, args.seed, _device(args.device), args.judge))  # fmt: skip
     width = max(map(len, result))
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}")
@@ -106,6 +110,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "reference": args.reference, **result}, indent=1))
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_cai(args: argparse.Namespace) -> int:
+    from llmstages.config import CAIConfig, load_config
+    from llmstages.stages import constitutional
+
+    cfg = load_config(CAIConfig, args.config, args.overrides)
+    {"revise": constitutional.main_revise, "label": constitutional.main_label, "run": constitutional.main_run}[
+        args.action
+    ](cfg)
     return 0
 
 
@@ -169,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-example", type=int, metavar="N", help="print example N with its loss mask and exit"
     )
 
+    c = sub.add_parser("cai", help="Constitutional AI: critique-and-revise SFT data, AI-feedback labels, the loop",
+                       description="Constitutional AI (Bai et al. 2022). revise: responses, critiques and revisions "
+                       "-> SFT data; label: response pairs judged by the feedback model -> preference data; run: "
+                       "revise -> SFT -> label -> DPO (or RM + PPO).")  # fmt: skip
+    actions = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help in (("revise", "responses -> critiques -> revisions, written as SFT data"),
+                         ("label", "pairs of responses -> the feedback model's preference, written as pairs"),
+                         ("run", "the whole loop: revise -> SFT -> label -> DPO (or RM + PPO)")):  # fmt: skip
+        a = actions.add_parser(action, help=help)
+        a.add_argument("--config", help="YAML recipe (see configs/cai/)")
+        a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key")
+        a.set_defaults(func=cmd_cai)
+
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (and optionally tokenize the data)")
     t.add_argument("--data", nargs="*", default=[], help="files or folders (.txt, .jsonl, .json); none: built-in")
     t.add_argument("--vocab-size", type=int, default=2048)
@@ -190,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("eval", help="judge a model on held-out prompts: reward, win rate and KL against a reference")
-    v.add_argument("--model", required=True, help="model directory to judge")
+    v.add_argument("--model", help="model directory to judge")
+    v.add_argument("--labels", nargs="*", default=[], help="preference files whose labels are checked against --reward")
     v.add_argument("--reference", help="model directory to compare with (win rate, KL), e.g. the SFT model")
     v.add_argument("--reward", default="llmstages.data.oracle:oracle_reward",
                    help="module:function, or a reward-model directory (default: the built-in oracle)")  # fmt: skip

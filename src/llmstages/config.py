@@ -251,6 +251,69 @@ class GRPOConfig:
 
 
 @dataclass
+class ReviseArgs:
+    rounds: int = 1
+    """Critique-and-revise rounds per prompt."""
+    choose: str = "all"
+    """How each round picks its principle: all (in turn, round k takes principle k) or random."""
+    temperature: float = 1.0
+    """Sampling temperature of the policy's first response."""
+    max_new_tokens: int = 8
+    """Length limit of the first response."""
+    feedback_tokens: int = 16
+    """Length limit of each critique and revision (greedy)."""
+
+
+@dataclass
+class LabelArgs:
+    principles: list[str] = field(default_factory=list)
+    """Principles whose comparisons are averaged into each label; empty: all of them."""
+    samples: int = 2
+    """Responses sampled per prompt; every two distinct ones make a pair to label."""
+    sample_from: str = "revised"
+    """`cai run`: whose responses are labelled: revised (the model fine-tuned on the revisions, as in the paper)
+    or start (model.path, whose responses still show what the constitution targets). DPO starts from the
+    revised model either way."""
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    min_probability: float = 0.5
+    """Pairs whose label the feedback model gives with less than this probability are left out."""
+
+
+@dataclass
+class CAIRunArgs:
+    align: str = "dpo"
+    """The RL-from-AI-feedback step: dpo (on the labelled pairs), or ppo (a reward model on them, then PPO)."""
+    sft: list[str] = field(default_factory=list)
+    """Overrides for the SFT on revisions, over configs/sft/lora.yaml."""
+    dpo: list[str] = field(default_factory=list)
+    """Overrides for DPO, over configs/dpo/lora.yaml."""
+    reward: list[str] = field(default_factory=list)
+    """Overrides for the reward model (align=ppo), over configs/reward/lora.yaml."""
+    ppo: list[str] = field(default_factory=list)
+    """Overrides for PPO (align=ppo), over configs/ppo/lora.yaml."""
+
+
+@dataclass
+class CAIConfig:
+    out_dir: str = "runs/cai"
+    seed: int = 0
+    device: str = "auto"
+    model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    """The policy (usually the SFT model)."""
+    feedback: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
+    """The feedback model that critiques, revises and compares. Empty path: the policy itself."""
+    constitution: str = ""
+    """The constitution YAML. Empty: the built-in one (configs/cai/constitution_builtin.yaml)."""
+    data: PromptDataArgs = field(default_factory=PromptDataArgs)
+    max_prompts: int = 0
+    """Use only the first N prompts (0: all)."""
+    revise: ReviseArgs = field(default_factory=ReviseArgs)
+    label: LabelArgs = field(default_factory=LabelArgs)
+    run: CAIRunArgs = field(default_factory=CAIRunArgs)
+
+
+@dataclass
 class PPOArgs:
     rollout_size: int = 64
     """Prompts sampled (one reply each) per rollout."""

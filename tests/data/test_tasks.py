@@ -6,20 +6,20 @@ from collections import Counter
 
 from llmstages.data.builtin import World
 from llmstages.data.oracle import MAX_SCORE, score
-from llmstages.data.tasks import BANNED_WORDS, STYLE_WEIGHTS, Task, builtin_tasks
+from llmstages.data.tasks import BANNED_WORDS, JUDGE_TEMPLATES, PLAIN, STYLE_WEIGHTS, Task, builtin_tasks
 
 
 def test_styled_replies_keep_the_value_and_cover_every_style():
     tasks = builtin_tasks(0)
     world = World(0)
-    facts = [t for t in tasks["train"] if t.kind.startswith("fact_")]
+    facts = [t for t in tasks["train"] if t.kind.startswith("fact_") and t.kind != "fact_plain"]
     styles = Counter()
     for t in facts:
         reply = t.reply or t.answer
         assert reply.split(",")[0] == t.answer  # the value comes first, always the true one
         s = score(world, t.prompt, reply)
         styles[{MAX_SCORE: "clean", MAX_SCORE - 1: "polite", MAX_SCORE - 2: "banned"}[s]] += 1
-    for style, weight in STYLE_WEIGHTS.items():  # drawn with the documented weights (384 draws)
+    for style, weight in STYLE_WEIGHTS.items():  # drawn with the documented weights (1152 draws)
         assert abs(styles[style] / len(facts) - weight) < 0.07, styles
     # held-out references stay the plain value; unstyled tasks have no tails
     assert all(not t.reply for t in tasks["heldout"])
@@ -33,11 +33,23 @@ def test_check_reads_the_first_clause():
 
 
 def test_judge_answers_are_right():
+    kinds = Counter()
     for t in builtin_tasks(0)["train"]:
+        quoted = t.prompt.split("'")[1::2]
+        kinds[t.kind] += 1
         if t.kind == "judge_word":
-            answer, word = t.prompt.split("'")[1], t.prompt.split("'")[3]
+            answer, word = quoted
             assert word in BANNED_WORDS
             assert t.answer == ("Yes" if word in answer.replace(",", " ").split() else "No")
+        elif t.kind == "judge_short":
+            assert t.answer == ("No" if "," in quoted[0] else "Yes")
         elif t.kind == "judge_shorter":
-            a, b = t.prompt.split("'")[1], t.prompt.split("'")[3]
+            a, b = quoted
             assert t.answer == ("A" if len(a) < len(b) else "B")
+        elif t.kind == "judge_clean":
+            word, a, b = quoted
+            assert (word in a.split()) != (word in b.split())
+            assert t.answer == ("B" if word in a.split() else "A")
+        elif t.kind == "fact_plain":
+            assert t.prompt.startswith(PLAIN.format(question="")) and "," not in t.answer
+    assert all(kinds[k] > 100 for k in (*JUDGE_TEMPLATES, "fact_plain")), kinds

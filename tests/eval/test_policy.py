@@ -69,3 +69,23 @@ def test_pair_agreement_by_hand():
     # prompt 1 pairs with different truth: (0,1) right, (0,2) right; (1,2) tie in truth: skipped. prompt 2: none
     assert pair_agreement(judged, truth, 3) == (1.0, 2)
     assert pair_agreement(np.array([0.1, 0.9, 0.1, 0, 0, 0]), truth, 3) == (0.25, 2)  # one wrong, one judge tie
+
+
+def test_label_agreement_counts_only_pairs_the_judge_separates(tmp_path, capsys):
+    from llmstages.data.builtin import World
+    from llmstages.data.tasks import QUESTIONS
+
+    p = World(0).people[0]
+    q = QUESTIONS["town"][0].format(n=p.name)
+    rows = [
+        {"prompt": q, "chosen": p.town, "rejected": f"{p.town}, really"},  # agrees with the oracle
+        {"prompt": q, "chosen": f"{p.town}, very nice", "rejected": p.town},  # disagrees
+        {"prompt": q, "chosen": f"{p.town}, really", "rejected": f"{p.town}, very nice"},
+    ]  # a tie: not counted
+    labels = tmp_path / "pairs.jsonl"
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))  # fmt: skip
+    out = tmp_path / "agreement.json"
+    assert main(["eval", "--labels", str(labels), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["label_agreement"], result["label_pairs"], result["labelled_pairs"]) == (0.5, 2, 3)
+    assert main(["eval"]) == 2 and "give --model" in capsys.readouterr().err

@@ -43,6 +43,19 @@ def test_methods_run_and_save(base_dir, tmp_path, method):
         assert not torch.allclose(tuned(x), base(x), atol=1e-4)  # the saved model carries what was learned
 
 
+def test_sft_of_a_lora_model_starts_from_it(base_dir, tmp_path):
+    """A second SFT on a LoRA SFT model (as Constitutional AI does) merges the first LoRA and trains a new one:
+    before any step, the model computes what the first SFT model computes."""
+    assert _sft(base_dir, tmp_path / "first", "peft.method=lora", "train.lr=1e-2") == 0
+    first = tmp_path / "first" / "final"
+    assert _sft(first, tmp_path / "second", "peft.method=lora", "train.max_steps=1", "train.lr=1e-12") == 0
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        expected = load_model(first)(ids)
+        got = load_model(tmp_path / "second" / "final")(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_exact_resume(base_dir, tmp_path, monkeypatch):
     assert _sft(base_dir, tmp_path / "a", "peft.method=lora") == 0
     stop_after_step(monkeypatch, 3, signal.SIGINT)

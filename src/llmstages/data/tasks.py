@@ -4,8 +4,9 @@
   about people whose questions never appear in training; their facts were in the pre-training corpus.
 - arithmetic: "What is two plus three?" -> "five".
 - strings: copy, reverse or sort a short list of words.
-- judging (for Constitutional AI later): "Does the answer 'Oakfield, really' use the word 'really'?" ->
-  "Yes"/"No", and "Which answer is shorter, (A) or (B)?" -> "A"/"B", built from the same tables.
+- judging (the feedback Constitutional AI asks for): "Does the answer 'Oakfield, really' use the word
+  'really'?" -> "Yes"/"No", "Which answer is shorter, (A) ... or (B) ...?" -> "A"/"B", built from the same
+  tables (JUDGE_TEMPLATES), and "Answer with the value only: <fact question>" -> the value (PLAIN).
 
 Answers are one to three words and the assistant turn ends with EOS, so exact match is meaningful early.
 
@@ -81,6 +82,11 @@ def split_people(world: World, heldout: int = 8) -> tuple[list, list]:
     return world.people[:-heldout], world.people[-heldout:]
 
 
+def plain_fact_tasks(people) -> list[Task]:
+    """Fact questions behind the PLAIN instruction, answered with the value alone (clean style)."""
+    return [Task("fact_plain", PLAIN.format(question=t.prompt), t.answer) for t in fact_tasks(people)]
+
+
 def fact_tasks(people, rng: random.Random | None = None, styles: int = 0) -> list[Task]:
     """Every phrasing of every attribute question about `people`; with `styles` > 0, that many copies of each,
     every copy's reply in an independently drawn style."""
@@ -121,43 +127,65 @@ def string_tasks(rng: random.Random, n: int) -> list[Task]:
     return out
 
 
+# The judging and revising tasks, as templates; the built-in constitution (configs/cai/builtin.yaml) asks in
+# exactly these words, so that the tiny model's feedback is a task it was fine-tuned on.
+JUDGE_TEMPLATES = {
+    "judge_word": "Does the answer '{response}' use the word '{word}'?",  # Yes / No
+    "judge_short": "Is the answer '{response}' short?",  # Yes when it is the value alone
+    "judge_shorter": "Which answer is shorter, (A) '{a}' or (B) '{b}'?",  # A / B
+    "judge_clean": "Which answer does not use the word '{word}', (A) '{a}' or (B) '{b}'?",  # A / B
+}
+# The instruction that asks for the clean style; the built-in constitution's revision request. (Rewriting a given
+# answer, "Shorten the answer 'Oakfield, really'", was tried: the tiny model cannot copy text from its prompt,
+# as the copy tasks show, and stayed at ~10%.)
+PLAIN = "Answer with the value only: {question}"
+
+
 def judge_tasks(world: World, rng: random.Random, n: int) -> list[Task]:
-    """Yes/No "does the answer use the word W?" and A/B "which answer is shorter?" about styled fact answers."""
+    """`n` judging tasks about styled fact answers, the kinds of JUDGE_TEMPLATES in turn. Each judges or compares
+    answers with the same value, so judging is about style, never about the facts."""
     out = []
-    for _ in range(n):
-        p = rng.choice(world.people)
-        attribute = rng.choice(("town", "colour", "pet", "job"))
-        value = p.get(attribute)
-        banned = f"{value}, {rng.choice(BANNED_TAILS)}"
-        if rng.random() < 0.5:
-            uses = rng.random() < 0.5
-            answer = banned if uses else rng.choice((value, f"{value}, {rng.choice(POLITE_TAILS)}"))
-            word = next(w for w in BANNED_WORDS if w in answer.split()) if uses else rng.choice(BANNED_WORDS)
-            out.append(
-                Task("judge_word", f"Does the answer '{answer}' use the word '{word}'?", "Yes" if uses else "No")
-            )
+    kinds = list(JUDGE_TEMPLATES)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        value = rng.choice(world.people).get(rng.choice(("town", "colour", "pet", "job")))
+        polite, banned = f"{value}, {rng.choice(POLITE_TAILS)}", f"{value}, {rng.choice(BANNED_TAILS)}"
+        answer = rng.choice((value, polite, banned))
+        t = JUDGE_TEMPLATES[kind]
+        if kind == "judge_word":
+            word = rng.choice(BANNED_WORDS)
+            uses = word in answer.split()
+            out.append(Task(kind, t.format(response=answer, word=word), "Yes" if uses else "No"))
+        elif kind == "judge_short":
+            out.append(Task(kind, t.format(response=answer), "Yes" if answer == value else "No"))
         else:
-            short, long = value, rng.choice((banned, f"{value}, {rng.choice(POLITE_TAILS)}"))
-            first_short = rng.random() < 0.5
-            a, b = (short, long) if first_short else (long, short)
-            out.append(Task("judge_shorter", f"Which answer is shorter, (A) '{a}' or (B) '{b}'?",
-                            "A" if first_short else "B"))  # fmt: skip
+            if kind == "judge_shorter":
+                good, bad, word = value, rng.choice((polite, banned)), None
+            else:
+                bad = banned
+                word = next(w for w in BANNED_WORDS if w in banned.split())
+                good = rng.choice((value, polite))
+            first_good = rng.random() < 0.5
+            a, b = (good, bad) if first_good else (bad, good)
+            out.append(Task(kind, t.format(a=a, b=b, word=word), "A" if first_good else "B"))
     return out
 
 
 def builtin_tasks(
-    seed: int = 0, heldout_people: int = 8, n_other: int = 300, styles: bool = True
+    seed: int = 0, heldout_people: int = 8, n_other: int = 200, n_judge: int = 1200, styles: bool = True
 ) -> dict[str, list[Task]]:
-    """{"train": [...], "heldout": [...]}: fact questions split by person, other tasks split by drawing.
-    `styles`: training fact replies in the mixed answer styles (held-out references stay plain)."""
+    """{"train": [...], "heldout": [...]}: fact questions split by person; `n_other` arithmetic and string tasks
+    and `n_judge` judging tasks split by drawing (4/5 train). `styles`: training fact replies in the mixed
+    answer styles (held-out references stay plain)."""
     world = World(seed)
     train_people, held = split_people(world, heldout_people)
     rng = random.Random(seed + 17)
     train = fact_tasks(train_people, random.Random(seed + 29), STYLE_COPIES if styles else 0)
     heldout = fact_tasks(held)
-    others = (
-        arithmetic_tasks(rng, n_other // 3) + string_tasks(rng, n_other // 3) + judge_tasks(world, rng, n_other // 3)
-    )
+    if styles:  # the instruction that asks for the clean style (the built-in constitution's revision request)
+        train += plain_fact_tasks(train_people)
+        heldout += plain_fact_tasks(held)
+    others = arithmetic_tasks(rng, n_other // 2) + string_tasks(rng, n_other // 2) + judge_tasks(world, rng, n_judge)
     rng.shuffle(others)
     cut = len(others) * 4 // 5
     seen = {t.prompt for t in others[:cut]}

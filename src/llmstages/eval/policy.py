@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ import torch
 from llmstages import losses as L
 from llmstages.data.chat import Message, prompt_ids
 from llmstages.data.tokenizer import Tokenizer
+from llmstages.errors import UserError
 from llmstages.model import GPT
-from llmstages.train.rollout import RewardFn, reply_rows, sample_replies
+from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_replies
 
 
 @dataclass
@@ -159,13 +161,10 @@ def evaluate_dir(
 ) -> dict[str, float]:
     """`compare` from directories: `reward` and `judge` are `module:function` or a reward-model directory;
     `data` prompt files (empty: the built-in fact questions about the held-out people)."""
-    from pathlib import Path
-
     from llmstages.config import RewardSourceArgs
     from llmstages.data.oracle import MAX_SCORE
     from llmstages.data.preference import read_prompts
     from llmstages.data.text import tokenizer_hash
-    from llmstages.errors import UserError
     from llmstages.model import load_model, load_tokenizer
     from llmstages.train.rollout import builtin_prompts, reward_source
 
@@ -185,3 +184,20 @@ def evaluate_dir(
     max_score = MAX_SCORE if reward == ORACLE else None
     return compare(model, tok, prompts, source(reward), reference, max_score, samples, temperature, max_new_tokens,
                    seed, source(judge) if judge else None)  # fmt: skip
+
+
+def label_agreement(paths: Sequence[str], reward: str = ORACLE) -> dict[str, float]:
+    """How often a preference file's labels agree with a judge (by default the oracle), over the pairs the judge
+    scores differently: `label_agreement`, with `label_pairs` such pairs of `labelled_pairs` in all."""
+    from llmstages.data.preference import read_preferences
+
+    if Path(reward).is_dir():
+        raise UserError("--labels is judged by a reward function (module:function), not a reward-model directory")
+    score = import_reward_fn(reward)
+    pairs = read_preferences(list(paths))
+    prompts = [p.prompt[-1]["content"] for p in pairs]
+    chosen = np.asarray(score(prompts, [p.chosen for p in pairs], [True] * len(pairs)), dtype=np.float64)
+    rejected = np.asarray(score(prompts, [p.rejected for p in pairs], [True] * len(pairs)), dtype=np.float64)
+    differ = chosen != rejected
+    agree = float(np.mean(chosen[differ] > rejected[differ])) if differ.any() else float("nan")
+    return {"label_agreement": agree, "label_pairs": float(differ.sum()), "labelled_pairs": float(len(pairs))}

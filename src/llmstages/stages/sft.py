@@ -34,7 +34,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
 from llmstages.model import GPT, flops_per_token, generate, load_model, load_tokenizer, save_model
-from llmstages.peft import apply_peft, trainable_parameters
+from llmstages.peft import prepare_policy, trainable_parameters
 from llmstages.train.loop import (
     EpochSampler,
     Loop,
@@ -105,7 +105,7 @@ def setup(cfg: SFTConfig) -> Setup:
     val, _ = fit_length(val, cfg.train.seq_len, truncate=True)
     if not train:
         raise UserError("no SFT example left to train on")
-    apply_peft(model, cfg.peft.method, **cfg.peft.options())
+    prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA the model carries is merged first
     return Setup(out, device, model, tok, train, val, items[: cfg.data.max_eval_examples], cut)
 
 
