@@ -112,6 +112,24 @@ def test_run_can_align_with_a_reward_model_and_ppo(base, tmp_path):
     assert not (tmp_path / "dpo").exists()
 
 
+def test_feedback_model_with_its_own_tokenizer(base, tmp_path):
+    """The feedback model may tokenize differently from the policy: requests and replies cross as text."""
+    from llmstages.data.builtin import builtin_corpus
+    from llmstages.data.text import tokenizer_hash
+    from llmstages.data.tokenizer import train_bpe
+    from llmstages.model import GPT, preset, save_model
+
+    tok = train_bpe(builtin_corpus(0, 0.1), 500)
+    assert tokenizer_hash(tok) != tokenizer_hash(load_tokenizer(base))
+    torch.manual_seed(1)
+    model = GPT(preset("llama_tiny", vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                       block_size=128, eos_token_id=tok.eos_id))  # fmt: skip
+    feedback = save_model(model, tmp_path / "feedback", tok)
+    assert main(["cai", "label", f"model.path={base}", f"feedback.path={feedback}", f"out_dir={tmp_path / 'out'}",
+                 "max_prompts=16", "label.max_new_tokens=3", "label.min_probability=0.5"]) == 0  # fmt: skip
+    assert (tmp_path / "out" / "label" / "pairs.jsonl").read_text().count("\n") > 0
+
+
 def test_bad_input(base, tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("principles: []\n")

@@ -27,6 +27,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,24 +108,36 @@ def sample(model: GPT, tok: Tokenizer, prompts: Sequence[list[Message]], n: int,
 
 
 # -- the two phases --------------------------------------------------------------------------------------------
-def revise(cfg: CAIConfig, policy: GPT, feedback: GPT, tok: Tokenizer, prompts: list[list[Message]],
-           constitution: Constitution, out: Path) -> dict[str, float]:  # fmt: skip
+@dataclass
+class Models:
+    """The policy and the feedback model, each with its own tokenizer (they may differ: requests and replies
+    cross between them as text)."""
+
+    policy: GPT
+    policy_tok: Tokenizer
+    feedback: GPT
+    feedback_tok: Tokenizer
+    feedback_path: str
+
+
+def revise(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution,
+           out: Path) -> dict[str, float]:  # fmt: skip
     """Responses, then `rounds` of critique and revision each; writes chains.jsonl and sft.jsonl into `out`."""
     r = cfg.revise
     if r.choose not in ("all", "random"):
         raise UserError(f"revise.choose must be 'all' or 'random', got '{r.choose}'")
     rng = random.Random(cfg.seed)
     principles = list(constitution.principles)
-    current = [s[0] for s in sample(policy, tok, prompts, 1, r.temperature, r.max_new_tokens, cfg.seed)]
+    current = [s[0] for s in sample(m.policy, m.policy_tok, prompts, 1, r.temperature, r.max_new_tokens, cfg.seed)]
     first = list(current)
     texts = [m[-1]["content"] for m in prompts]
     chains: list[list[dict]] = [[] for _ in prompts]
     for k in range(r.rounds):
         picked = [principles[k % len(principles)] if r.choose == "all" else rng.choice(principles) for _ in prompts]
-        critiques = ask(feedback, tok, [p.critique_request(t, c) for p, t, c in zip(picked, texts, current)],
-                        r.feedback_tokens)  # fmt: skip
-        revisions = ask(feedback, tok, [p.revision_request(t, c, q) for p, t, c, q in
-                                        zip(picked, texts, current, critiques)], r.feedback_tokens)  # fmt: skip
+        asks = [p.critique_request(t, c) for p, t, c in zip(picked, texts, current)]
+        critiques = ask(m.feedback, m.feedback_tok, asks, r.feedback_tokens)
+        asks = [p.revision_request(t, c, q) for p, t, c, q in zip(picked, texts, current, critiques)]
+        revisions = ask(m.feedback, m.feedback_tok, asks, r.feedback_tokens)
         for i, (p, q, v) in enumerate(zip(picked, critiques, revisions)):
             chains[i].append({"principle": p.name, "critique": q, "revision": v})
             if v:  # an empty revision keeps the response it was asked to revise
@@ -156,16 +169,16 @@ def preference(feedback: GPT, tok: Tokenizer, principles: list[Principle], optio
     return np.mean(list(per.values()), axis=0), per, float(np.mean(first_share) - 0.5)
 
 
-def label(cfg: CAIConfig, policy: GPT, feedback: GPT, tok: Tokenizer, prompts: list[list[Message]],
-          constitution: Constitution, out: Path, where: str) -> dict[str, float]:  # fmt: skip
+def label(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution,
+          out: Path) -> dict[str, float]:  # fmt: skip
     """`label.samples` responses per prompt, every two distinct ones labelled by the feedback model; writes
     pairs.jsonl into `out`."""
     lab = cfg.label
     principles = constitution.pick(lab.principles)
-    option_ids = option_token_ids(tok, constitution.options, where)
+    option_ids = option_token_ids(m.feedback_tok, constitution.options, f"feedback model {m.feedback_path}")
     if lab.samples < 2:
         raise UserError(f"label.samples must be at least 2, got {lab.samples}")
-    replies = sample(policy, tok, prompts, lab.samples, lab.temperature, lab.max_new_tokens, cfg.seed + 1)
+    replies = sample(m.policy, m.policy_tok, prompts, lab.samples, lab.temperature, lab.max_new_tokens, cfg.seed + 1)
     keep = []  # (prompt index, a, b): every two distinct non-empty responses to the same prompt
     for i, group in enumerate(replies):
         distinct = list(dict.fromkeys(r for r in group if r))
@@ -174,7 +187,7 @@ def label(cfg: CAIConfig, policy: GPT, feedback: GPT, tok: Tokenizer, prompts: l
         raise UserError("the policy's responses were identical (or empty) for every prompt: nothing to label")
     texts = [prompts[i][-1]["content"] for i, _, _ in keep]
     a, b = [x for _, x, _ in keep], [y for _, _, y in keep]
-    p_a, per, bias = preference(feedback, tok, principles, option_ids, texts, a, b)
+    p_a, per, bias = preference(m.feedback, m.feedback_tok, principles, option_ids, texts, a, b)
     rows = []
     for j, (i, x, y) in enumerate(keep):
         first = p_a[j] >= 0.5
@@ -208,19 +221,14 @@ def _constitution(cfg: CAIConfig) -> Constitution:
     return load_constitution(cfg.constitution or RECIPES / "cai" / "constitution_builtin.yaml")
 
 
-def _models(cfg: CAIConfig, policy_path: str, device: torch.device) -> tuple[GPT, GPT, Tokenizer, str]:
-    """(policy, feedback, tokenizer, feedback path): the feedback model defaults to `model.path`, and must share
-    the policy's tokenizer (its answers are read token by token from the policy's rendering)."""
-    from llmstages.data.text import tokenizer_hash
-
+def _models(cfg: CAIConfig, policy_path: str, device: torch.device) -> Models:
+    """The policy at `policy_path` and the feedback model (`feedback.path`, by default `model.path`)."""
     policy = load_model(policy_path, device=device).eval()
     tok = load_tokenizer(policy_path)
     fb_path = cfg.feedback.path or cfg.model.path
     if fb_path == policy_path:
-        return policy, policy, tok, fb_path
-    if tokenizer_hash(load_tokenizer(fb_path)) != tokenizer_hash(tok):
-        raise UserError(f"feedback.path {fb_path}: its tokenizer differs from the policy's")
-    return policy, load_model(fb_path, device=device).eval(), tok, fb_path
+        return Models(policy, tok, policy, tok, fb_path)
+    return Models(policy, tok, load_model(fb_path, device=device).eval(), load_tokenizer(fb_path), fb_path)
 
 
 def _log(out: Path, step: str, stats: dict) -> None:
@@ -240,10 +248,10 @@ def _check(cfg: CAIConfig) -> tuple[Constitution, list[list[Message]], torch.dev
 
 def main_revise(cfg: CAIConfig, progress: bool = True) -> dict[str, float]:
     constitution, prompts, device = _check(cfg)
-    policy, feedback, tok, _ = _models(cfg, cfg.model.path, device)
+    models = _models(cfg, cfg.model.path, device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = revise(cfg, policy, feedback, tok, prompts, constitution, out / "revise")
+    stats = revise(cfg, models, prompts, constitution, out / "revise")
     _log(out, "revise", stats)
     if progress:
         print(f"cai revise: {stats['prompts']} prompts, {stats['changed']:.0%} changed by revision -> {out / 'revise'}")
@@ -252,10 +260,10 @@ def main_revise(cfg: CAIConfig, progress: bool = True) -> dict[str, float]:
 
 def main_label(cfg: CAIConfig, progress: bool = True, policy_path: str | None = None) -> dict[str, float]:
     constitution, prompts, device = _check(cfg)
-    policy, feedback, tok, fb_path = _models(cfg, policy_path or cfg.model.path, device)
+    models = _models(cfg, policy_path or cfg.model.path, device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = label(cfg, policy, feedback, tok, prompts, constitution, out / "label", f"feedback model {fb_path}")
+    stats = label(cfg, models, prompts, constitution, out / "label")
     _log(out, "label", stats)
     if progress:
         print(f"cai label: {stats['pairs']} of {stats['pairs_sampled']} pairs labelled (mean probability "
