@@ -164,7 +164,8 @@ class DPOArgs:
     """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, simpo (reference-free) or orpo (reference-free)."""
     beta: float = 0.1
     label_smoothing: float = 0.1
-    """cDPO only: the assumed probability that a label is flipped."""
+    """cDPO only: the assumed probability that a label is flipped; pairs that carry a `probability` (soft labels,
+    e.g. from `llmstages cai label`) use 1 - probability instead."""
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from llmstages.data.preference import read_preferences, read_prompts, to_pair
+from llmstages.data.preference import pair_batch, read_preferences, read_prompts, to_pair, tokenize_pair
 from llmstages.errors import UserError
+from tests.helpers import tiny_tokenizer
 
 
 def test_string_and_message_forms():
@@ -36,6 +37,8 @@ def test_hh_rlhf_dialogues_split_at_the_last_shared_assistant_turn():
         ({"prompt": "q", "chosen": "a"}, "f.jsonl:1: preference record has no 'rejected'"),
         ({"chosen": "one text", "rejected": "another"}, "share no '\\n\\nAssistant:' turn"),
         ({"prompt": [{"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"}, "needs a role"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "probability": 0.3}, "f.jsonl:1: 'probability' must be"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "probability": "high"}, "f.jsonl:1: 'probability' must"),
     ],
 )
 def test_bad_pairs(tmp_path, record, message):
@@ -61,3 +64,14 @@ def test_prompt_sets(tmp_path):
     blank.write_text(json.dumps({"prompt": "  "}) + "\n")
     with pytest.raises(UserError, match="blank.jsonl:1: empty prompt"):
         read_prompts([blank])
+
+
+def test_soft_labels_travel_to_the_batch(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "probability": 0.75}, {"prompt": "q", "chosen": "a",
+            "rejected": "c"}]  # fmt: skip
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = read_preferences([tmp_path / "f.jsonl"])
+    assert [p.probability for p in pairs] == [0.75, None]
+    tok = tiny_tokenizer()
+    batch = pair_batch([tokenize_pair(p, tok, i, 64) for i, p in enumerate(pairs)], tok.pad_id)
+    assert batch["probability"][0] == 0.75 and batch["probability"][1].isnan()

@@ -151,3 +151,21 @@ def test_builtin_pairs_from_more_samples_take_every_differently_scored_pair(setu
     # per prompt: clean over each of the two tails; the tie between the tails and the repeated clean reply add none
     assert len(pairs) == 2 * len(prompts)
     assert all(p.chosen == p.chosen.split(",")[0] and "," in p.rejected for p in pairs)
+
+
+def test_cdpo_takes_each_pairs_probability_as_its_soft_label():
+    """cDPO with per-pair flip probabilities eps = 1 - probability, against the formula written out."""
+    import math
+
+    from llmstages.config import DPOArgs, DPOConfig
+    from llmstages.stages.dpo import make_loss
+
+    loss_of = make_loss(DPOConfig(dpo=DPOArgs(loss="cdpo", beta=0.5)))
+    pw, pl = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5])
+    rw, rl = torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -2.0])
+    eps = torch.tensor([0.0, 0.25])  # probabilities 1.0 and 0.75
+    loss, _, _ = loss_of(pw, pl, rw, rl, None, None, None, eps)
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    h = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.5 + 2.0)]
+    expected = [-(1 - e) * logsig(0.5 * x) - e * logsig(-0.5 * x) for x, e in zip(h, (0.0, 0.25))]
+    assert float(loss) == pytest.approx(sum(expected) / 2, rel=1e-6)

@@ -34,6 +34,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     where: str = ""
+    probability: float | None = None
+    """How sure the labeller was that `chosen` is better (in (0.5, 1]); None: as sure as the config says."""
 
 
 def _messages(value: object, where: str, field: str) -> list[Message]:
@@ -113,7 +115,10 @@ def to_pair(record: object, where: str) -> PreferencePair:
         raise UserError(f"{where}: chosen and rejected are identical (the pair carries no preference)")
     if not chosen.strip() or not rejected.strip():
         raise UserError(f"{where}: empty chosen or rejected reply")
-    return PreferencePair(tuple(prompt), chosen, rejected, where)
+    prob = record.get("probability")
+    if prob is not None and (isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.5 <= prob <= 1):
+        raise UserError(f"{where}: 'probability' must be a number from 0.5 to 1 (that chosen is better), got {prob!r}")
+    return PreferencePair(tuple(prompt), chosen, rejected, where, None if prob is None else float(prob))
 
 
 def read_preferences(paths: Sequence[str | Path]) -> list[PreferencePair]:
@@ -154,6 +159,7 @@ class Pair:
     chosen: Example
     rejected: Example
     index: int
+    probability: float | None = None
 
 
 def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
@@ -168,7 +174,7 @@ def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int
                 f"{pair.where}: pair of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = {seq_len + 1}"
             )
         sides.append(Example(ex.input_ids, labels, pair.where))
-    return Pair(sides[0], sides[1], index)
+    return Pair(sides[0], sides[1], index, pair.probability)
 
 
 def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str, torch.Tensor]:
@@ -186,6 +192,7 @@ def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str,
     else:
         batch = padded_batch(rows, pad_id)
     batch["index"] = torch.tensor([p.index for p in pairs])
+    batch["probability"] = torch.tensor([float("nan") if p.probability is None else p.probability for p in pairs])
     return batch
 
 

@@ -37,14 +37,15 @@ def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The configured loss as f(pol_w, pol_l, ref_w, ref_l, len_w, len_l, nll_w) -> (loss, r_w, r_l)."""
+    """The configured loss as f(pol_w, pol_l, ref_w, ref_l, len_w, len_l, nll_w, eps) -> (loss, r_w, r_l); `eps`
+    is cDPO's per-pair flip probability, 1 - the pair's `probability` (soft labels), else dpo.label_smoothing."""
     d = cfg.dpo
     table = {
-        "dpo": lambda pw, pl, rw, rl, lw, ll, nll: L.dpo_loss(pw, pl, rw, rl, d.beta),
-        "cdpo": lambda pw, pl, rw, rl, lw, ll, nll: L.dpo_loss(pw, pl, rw, rl, d.beta, d.label_smoothing),
-        "ipo": lambda pw, pl, rw, rl, lw, ll, nll: L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll),
-        "simpo": lambda pw, pl, rw, rl, lw, ll, nll: L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma),
-        "orpo": lambda pw, pl, rw, rl, lw, ll, nll: L.orpo_loss(pw, pl, lw, ll, nll, d.orpo_lambda),
+        "dpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.dpo_loss(pw, pl, rw, rl, d.beta),
+        "cdpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.dpo_loss(pw, pl, rw, rl, d.beta, eps),
+        "ipo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll),
+        "simpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma),
+        "orpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.orpo_loss(pw, pl, lw, ll, nll, d.orpo_lambda),
     }  # fmt: skip
     if d.loss not in table:
         raise UserError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{d.loss}'")
@@ -113,7 +114,9 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         else:
             ref = reference_scores(batch)
             ref_w, ref_l = ref[:n], ref[n:]
-        loss, r_w, r_l = loss_of(pol_w, pol_l, ref_w, ref_l, len_w, len_l, -pol_w / len_w)
+        prob = batch["probability"].to(logp.device)
+        eps = torch.where(prob.isnan(), torch.full_like(prob, cfg.dpo.label_smoothing), 1 - prob)
+        loss, r_w, r_l = loss_of(pol_w, pol_l, ref_w, ref_l, len_w, len_l, -pol_w / len_w, eps)
         margin = r_w - r_l
         kl = ((pol_w - ref_w).detach().sum() + (pol_l - ref_l).detach().sum()) / (len_w.sum() + len_l.sum())
         stats = {
