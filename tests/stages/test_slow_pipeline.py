@@ -84,7 +84,7 @@ def test_constitutional_ai_lowers_violations_without_the_oracle(sft_lora, tmp_pa
     assert main(["eval", "--labels", str(run / "label" / "pairs.jsonl"), "--out", str(labels)]) == 0
     assert json.loads(labels.read_text())["label_agreement"] > 0.7  # measured 0.90
     result = judge(run / "dpo" / "final", sft_lora / "final", tmp_path)
-    # measured: 66% -> 33% violations (the SFT reference's samples against the CAI model's)
+    # measured: 66% -> 32% violations (the SFT reference's samples against the CAI model's)
     assert result["violation_rate"] < result["reference_violation_rate"] - 0.15, result
 
 
