@@ -53,15 +53,15 @@ def judge(model: Path, reference: Path, tmp_path: Path, *extra: str) -> dict:
 
 def test_reward_model_agrees_with_the_oracle(sft_lora, tmp_path):
     run = tmp_path / "rm"
-    assert main(["reward", "--config", str(ROOT / "configs/reward/lora.yaml"), f"model.path={sft_lora / 'final'}",
+    assert main(["reward", "--config", str(ROOT / "configs/reward/full.yaml"), f"model.path={sft_lora / 'final'}",
                  f"out_dir={run}"]) == 0  # fmt: skip
     held_out_pairs = [r["val_accuracy"] for r in read_metrics(run) if "val_accuracy" in r][-1]
     # pairs of the SFT model's replies to held-out people's questions that the oracle scores differently
     result = judge(sft_lora / "final", sft_lora / "final", tmp_path, "--judge", str(run / "final"))
     assert result["judge_pairs"] > 100
-    # measured 0.81 and 0.81; the target of 0.85 is missed (README: style pairs ~100%, pairs that
-    # differ in the fact ~64%), so the floor guards the measured level, not the target
-    assert held_out_pairs >= 0.75 and result["judge_accuracy"] >= 0.75, (held_out_pairs, result)
+    # measured 0.868 on the held-out people's pairs (the target: 0.85) and 0.82 on its own held-out
+    # pairs (100 pairs, +-4%)
+    assert result["judge_accuracy"] >= 0.85 and held_out_pairs >= 0.75, (held_out_pairs, result)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "ppo", "grpo"])
