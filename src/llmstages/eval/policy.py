@@ -28,7 +28,7 @@ from llmstages.data.chat import Message, prompt_ids
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT
-from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_replies
+from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_many
 
 
 @dataclass
@@ -55,16 +55,9 @@ def sample_and_score(
     batch_size: int = 256,
 ) -> Samples:
     """`samples` replies per prompt from `model` (seeded), scored by `reward_of`."""
-    device = next(model.parameters()).device
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
     questions = [m[-1]["content"] for m in prompts for _ in range(samples)]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    replies, texts, ended = [], [], []
-    for s in range(0, len(ids), batch_size):
-        r, t, e = sample_replies(model, tok, ids[s : s + batch_size], max_new_tokens, temperature, gen)
-        replies += r
-        texts += t
-        ended += e
+    replies, texts, ended = sample_many(model, tok, ids, max_new_tokens, temperature, seed, batch_size)
     scores = np.asarray(reward_of(questions, texts, ended), dtype=np.float64)
     return Samples(ids, replies, texts, ended, scores)
 

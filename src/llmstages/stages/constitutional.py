@@ -40,7 +40,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer
 from llmstages.train.loop import resolve_device
-from llmstages.train.rollout import prompt_sets, sample_replies
+from llmstages.train.rollout import prompt_sets, sample_many
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 BATCH = 128
@@ -50,10 +50,7 @@ BATCH = 128
 def ask(model: GPT, tok: Tokenizer, requests: Sequence[str], max_new_tokens: int) -> list[str]:
     """The model's greedy reply to each request, sent as one user turn."""
     ids = [prompt_ids([{"role": "user", "content": r}], tok) for r in requests]
-    out = []
-    for s in range(0, len(ids), BATCH):
-        out += [t.strip() for t in sample_replies(model, tok, ids[s : s + BATCH], max_new_tokens, 0.0)[1]]
-    return out
+    return [t.strip() for t in sample_many(model, tok, ids, max_new_tokens, 0.0, batch_size=BATCH)[1]]
 
 
 def option_token_ids(tok: Tokenizer, options: Sequence[str], where: str) -> list[int]:
@@ -98,12 +95,8 @@ def option_probabilities(model: GPT, tok: Tokenizer, requests: Sequence[str], op
 def sample(model: GPT, tok: Tokenizer, prompts: Sequence[list[Message]], n: int, temperature: float,
            max_new_tokens: int, seed: int) -> list[list[str]]:  # fmt: skip
     """`n` sampled responses per prompt."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(n)]
-    texts: list[str] = []
-    for s in range(0, len(ids), BATCH):
-        texts += sample_replies(model, tok, ids[s : s + BATCH], max_new_tokens, temperature, gen)[1]
+    texts = sample_many(model, tok, ids, max_new_tokens, temperature, seed, BATCH)[1]
     return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
 

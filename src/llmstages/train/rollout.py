@@ -104,6 +104,26 @@ def sample_replies(
     return replies, [tok.decode(r) for r in replies], ended
 
 
+def sample_many(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int | None = None,
+    batch_size: int = 128,
+) -> tuple[list[list[int]], list[str], list[bool]]:
+    """`sample_replies` over any number of prompts, `batch_size` at a time, one generator seeded with `seed`."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    replies, texts, ended = [], [], []
+    for s in range(0, len(prompts), batch_size):
+        r, t, e = sample_replies(model, tok, prompts[s : s + batch_size], max_new_tokens, temperature, gen)
+        replies, texts, ended = replies + r, texts + t, ended + e
+    return replies, texts, ended
+
+
 def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, device) -> dict:
     """Right-padded rows prompt + reply (last token dropped: inputs), targets = the reply tokens at the
     positions that predict them, IGNORE_INDEX elsewhere."""
