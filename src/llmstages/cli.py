@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -154,7 +155,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if getattr(args, "show_example", None) is not None:
         print(stage.show_example(cfg, args.show_example))
         return 0
-    stage.main(cfg)
+    from llmstages.train import distributed
+
+    stage.main(cfg, progress=int(os.environ.get("RANK", "0")) == 0)  # under torchrun rank 0 reports
+    distributed.shutdown()
     return 0
 
 
@@ -256,18 +260,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
         return args.func(args)
     except UserError as e:
-        print(f"llmstages: error: {e}", file=sys.stderr)
+        print(f"llmstages: error{where}: {e}", file=sys.stderr)
+        _leave_group()
         return 2
     except KeyboardInterrupt:
-        print("llmstages: interrupted", file=sys.stderr)
+        print(f"llmstages: interrupted{where}", file=sys.stderr)
+        _leave_group()
         return 130
     except Exception as e:
         from llmstages.train.loop import Interrupted
 
         if isinstance(e, Interrupted):
-            print(f"llmstages: {e}", file=sys.stderr)
+            print(f"llmstages{where}: {e}", file=sys.stderr)
+            _leave_group()
             return 130
+        if where:  # one line that names the rank, then the traceback; the launcher stops the other ranks
+            print(f"llmstages: error{where}: {type(e).__name__}: {e}", file=sys.stderr)
+            _leave_group()
         raise
+
+
+def _leave_group() -> None:
+    """After an error under torchrun: leave the process group without waiting for the other ranks."""
+    if "torch.distributed" in sys.modules:
+        from llmstages.train import distributed
+
+        distributed.abort()

@@ -80,6 +80,9 @@ class TrainArgs:
     the hardware runs it natively (recent GPUs; CPUs with AMX or AVX512-BF16), else fp32."""
     compile: bool = False
     activation_checkpointing: bool = False
+    """Recompute transformer blocks in the backward pass instead of storing their activations."""
+    activation_checkpointing_every: int = 1
+    """With activation_checkpointing: recompute every k-th block only (1: all), trading memory for time."""
     eval_every: int = 100
     eval_batches: int = 10
     save_every: int = 500
@@ -90,6 +93,27 @@ class TrainArgs:
     device: str = "auto"
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 looks the device up in a table (GPUs only)."""
+
+
+@dataclass
+class DistArgs:
+    strategy: str = "auto"
+    """none, ddp, zero1, fsdp, tp, pp or fsdp+tp; auto is ddp under torchrun with several processes, else none."""
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    reshard_after_forward: bool = True
+    """fsdp: free the gathered parameters after each block's forward (ZeRO-3); false keeps them to the backward
+    (ZeRO-2: more memory, less communication)."""
+    cpu_offload: bool = False
+    """fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA runs)."""
+    tp_size: int = 2
+    """fsdp+tp: the tensor-parallel degree; the data-parallel degree is world size / tp_size."""
+    microbatches: int = 2
+    """pp: pipeline micro-batches each train.batch_size rows are split into."""
+    schedule: str = "1f1b"
+    """pp: gpipe (all forwards, then all backwards) or 1f1b (interleaved; less activation memory)."""
+    timeout_s: float = 300.0
+    """A collective that waits longer than this fails the job (a rank that died or hangs)."""
 
 
 @dataclass
@@ -141,6 +165,7 @@ class SFTConfig:
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: SFTDataArgs = field(default_factory=SFTDataArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-3,
                                                                warmup_steps=10, min_lr=1e-4, eval_every=25,
                                                                save_every=50, weight_decay=0.0))  # fmt: skip
@@ -186,6 +211,7 @@ class DPOConfig:
     peft: PeftArgs = field(default_factory=PeftArgs)
     dpo: DPOArgs = field(default_factory=DPOArgs)
     ref: RefArgs = field(default_factory=RefArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=40, batch_size=16, seq_len=128, lr=1e-5,
                                                                warmup_steps=4, min_lr=1e-6, eval_every=10,
                                                                save_every=20, weight_decay=0.0))  # fmt: skip
@@ -201,6 +227,7 @@ class RewardConfig:
     peft: PeftArgs = field(default_factory=PeftArgs)
     margin: float = 0.0
     """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-4,
                                                                warmup_steps=10, min_lr=1e-5, eval_every=25,
                                                                save_every=50, weight_decay=0.0))  # fmt: skip
@@ -245,6 +272,7 @@ class GRPOConfig:
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
     grpo: GRPOArgs = field(default_factory=GRPOArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=30, batch_size=64, seq_len=64, lr=3e-5,
                                                                warmup_steps=2, min_lr=3e-6, eval_every=10,
                                                                save_every=10, weight_decay=0.0,
@@ -352,6 +380,7 @@ class PPOConfig:
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
     ppo: PPOArgs = field(default_factory=PPOArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=32, batch_size=16, seq_len=64, lr=1e-5,
                                                                warmup_steps=0, min_lr=1e-5, eval_every=16,
                                                                save_every=16, weight_decay=0.0,
@@ -366,6 +395,7 @@ class PretrainConfig:
     """Continue from the newest checkpoint in `out_dir`."""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
 
 

@@ -56,6 +56,16 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """The sink of ranks other than 0 in a distributed run: records are dropped."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from llmstages import losses as L
-from llmstages.config import DPOConfig, save_config
+from llmstages.config import DPOConfig
 from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
-from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import builtin_preference_pairs
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -54,7 +54,7 @@ def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor,
 
 def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume)
+    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "dpo")
     if not cfg.model.path:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
     loss_of = make_loss(cfg)
@@ -70,8 +70,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    prepare_run_dir(out, cfg)
     model = model.to(device)
 
     # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).
@@ -156,5 +155,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         print(f"dpo: {len(train)} pairs ({len(val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
               f"reference: {ref}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
     state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
-    save_model(model, out / "final", tok)
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
+    if final is not None:
+        save_model(final, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

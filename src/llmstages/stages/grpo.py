@@ -20,18 +20,19 @@ from pathlib import Path
 import torch
 
 from llmstages import losses as L
-from llmstages.config import GRPOConfig, save_config
+from llmstages.config import GRPOConfig
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
-from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train import distributed
+from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume)
+    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "grpo")
     g = cfg.grpo
     if g.group_size < 2:
         raise UserError(
@@ -47,11 +48,11 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    prepare_run_dir(out, cfg)
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]
-    sampler = EpochSampler(len(train_prompts), g.prompts_per_step, 1, cfg.seed)
+    sampler = EpochSampler(len(train_prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
+    d = distributed.current()
 
     def logprobs(m: GPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = m(batch["input_ids"], mask=batch["mask"])
@@ -67,7 +68,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     def rollout(step: int) -> list[dict]:
         t0 = time.perf_counter()
         idx = [i for i in sampler(step, 0) for _ in range(g.group_size)]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
         model.eval()
         prompts = [encoded[i] for i in idx]
         replies, responses, ended = sample_replies(model, tok, prompts, g.max_new_tokens, g.temperature, gen)
@@ -114,5 +115,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         print(f"grpo: {len(train_prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
               f"{trainable:,} of {total:,} parameters trainable")  # fmt: skip
     state = loop.run_logged(resumed, lambda: evaluate(model), progress)
-    save_model(model, out / "final", tok)
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
+    if final is not None:
+        save_model(final, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

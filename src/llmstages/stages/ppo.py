@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from llmstages import losses as L
-from llmstages.config import PPOConfig, save_config
+from llmstages.config import PPOConfig
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
-from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train import distributed
+from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
@@ -51,18 +52,19 @@ class ActorCritic(nn.Module):
         return self.policy.lm_head(h), self.value_head(hv)
 
 
-def _optimizer(ac: ActorCritic, cfg: PPOConfig) -> torch.optim.AdamW:
+def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
+    """The policy's trainable parameters at train.lr; the value head (and a separate critic) at ppo.value_lr."""
     policy = [p for p in ac.policy.parameters() if p.requires_grad]
     value = list(ac.value_head.parameters()) + (list(ac.critic.parameters()) if ac.critic is not None else [])
     scale = cfg.ppo.value_lr / cfg.train.lr if cfg.train.lr > 0 else 1.0
     groups = [{"params": policy, "weight_decay": cfg.train.weight_decay},
               {"params": value, "weight_decay": 0.0, "lr_scale": scale}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+    return groups
 
 
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume)
+    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "ppo")
     p = cfg.ppo
     if p.critic not in ("shared", "separate"):
         raise UserError(f"ppo.critic must be shared or separate, got '{p.critic}'")
@@ -82,14 +84,14 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
     frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     ac = ActorCritic(policy, critic).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    prepare_run_dir(out, cfg)
 
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     eval_texts = [m[-1]["content"] for m in eval_prompts]
-    sampler = EpochSampler(len(encoded), p.rollout_size, 1, cfg.seed)
+    sampler = EpochSampler(len(encoded), p.rollout_size, 1, cfg.seed)  # under ddp: rollout_size prompts per rank
+    d = distributed.current()
     updates = p.ppo_epochs * p.minibatches
     cache: dict = {"it": -1}
 
@@ -101,14 +103,14 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
         idx = sampler(it, 0)
         prompts = [encoded[i] for i in idx]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * d.dp_rank)
         ac.eval()
         replies, responses, ended = sample_replies(policy, tok, prompts, p.max_new_tokens, p.temperature, gen)
         t_gen = time.perf_counter() - t0
         scores = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
         scores = scores - p.missing_eos_penalty * (~torch.tensor(ended)).float()
         if it == 0:  # start the value head at the mean score, so early advantages are not all one sign
-            ac.value_head.proj.bias.fill_(float(scores.mean()))
+            ac.value_head.proj.bias.fill_(d.dp_mean(float(scores.mean())))  # the same on every replica
         batch = reply_rows(prompts, replies, tok.pad_id, device)
         logits, values = ac(batch)
         old_logp = logprobs_of(logits, batch["targets"])
@@ -125,7 +127,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         rewards[torch.arange(len(idx), device=device), last] += scores.to(device)
         adv, returns = L.gae(rewards, values * tmask, tmask, p.gamma, p.lam)
         batch.update(old_logp=old_logp, old_values=values * tmask, adv=L.whiten(adv, tmask), returns=returns)
-        mean_kl = float(L.masked_sum(kl, tmask) / len(idx))  # summed per reply, averaged over replies
+        mean_kl = d.dp_mean(float(L.masked_sum(kl, tmask) / len(idx)))  # summed per reply, averaged over replies
         if p.target_kl > 0:  # adaptive controller (Ziegler et al. 2019)
             err = max(-0.2, min(0.2, mean_kl / p.target_kl - 1))
             state_extra["kl_coef"] = kl_coef * (1 + err * len(idx) / p.kl_horizon)
@@ -181,7 +183,8 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         return evaluate_policy(m.policy, tok, eval_ids, eval_texts, reward_of, p.max_new_tokens)
 
     loop = Loop(model=ac, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
-                count_fn=lambda b: 1, optimizer=_optimizer(ac, cfg), on_save=on_save, evaluate=evaluate)  # fmt: skip
+                count_fn=lambda b: 1, param_groups_fn=lambda m: _param_groups(m, cfg), on_save=on_save,
+                evaluate=evaluate)  # fmt: skip
     loop_ref["loop"] = loop
     resumed = loop.resume() if cfg.resume else False
     if resumed and "rollout_it" in loop.resumed_extra:
@@ -195,5 +198,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         print(f"ppo: {len(encoded)} prompts, rollouts of {p.rollout_size}, {updates} updates each, critic "
               f"{p.critic}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
     state = loop.run_logged(resumed, lambda: evaluate(ac), progress)
-    save_model(policy, out / "final", tok)
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
+    if final is not None:
+        save_model(final.policy, out / "final", tok)
     return {"step": state.step, **loop.last_eval}

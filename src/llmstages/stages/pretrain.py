@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstages.config import PretrainConfig, save_config
+from llmstages.config import PretrainConfig
 from llmstages.data.builtin import builtin_corpus
 from llmstages.data.text import META, TokenShards, iter_documents, prepare_shards, tokenizer_hash, unigram_entropy
 from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
-from llmstages.train.loop import Loop, apply_activation_checkpointing, start_run
+from llmstages.train import distributed
+from llmstages.train.loop import Loop, apply_activation_checkpointing, prepare_run_dir, start_run
 
 SHARD_VERSION = 1
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
@@ -92,7 +93,7 @@ def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:
 def setup(cfg: PretrainConfig) -> Setup:
     """Everything that can fail on bad input, before anything is written to `out_dir`."""
     out = Path(cfg.out_dir)
-    device, existing = start_run(out, cfg.train, cfg.resume)
+    device, existing = start_run(out, cfg.train, cfg.resume, cfg.dist, "pretrain")
     torch.manual_seed(cfg.seed)
     documents = _documents(cfg)
     tok, trained = _tokenizer(cfg, out, documents)
@@ -130,19 +131,21 @@ def _source(cfg: PretrainConfig) -> str:
 def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
-    if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
-        prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, cfg.seed, cfg.data.workers,
-                       _source(cfg))  # fmt: skip
+    d = distributed.current()
+    if d.is_main:  # the other ranks wait, then read what rank 0 wrote
+        if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
+            prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, cfg.seed,
+                           cfg.data.workers, _source(cfg))  # fmt: skip
+        if s.train_tokenizer:
+            s.out.mkdir(parents=True, exist_ok=True)
+            s.tokenizer.save(s.out / "tokenizer")
+    prepare_run_dir(s.out, cfg)
     shards = TokenShards.open(s.shards_dir)
     shards.check(args.seq_len, s.model.config.vocab_size)
-    s.out.mkdir(parents=True, exist_ok=True)
-    if s.train_tokenizer:
-        s.tokenizer.save(s.out / "tokenizer")
-    save_config(cfg, s.out / "config.yaml")
 
     model = s.model.to(s.device)
     if args.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, args.activation_checkpointing_every)
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -150,20 +153,22 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     def to_batch(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.from_numpy(x).to(s.device), "targets": torch.from_numpy(y).to(s.device)}
 
+    rows = d.rows(args.batch_size * d.dp)  # this rank's rows of each global micro-batch
+
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [to_batch(*shards.batch("train", (cfg.seed, step, m, 0), args.batch_size, args.seq_len))
-                for m in range(args.grad_accum)]  # fmt: skip
+        drawn = [shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
+                 for m in range(args.grad_accum)]  # fmt: skip
+        return [to_batch(x[rows], y[rows]) for x, y in drawn]
 
     has_val = len(shards.val) > args.seq_len
 
     def evaluate(m: GPT) -> dict[str, float]:
-        from llmstages.train.loop import count_targets, lm_loss
+        from llmstages.train.loop import count_targets
 
         total, n = 0.0, 0
         for i in range(args.eval_batches):
             b = to_batch(*shards.batch("val", (cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len))
-            loss, _ = lm_loss(m, b)
-            total, n = total + float(loss), n + count_targets(b)
+            total, n = total + loop.loss_sum(b), n + count_targets(b)
         return {"val_loss": total / n, "val_ppl": math.exp(total / n)}
 
     loop = Loop(
@@ -175,12 +180,14 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     if progress:
         where = f"resuming at step {loop.state.step}" if resumed else "starting"
         print(f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
-              f"{args.batch_size * args.grad_accum * args.seq_len:,} tokens; {where}")  # fmt: skip
+              f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}")  # fmt: skip
     state = loop.run_logged(resumed, lambda: {
         "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"), "parameters": num_params(model),
         "train_tokens": int(len(shards.train)),
     }, progress)  # fmt: skip
-    save_model(model, s.out / "final", s.tokenizer)
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards or stages
+    if final is not None:
+        save_model(final, s.out / "final", s.tokenizer)
     result = {"step": state.step, "tokens_seen": state.tokens_seen}
     result.update(loop.last_eval)
     if progress:

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from llmstages import losses as L
-from llmstages.config import RewardConfig, save_config
+from llmstages.config import RewardConfig
 from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
 from llmstages.model import load_model, load_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
-from llmstages.train.loop import EpochSampler, Loop, start_run
+from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import builtin_preference_pairs
 
 # Calibration: accuracy of the predicted order within bins of |r_w - r_l|.
@@ -40,7 +40,7 @@ def calibration(margins: np.ndarray) -> dict[str, float]:
 
 def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume)
+    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "reward")
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
@@ -54,8 +54,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    prepare_run_dir(out, cfg)
     pad = tok.pad_id
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
 
@@ -97,10 +96,12 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     if progress:
         print(f"reward: {len(train)} pairs ({len(val)} held out); {trainable:,} of {total:,} parameters trainable")
     state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
-    if peft_config(backbone) is not None and peft_config(backbone)["method"] in ("lora", "dora"):
-        merge_lora(backbone)  # a reward model is used as a whole: save it merged
-    save_model(backbone, out / "final", tok)
-    save_head(model.head, out / "final", kind="reward")
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
+    if final is not None:
+        if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):
+            merge_lora(final.backbone)  # a reward model is used as a whole: save it merged
+        save_model(final.backbone, out / "final", tok)
+        save_head(final.head, out / "final", kind="reward")
     if progress and loop.last_eval:
         print(f"reward: done; held-out accuracy {loop.last_eval.get('val_accuracy', float('nan')):.1%}")
     return {"step": state.step, **loop.last_eval}

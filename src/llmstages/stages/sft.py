@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstages.config import SFTConfig, save_config
+from llmstages.config import SFTConfig
 from llmstages.data.chat import (
     Example,
     fit_length,
@@ -41,6 +41,7 @@ from llmstages.train.loop import (
     apply_activation_checkpointing,
     count_targets,
     lm_loss,
+    prepare_run_dir,
     start_run,
 )
 
@@ -88,7 +89,7 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
 
 def setup(cfg: SFTConfig) -> Setup:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume)
+    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "sft")
     if not cfg.model.path:
         raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
     torch.manual_seed(cfg.seed)
@@ -150,11 +151,10 @@ def show_example(cfg: SFTConfig, index: int) -> str:
 def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
-    s.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, s.out / "config.yaml")
+    prepare_run_dir(s.out, cfg)
     model = s.model.to(s.device)
     if args.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, args.activation_checkpointing_every)
     pad = s.tokenizer.pad_id
     sampler = EpochSampler(len(s.train), args.batch_size, args.grad_accum, cfg.seed)
 
@@ -192,7 +192,9 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
               f"({trainable / total:.2%})")  # fmt: skip
     start = {"trainable_parameters": trainable, "parameters": total, "truncated_examples": s.truncated}
     state = loop.run_logged(resumed, lambda: {**start, **evaluate(model)}, progress)
-    save_model(model, s.out / "final", s.tokenizer)
+    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
+    if final is not None:
+        save_model(final, s.out / "final", s.tokenizer)
     result = {"step": state.step, **loop.last_eval}
     if progress:
         acc = result.get("task_accuracy")

@@ -120,8 +120,96 @@ def save_checkpoint(
     return final
 
 
+def is_sharded(path: Path) -> bool:
+    """True for a checkpoint written by torch.distributed.checkpoint (fsdp, tp, pp runs)."""
+    return (path / "dcp").is_dir()
+
+
+def save_sharded(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    extra_tensors: dict[str, torch.Tensor] | None,
+    d: Any,
+) -> Path:
+    """Every rank writes its shards of the model and optimizer (torch.distributed.checkpoint, fully-qualified
+    parameter names, so the checkpoint loads on any world size); rank 0 writes the loop state. Atomic like
+    `save_checkpoint`: the folder gets its final name only once every rank is done."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
+    if d.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    d.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    if extra_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
+                  str(tmp / f"extra_rank{d.rank}.safetensors"))  # fmt: skip
+    d.barrier()
+    if d.is_main:
+        full_state = {**state, "step": step, "rng": rng_state(), "world_size": d.world, "strategy": d.strategy}
+        (tmp / "state.json").write_text(json.dumps(full_state) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load_sharded(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, d: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore a sharded checkpoint into this run's model and optimizer, whatever their sharding (a 2-rank
+    fsdp checkpoint resumes on one process, or on 4); returns (loop state, this rank's extra tensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), {})
+        dcp.load({"model": msd, "optim": osd} if optimizer is not None else {"model": msd},
+                 checkpoint_id=str(path / "dcp"))  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is unusable
+        raise UserError(f"{path}: cannot resume from this sharded checkpoint ({type(e).__name__}: {e})") from None
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    else:
+        model.load_state_dict(msd)
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    rng = torch.load(rng_file if rng_file.is_file() else path / "rng_rank0.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(state["rng"])
+    extra_file = path / f"extra_rank{d.rank}.safetensors"
+    extra = load_file(str(extra_file)) if extra_file.is_file() else {}
+    return state, extra
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(tensors, optimizer file contents, state) of a checkpoint; a clear error when any part is unreadable."""
+    if is_sharded(path):
+        try:
+            state = json.loads((path / "state.json").read_text())
+            if not (path / "dcp" / ".metadata").is_file():
+                raise FileNotFoundError("dcp/.metadata")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path}: corrupted checkpoint, cannot resume from it ({type(e).__name__}: {e})") from None
+        return {}, {}, state
     try:
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "model.safetensors"))

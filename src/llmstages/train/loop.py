@@ -27,8 +27,10 @@ from tqdm import tqdm
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX, linear_cross_entropy
-from llmstages.monitor.metrics import MetricsLogger
+from llmstages.monitor.metrics import MetricsLogger, NullLogger
 from llmstages.train import checkpoint as ckpt
+from llmstages.train import distributed
+from llmstages.train.distributed import Dist, DistArgs
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -91,6 +93,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             no_decay.add(id(m.weight))
+        config = getattr(m, "config", None)
+        if getattr(config, "tie_embeddings", False) and hasattr(m, "lm_head"):  # also a pipeline's last stage
+            no_decay.add(id(m.lm_head.weight))
     decay, rest, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -100,11 +105,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    groups = param_groups(model, args.weight_decay)
-    if not any(g["params"] for g in groups):
+def build_optimizer(
+    model: nn.Module, args: TrainArgs, groups: list[dict[str, Any]] | None = None, zero1: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over `groups` (default: `param_groups`); with zero1 a ZeroRedundancyOptimizer, each rank keeping
+    the AdamW state of its share of the parameters."""
+    groups = groups if groups is not None else param_groups(model, args.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise UserError("the model has no trainable parameters")
     kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    if zero1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError):  # fused kernels unavailable for this device/dtype
@@ -140,20 +154,26 @@ def peak_flops(device: torch.device, precision: str, override: float = 0.0) -> f
     return None
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass instead of keeping its activations."""
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Recompute every `every`-th transformer block (1: all of them) in the backward pass instead of keeping its
+    activations: less memory for about one more forward of those blocks."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.blocks:
-        if not hasattr(block, "_forward_without_checkpoint"):
+    if every < 1:
+        raise UserError(f"train.activation_checkpointing_every must be at least 1, got {every}")
+    for i, block in enumerate(model.blocks):
+        if i % every == 0 and not hasattr(block, "_forward_without_checkpoint"):
             block._forward_without_checkpoint = block.forward
             block.forward = partial(checkpoint, block._forward_without_checkpoint, use_reentrant=False)
 
 
-def start_run(out: Path, args: TrainArgs, resume: bool) -> tuple[torch.device, Path | None]:
+def start_run(
+    out: Path, args: TrainArgs, resume: bool, dist_args: DistArgs | None = None, stage: str = "train"
+) -> tuple[torch.device, Path | None]:
     """Checks every stage makes before writing anything: device and precision (resolving `auto` in place),
-    positive step settings, and the run directory: checkpoints there need resume=true, and a checkpoint to
-    resume from must be readable. Returns (device, checkpoint to resume from or None)."""
+    positive step settings, the distributed strategy (joining the process group under torchrun), and the run
+    directory: checkpoints there need resume=true, and a checkpoint to resume from must be readable.
+    Returns (this process's device, checkpoint to resume from or None)."""
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     check_precision(args.precision, device)
@@ -168,7 +188,23 @@ def start_run(out: Path, args: TrainArgs, resume: bool) -> tuple[torch.device, P
         )
     if existing is not None:
         ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
-    return device, existing
+    d = distributed.setup(dist_args or DistArgs(), device, stage)
+    if d.active and d.is_main:
+        print(f"{stage}: {d.strategy} on {d.world} processes ({d.device.type}); global batch "
+              f"{args.batch_size} x {args.grad_accum} x {d.dp} = {args.batch_size * args.grad_accum * d.dp} rows "
+              "per optimizer step")  # fmt: skip
+    return d.device, existing
+
+
+def prepare_run_dir(out: Path, cfg: Any) -> None:
+    """Create the run directory and write the resolved `config.yaml` (rank 0; the others wait for it)."""
+    from llmstages.config import save_config
+
+    d = distributed.current()
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    d.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +229,7 @@ def count_targets(batch: Batch) -> int:
 
 
 def accumulate(
-    model: nn.Module,
+    model: Any,
     micro_batches: Sequence[Batch],
     loss_fn: LossFn,
     count_fn: Callable[[Batch], int],
@@ -201,19 +237,26 @@ def accumulate(
     autocast_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scale: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     total: int | None = None,
+    replicas: int = 1,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Forward and backward over the micro-batches of one optimizer step; returns (mean loss, stats).
+    """Forward and backward over the micro-batches of one optimizer step; returns (this rank's summed loss /
+    total, stats).
 
     Each summed loss is divided by `total`, the unit count of the whole step (all ranks together under data
-    parallelism), so gradients equal those of the mean over every unit of the step.
+    parallelism), and multiplied by `replicas` (DDP and FSDP average gradients over the data-parallel ranks), so
+    gradients equal those of the mean over every unit of the step. `no_sync` (DDP) skips the all-reduce of all
+    but the last micro-batch.
     """
     total = total if total is not None else sum(count_fn(b) for b in micro_batches)
     loss_sum = 0.0
     stats: dict[str, float] = {}
-    for b in micro_batches:
-        with autocast_ctx():
-            loss, s = loss_fn(model, b)
-        scale(loss / max(total, 1)).backward()
+    for i, b in enumerate(micro_batches):
+        sync = no_sync is None or i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else no_sync():
+            with autocast_ctx():
+                loss, s = loss_fn(model, b)
+            scale(loss * replicas / max(total, 1)).backward()
         loss_sum += float(loss.detach())
         for k, v in s.items():
             stats[k] = stats.get(k, 0.0) + v / len(micro_batches)
@@ -235,13 +278,18 @@ class LoopState:
 
 @dataclass
 class Loop:
-    """Everything the loop needs from a stage. The stage builds it and calls `run()`."""
+    """Everything the loop needs from a stage. The stage builds it and calls `run()`.
+
+    Under torchrun the loop applies the distributed strategy (`distributed.wrap`) before building the
+    optimizer; `self.model` stays the stage's module (sharded in place under fsdp/tp; for pp the stage's
+    `self.pipeline.part`), and `loss_fn` receives what the strategy gives (the model, a DDP view, ...).
+    """
 
     model: nn.Module
     args: TrainArgs
     run_dir: Path
     next_batches: Callable[[int], list[Batch]]
-    """Micro-batches of optimizer step `step` (a pure function of the step: resume replays it exactly)."""
+    """This rank's micro-batches of optimizer step `step` (a pure function of the step: resume replays it)."""
     loss_fn: LossFn = lm_loss
     count_fn: Callable[[Batch], int] = count_targets
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
@@ -249,17 +297,26 @@ class Loop:
     on_save: Callable[[LoopState], dict[str, torch.Tensor]] | None = None
     """Extra tensors a stage keeps in each checkpoint (e.g. a value head)."""
     device: torch.device = torch.device("cpu")
-    optimizer: torch.optim.Optimizer | None = None
+    param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]] | None = None
+    """The optimizer's parameter groups (default `param_groups`), read after the strategy is applied."""
     state: LoopState = field(default_factory=LoopState)
     _stop_signal: int | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.args.precision, self.device)
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model, self.args)
+        self.dist: Dist = distributed.current()
+        d = self.dist
+        self.template = distributed.meta_template(self.model) if d.sharded else None
+        self.train_model = distributed.wrap(self.model, d, self.args.precision)
+        self.pipeline = self.train_model if d.strategy == "pp" else None
+        if self.pipeline is not None:
+            self.model = self.pipeline.part
+        groups = self.param_groups_fn(self.model) if self.param_groups_fn else None
+        self.optimizer = build_optimizer(self.model, self.args, groups, zero1=d.strategy == "zero1")
         self.scaler = torch.amp.GradScaler("cuda") if self.args.precision == "fp16" else None
         self.checkpoints = self.run_dir / "checkpoints"
         self.last_eval: dict[str, float] = {}
+        self.resumed_extra: dict[str, torch.Tensor] = {}
 
     # -- resume --------------------------------------------------------------------------------------------------
     def resume(self) -> bool:
@@ -267,7 +324,19 @@ class Loop:
         path = ckpt.latest_checkpoint(self.checkpoints)
         if path is None:
             return False
-        state, extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        d = self.dist
+        if ckpt.is_sharded(path):
+            state, extra = ckpt.load_sharded(path, self.model, self.optimizer, d)
+        else:
+            if d.sharded:
+                raise UserError(
+                    f"{path} is a single-file checkpoint; dist.strategy={d.strategy} resumes sharded checkpoints "
+                    "only (resume it under ddp, zero1 or one process)"
+                )
+            state, extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            if any(k.startswith("r0.") for k in extra):  # per-rank extras of a data-parallel run
+                mine = f"r{d.dp_rank}." if any(k.startswith(f"r{d.dp_rank}.") for k in extra) else "r0."
+                extra = {k.removeprefix(mine): v for k, v in extra.items() if k.startswith(mine)}
         self.state = LoopState(
             step=state["step"], tokens_seen=state.get("tokens_seen", 0),
             skipped_steps=state.get("skipped_steps", 0), best_val_loss=state.get("best_val_loss"),
@@ -277,28 +346,65 @@ class Loop:
         return True
 
     def save(self) -> Path:
+        d = self.dist
         extra = self.on_save(self.state) if self.on_save else None
         state = {k: v for k, v in vars(self.state).items() if k != "step"}
-        return ckpt.save_checkpoint(
-            self.checkpoints, self.state.step, self.model, self.optimizer, state, self.args.keep_checkpoints, extra
-        )
+        if d.sharded:
+            return ckpt.save_sharded(self.checkpoints, self.state.step, self.model, self.optimizer, state,
+                                     self.args.keep_checkpoints, extra, d)  # fmt: skip
+        if d.strategy == "zero1":
+            self.optimizer.consolidate_state_dict(to=0)
+        if d.dp > 1 and self.on_save:  # each replica's own extras (e.g. its share of a rollout)
+            parts = d.gather_objects({k: v.detach().cpu() for k, v in (extra or {}).items()})
+            extra = {f"r{r}.{k}": v for r, part in enumerate(parts or []) for k, v in part.items()}
+        path = self.checkpoints / f"step_{self.state.step}"
+        if d.is_main:
+            path = ckpt.save_checkpoint(
+                self.checkpoints, self.state.step, self.model, self.optimizer, state, self.args.keep_checkpoints, extra
+            )
+        d.barrier()
+        return path
+
+    def final_model(self) -> nn.Module | None:
+        """The trained model as a plain module to save, on rank 0 (None on the other ranks)."""
+        return distributed.export(self.model, self.template, self.dist)
+
+    def loss_sum(self, batch: Batch) -> float:
+        """Summed next-token loss of a batch under any strategy (pp: through the pipeline), for validation."""
+        if self.pipeline is not None:
+            return self.pipeline.loss_sum(batch)
+        return float(lm_loss(self.model, batch)[0])
 
     # -- one step ------------------------------------------------------------------------------------------------
     def _step(self, batches: list[Batch]) -> tuple[float, float, dict[str, float], bool]:
-        """One optimizer step. Returns (loss, grad norm, stats, applied)."""
-        args, opt = self.args, self.optimizer
+        """One optimizer step. Returns (global mean loss, global grad norm, stats, applied)."""
+        args, opt, d = self.args, self.optimizer, self.dist
         for g in opt.param_groups:  # a group may run at a multiple of the schedule (PPO's value head)
             g["lr"] = lr_at(self.state.step, args) * g.get("lr_scale", 1.0)
         scale = self.scaler.scale if self.scaler else (lambda x: x)
-        loss, stats = accumulate(
-            self.model, batches, self.loss_fn, self.count_fn,
-            autocast_ctx=lambda: autocast(self.device, args.precision), scale=scale,
-        )  # fmt: skip
+        local = sum(self.count_fn(b) for b in batches)
+        total = int(d.sum([local])[0]) if d.dp > 1 else local
+        if self.pipeline is not None:
+            loss_sum = sum(self.pipeline.step(b, total) for b in batches)
+            loss, stats = loss_sum / max(total, 1), {}
+            self.pipeline.sync_tied()
+        else:
+            ddp = getattr(self.train_model, "_ddp", None)
+            loss, stats = accumulate(
+                self.train_model, batches, self.loss_fn, self.count_fn,
+                autocast_ctx=lambda: autocast(self.device, args.precision), scale=scale, total=total,
+                replicas=d.dp, no_sync=ddp.no_sync if ddp is not None else None,
+            )  # fmt: skip
+            if d.dp > 1:  # every replica's share of the loss; stats averaged over replicas
+                keys = sorted(stats)
+                summed = d.sum([loss, *(stats[k] for k in keys)])
+                loss, stats = summed[0], {k: v / d.dp for k, v in zip(keys, summed[1:])}
         if self.scaler:
             self.scaler.unscale_(opt)
         params = [p for g in opt.param_groups for p in g["params"]]
         max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        counted = self.pipeline.norm_params(params) if self.pipeline is not None else None
+        norm = distributed.clip_grads(params, max_norm, d, counted)
         finite = math.isfinite(loss) and math.isfinite(norm)
         if self.scaler:
             self.scaler.step(opt)  # skips the step itself on inf/nan gradients
@@ -310,8 +416,9 @@ class Loop:
         return loss, norm, stats, finite
 
     # -- the loop ------------------------------------------------------------------------------------------------
-    def run(self, log: MetricsLogger, progress: bool = True) -> LoopState:
-        args, st = self.args, self.state
+    def run(self, log: MetricsLogger | NullLogger, progress: bool = True) -> LoopState:
+        args, st, d = self.args, self.state, self.dist
+        progress = progress and d.is_main
         peak = peak_flops(self.device, args.precision, args.peak_flops)
         old_handlers = self._install_signal_handlers()
         bad_in_a_row = 0
@@ -322,7 +429,7 @@ class Loop:
             self.model.train()
             while st.step < args.max_steps:
                 batches = self.next_batches(st.step)
-                n_tokens = sum(int(b["input_ids"].numel()) for b in batches)
+                n_tokens = sum(int(b["input_ids"].numel()) for b in batches) * d.dp
                 loss, norm, stats, applied = self._step(batches)
                 if not applied:
                     bad_in_a_row += 1
@@ -345,15 +452,16 @@ class Loop:
                     rec = {"step": st.step, "loss": loss, "lr": lr_at(st.step - 1, args), "grad_norm": norm,
                            "tokens_per_s": tps, "tokens_seen": st.tokens_seen, **stats}  # fmt: skip
                     if peak and self.flops_per_token:
-                        rec["mfu"] = self.flops_per_token * tps / peak
+                        rec["mfu"] = self.flops_per_token * tps / peak / max(d.world, 1)
                     log.log(rec)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                 bar.update(1)
                 if self.evaluate and (st.step % args.eval_every == 0 or st.step == args.max_steps):
                     self._validate(log)
-                if self._stop_signal is not None:
+                stop = self._stop_signal if not d.active else int(d.max(float(self._stop_signal or 0))) or None
+                if stop is not None:
                     path = self.save()
-                    raise Interrupted(f"stopped by signal {self._stop_signal} at step {st.step}; saved {path}")
+                    raise Interrupted(f"stopped by signal {stop} at step {st.step}; saved {path}")
                 if st.step % args.save_every == 0 and st.step < args.max_steps:
                     self.save()
             self.save()
@@ -365,9 +473,12 @@ class Loop:
     def run_logged(
         self, resumed: bool, start: Callable[[], dict[str, Any]] | None = None, progress: bool = True
     ) -> LoopState:
-        """`run` with the run's metrics sinks: a resumed run keeps its records up to the checkpoint; a fresh one
-        first logs `start()` (evaluated in eval mode without gradients) as its step-0 record."""
-        log = MetricsLogger(self.run_dir, resume_step=self.state.step if resumed else None)
+        """`run` with the run's metrics sinks (rank 0 only): a resumed run keeps its records up to the
+        checkpoint; a fresh one first logs `start()` (evaluated in eval mode without gradients, on every rank)
+        as its step-0 record."""
+        log: MetricsLogger | NullLogger = NullLogger()
+        if self.dist.is_main:
+            log = MetricsLogger(self.run_dir, resume_step=self.state.step if resumed else None)
         try:
             if not resumed and start is not None:
                 self.model.eval()
@@ -378,7 +489,7 @@ class Loop:
         finally:
             log.close()
 
-    def _validate(self, log: MetricsLogger) -> None:
+    def _validate(self, log: MetricsLogger | NullLogger) -> None:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.args.precision):
             metrics = self.evaluate(self.model)
@@ -407,10 +518,19 @@ class Loop:
 
 class EpochSampler:
     """Indices of the examples in micro-batch `micro` of step `step`: epoch-wise shuffles of range(n), a pure
-    function of (seed, step, micro), so that a resumed run draws exactly what an uninterrupted one would."""
+    function of (seed, step, micro), so that a resumed run draws exactly what an uninterrupted one would.
 
-    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int) -> None:
+    Under data parallelism each global micro-batch holds batch_size x replicas examples and data-parallel rank r
+    takes the r-th run of batch_size of them (default: this process's place, `distributed.current()`): the
+    ranks together draw what one process with batch_size x replicas draws."""
+
+    def __init__(
+        self, n: int, batch_size: int, grad_accum: int, seed: int, rank: int | None = None, replicas: int | None = None
+    ) -> None:
         self.n, self.batch_size, self.grad_accum, self.seed = n, batch_size, grad_accum, seed
+        d = distributed.current()
+        self.rank = d.dp_rank if rank is None else rank
+        self.replicas = d.dp if replicas is None else replicas
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -419,7 +539,7 @@ class EpochSampler:
         return self._perms[epoch]
 
     def __call__(self, step: int, micro: int) -> list[int]:
-        first = (step * self.grad_accum + micro) * self.batch_size
+        first = (step * self.grad_accum + micro) * self.batch_size * self.replicas + self.rank * self.batch_size
         return [self._perm(k // self.n)[k % self.n] for k in range(first, first + self.batch_size)]
 
 
