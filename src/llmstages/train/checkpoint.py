@@ -176,17 +176,22 @@ def load_sharded(
     """Restore a sharded checkpoint into this run's model and optimizer, whatever their sharding (a 2-rank
     fsdp checkpoint resumes on one process, or on 4); returns (loop state, this rank's extra tensors)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     try:
         state = json.loads((path / "state.json").read_text())
         msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), {})
+        if optimizer is not None:
+            _tied_state_names(model, osd, dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata)
         dcp.load({"model": msd, "optim": osd} if optimizer is not None else {"model": msd},
                  checkpoint_id=str(path / "dcp"))  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is unusable
         raise UserError(f"{path}: cannot resume from this sharded checkpoint ({type(e).__name__}: {e})") from None
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        # dcp.load above already failed on any tensor missing from the checkpoint; strict=False only lets a tied
+        # weight (one parameter, two names) take its state from either name.
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(strict=False))  # fmt: skip
     else:
         model.load_state_dict(msd)
     rng_file = path / f"rng_rank{d.rank}.pt"
@@ -198,6 +203,24 @@ def load_sharded(
     extra_file = path / f"extra_rank{d.rank}.safetensors"
     extra = load_file(str(extra_file)) if extra_file.is_file() else {}
     return state, extra
+
+
+def _tied_state_names(model: nn.Module, osd: dict[str, Any], saved: dict[str, Any]) -> None:
+    """A tied weight (embedding = LM head) has one optimizer state under two names; a checkpoint holds it under
+    the name(s) its run used (pp: both, one per stage). Ask for exactly the names the checkpoint has."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for group in (g for g in names.values() if len(g) > 1):
+        have = [n for n in group if n in osd.get("state", {})]
+        if not have:
+            continue
+        state = osd["state"][have[0]]
+        for n in group:
+            osd["state"].pop(n, None)
+        for n in group:
+            if any(k.startswith(f"optim.state.{n}.") for k in saved):
+                osd["state"][n] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
