@@ -8,6 +8,7 @@ Each `torchrun` launch runs several jobs (tests/train/dist_worker.py): start-up 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -142,12 +143,15 @@ def finetune_runs(tmp_path_factory):
             jobs.append({"argv": [*argv, *extra]})
     small = ["train.max_steps=2", "train.eval_every=2", "train.save_every=2", f"model.path={base}", "peft.method=lora",
              "train.precision=fp32", "data.heldout_people=8"]  # fmt: skip
+    grpo = ["grpo", "grpo.prompts_per_step=2", "grpo.group_size=2", *small]
+    ppo = ["ppo", "ppo.rollout_size=4", "ppo.minibatches=2", "ppo.ppo_epochs=1", *small]
     jobs += [
-        {"argv": ["reward", f"out_dir={root / 'reward_ddp'}", f"data.path={prefs}", "train.batch_size=4",
-                  *small[:-1]]},
-        {"argv": ["grpo", f"out_dir={root / 'grpo_ddp'}", "grpo.prompts_per_step=2", "grpo.group_size=2", *small]},
-        {"argv": ["ppo", f"out_dir={root / 'ppo_ddp'}", "ppo.rollout_size=4", "ppo.minibatches=2", "ppo.ppo_epochs=1",
-                  *small]},
+        {"argv": ["reward", f"out_dir={root / 'reward_ddp'}", f"data.path={prefs}", "train.batch_size=4", *small[:-1],
+                  "dist.strategy=ddp"]},
+        {"argv": [*grpo, f"out_dir={root / 'grpo_ddp'}", "dist.strategy=ddp"]},
+        {"argv": [*grpo, f"out_dir={root / 'grpo_fsdp'}", "dist.strategy=fsdp"]},
+        {"argv": [*ppo, f"out_dir={root / 'ppo_zero1'}", "dist.strategy=zero1"]},
+        {"argv": [*ppo, f"out_dir={root / 'ppo_fsdp'}", "dist.strategy=fsdp"]},
     ]  # fmt: skip
     r, codes = launch(jobs, root)
     assert r.returncode == 0 and codes == [0] * len(jobs), r.stderr[-3000:]
@@ -168,11 +172,11 @@ def test_lora_finetuning_equals_one_process(finetune_runs, stage, strategy):
         assert want[k].abs().max() > 0
 
 
-def test_other_stages_run_under_ddp(finetune_runs):
+@pytest.mark.parametrize("run", ["reward_ddp", "grpo_ddp", "grpo_fsdp", "ppo_zero1", "ppo_fsdp"])
+def test_the_other_stages_run_distributed(finetune_runs, run):
     root = finetune_runs
-    for stage in ("reward", "grpo", "ppo"):
-        assert (root / f"{stage}_ddp" / "final" / "model.safetensors").is_file(), stage
-        assert losses(root / f"{stage}_ddp"), stage
+    assert (root / run / "final" / "model.safetensors").is_file()
+    assert len(losses(root / run)) == 2 and all(map(math.isfinite, losses(root / run)))
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
@@ -248,3 +252,12 @@ def test_unsupported_settings_are_refused(tmp_path, monkeypatch, capsys, stage, 
 def test_a_strategy_without_a_launcher_is_refused(tmp_path, capsys):
     assert main(["pretrain", f"out_dir={tmp_path / 'run'}", *PRE, "dist.strategy=fsdp"]) == 2
     assert "needs a launcher: torchrun --nproc_per_node=N -m llmstages pretrain" in capsys.readouterr().err
+
+
+def test_fsdp_with_tensor_parallel_on_four_processes(pretrain_runs, tmp_path):
+    root, _ = pretrain_runs  # 2 data-parallel groups of 2 tensor-parallel ranks, 4 rows per group
+    argv = ["pretrain", f"out_dir={tmp_path / 'run'}", *PRE, "train.batch_size=4", "dist.strategy=fsdp+tp"]
+    r, codes = launch([{"argv": argv}], tmp_path, nproc=4)
+    assert r.returncode == 0 and codes == [0], r.stderr[-3000:]
+    assert_same(tmp_path / "run", root / "ref", "fsdp+tp")
+    assert_same_weights(tmp_path / "run" / "final", root / "ref" / "final")

@@ -71,7 +71,8 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
         model.eval()
         prompts = [encoded[i] for i in idx]
-        replies, responses, ended = sample_replies(model, tok, prompts, g.max_new_tokens, g.temperature, gen)
+        with distributed.gathered(model):  # fsdp: sampling runs the model's parts token by token
+            replies, responses, ended = sample_replies(model, tok, prompts, g.max_new_tokens, g.temperature, gen)
         t_gen = time.perf_counter() - t0
         rewards = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
         batch = reply_rows(prompts, replies, tok.pad_id, device)

@@ -100,6 +100,10 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
 
     @torch.no_grad()
     def make_rollout(it: int, state_extra: dict) -> dict:
+        with distributed.gathered(ac):  # fsdp: sampling and scoring call the policy's parts directly
+            return _make_rollout(it, state_extra)
+
+    def _make_rollout(it: int, state_extra: dict) -> dict:
         t0 = time.perf_counter()
         idx = sampler(it, 0)
         prompts = [encoded[i] for i in idx]

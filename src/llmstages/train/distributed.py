@@ -70,6 +70,12 @@ class Dist:
         return self.world > 1 or self.strategy != "none"
 
     @property
+    def grad_divisor(self) -> int:
+        """What the data-parallel gradient reduction divides by (and the loop multiplies the loss by): the
+        data-parallel size; FSDP2 on the data axis of a 2-D mesh divides by every rank of the mesh."""
+        return self.dp * self.tp if self.strategy == "fsdp+tp" else self.dp
+
+    @property
     def sharded(self) -> bool:
         return self.strategy in SHARDED
 
@@ -329,6 +335,28 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
         attn.n_kv_heads //= tp
 
 
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Under fsdp: every shard of `model` gathered for the duration (sampling and evaluation call the model's
+    parts outside its forward, token by token); elsewhere nothing happens."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    units[0]._get_fsdp_state()._lazy_init()  # the root first (FSDP2 does this in the root's first forward)
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(current().args.reshard_after_forward if m is not model else False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients, state dicts
 
@@ -344,8 +372,11 @@ def grad_norm(params: list[torch.Tensor], d: Dist) -> torch.Tensor:
     sq = torch.zeros((), dtype=torch.float64)
     if plain:
         sq = sq + torch.nn.utils.get_total_norm(plain, 2.0).double().cpu() ** 2
-    if sharded:
-        n = torch.nn.utils.get_total_norm(sharded, 2.0)
+    by_mesh: dict[Any, list[torch.Tensor]] = {}  # fsdp+tp: block weights on the 2-D mesh, the rest on dp only
+    for g in sharded:
+        by_mesh.setdefault(g.device_mesh, []).append(g)
+    for group in by_mesh.values():
+        n = torch.nn.utils.get_total_norm(group, 2.0)
         n = n.full_tensor() if isinstance(n, DTensor) else n
         sq = sq + n.double().cpu() ** 2
     if d.strategy == "pp":

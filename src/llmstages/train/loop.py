@@ -393,7 +393,7 @@ class Loop:
             loss, stats = accumulate(
                 self.train_model, batches, self.loss_fn, self.count_fn,
                 autocast_ctx=lambda: autocast(self.device, args.precision), scale=scale, total=total,
-                replicas=d.dp, no_sync=ddp.no_sync if ddp is not None else None,
+                replicas=d.grad_divisor, no_sync=ddp.no_sync if ddp is not None else None,
             )  # fmt: skip
             if d.dp > 1:  # every replica's share of the loss; stats averaged over replicas
                 keys = sorted(stats)
@@ -482,7 +482,7 @@ class Loop:
         try:
             if not resumed and start is not None:
                 self.model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), distributed.gathered(self.model):
                     log.log({"step": 0, "event": "start", **start()})
                 self.model.train()
             return self.run(log, progress=progress)
@@ -491,7 +491,7 @@ class Loop:
 
     def _validate(self, log: MetricsLogger | NullLogger) -> None:
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.args.precision):
+        with torch.no_grad(), autocast(self.device, self.args.precision), distributed.gathered(self.model):
             metrics = self.evaluate(self.model)
         self.model.train()
         if "val_loss" in metrics:
