@@ -134,6 +134,39 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate_memory(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmstages.model import PRESETS, load_config, preset
+    from llmstages.train import memory
+
+    if args.model in PRESETS:
+        cfg = preset(args.model)
+    elif Path(args.model).exists():
+        cfg = load_config(args.model)
+    else:
+        raise UserError(f"--model '{args.model}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    seq = args.seq_len or cfg.block_size
+    kw = dict(method=args.method, strategy=args.strategy, world=args.world_size, precision=args.precision, seq=seq,
+              checkpointing=args.activation_checkpointing, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+              device="cpu" if args.measure else args.device)  # fmt: skip
+    e = memory.estimate(cfg, batch=args.batch_size, **kw)
+    ckpt = ", activation checkpointing" if args.activation_checkpointing else ""
+    print(memory.report(e, f"{args.model}: {args.method}, {args.strategy} on {args.world_size} process(es), "
+                           f"{args.precision}, batch {args.batch_size} x {seq} tokens{ckpt}"))  # fmt: skip
+    if args.memory:
+        budget = memory.parse_size(args.memory)
+        fits = memory.largest_batch(cfg, budget, **kw)
+        print(f"  largest batch in {memory.gib(budget)}: {fits}" + ("" if fits else " (does not fit at batch 1)"))
+    if args.measure:
+        if args.strategy != "none" or args.world_size != 1:
+            raise UserError("--measure runs one process: use --strategy none --world-size 1")
+        m = memory.measure(cfg, args.method, args.precision, args.batch_size, seq, args.activation_checkpointing,
+                           args.lora_rank, args.lora_targets)  # fmt: skip
+        print(f"  measured peak    {memory.gib(m):>12}  (estimate / measured = {e.total / m:.2f})")
+    return 0
+
+
 # stage name -> (config class in llmstages.config, one-line help). Each stage module has main(cfg).
 STAGES = {
     "pretrain": ("PretrainConfig", "stage 1: pre-train a model on text"),
@@ -247,6 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="applied to every DPO and PPO run; dpo:key=value or ppo:key=value to one kind")  # fmt: skip
     f.set_defaults(func=cmd_frontier)
+
+    m = sub.add_parser("estimate-memory", help="memory per process of a training run, and the largest batch that fits")
+    m.add_argument("--model", required=True, help="a preset (e.g. llama3_8b) or a model directory")
+    m.add_argument("--method", choices=["full", "lora"], default="full")
+    m.add_argument("--strategy", default="none", help="none, ddp, zero1, fsdp (ZeRO-3), fsdp-zero2, tp or pp")
+    m.add_argument("--world-size", type=int, default=1)
+    m.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    m.add_argument("--batch-size", type=int, default=1, help="sequences per process")
+    m.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    m.add_argument("--activation-checkpointing", action="store_true")
+    m.add_argument("--lora-rank", type=int, default=8)
+    m.add_argument("--lora-targets", nargs="*", default=["q_proj", "v_proj"])
+    m.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the run trains (runtime memory)")
+    m.add_argument("--memory", help="also print the largest batch that fits in this much, e.g. 80GiB")
+    m.add_argument("--measure", action="store_true", help="run 3 steps on this CPU and print the measured peak")
+    m.set_defaults(func=cmd_estimate_memory)
 
     e = sub.add_parser("export", help="write a model directory in another format")
     e.add_argument("--model", required=True, help="model directory")

@@ -415,6 +415,20 @@ class Loop:
         opt.zero_grad(set_to_none=True)
         return loss, norm, stats, finite
 
+    def _oom_message(self, batches: list[Batch]) -> str:
+        """What ran out and settings that would fit (the estimate of `llmstages estimate-memory`)."""
+        from llmstages.model.gpt import GPT
+        from llmstages.train.memory import out_of_memory_advice
+
+        gpt = next((m for m in self.model.modules() if isinstance(m, GPT)), None)
+        if gpt is None:
+            return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
+        lora = any("lora_" in n for n, _ in self.model.named_parameters())
+        rows, seq = batches[0]["input_ids"].shape
+        return out_of_memory_advice(gpt.config, "lora" if lora else "full", self.dist.strategy, self.dist.world,
+                                    self.args.precision, rows, seq, self.args.activation_checkpointing,
+                                    self.args.grad_accum, self.device.type)  # fmt: skip
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, log: MetricsLogger | NullLogger, progress: bool = True) -> LoopState:
         args, st, d = self.args, self.state, self.dist
@@ -430,7 +444,12 @@ class Loop:
             while st.step < args.max_steps:
                 batches = self.next_batches(st.step)
                 n_tokens = sum(int(b["input_ids"].numel()) for b in batches) * d.dp
-                loss, norm, stats, applied = self._step(batches)
+                try:
+                    loss, norm, stats, applied = self._step(batches)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e) and "memory" not in str(e):
+                        raise
+                    raise UserError(self._oom_message(batches)) from None
                 if not applied:
                     bad_in_a_row += 1
                     st.skipped_steps += 1

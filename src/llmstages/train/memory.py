@@ -1,0 +1,240 @@
+"""How much memory a training run needs per process, before it runs, and what to change when it does not fit.
+
+    llmstages estimate-memory --model llama3_8b --method lora --strategy fsdp --world-size 8 --precision bf16 \\
+        --batch-size 4 --seq-len 2048 --activation-checkpointing [--memory 80GiB] [--measure]
+
+Per rank, in bytes (P parameters, T of them trained, N data-parallel ranks, fp32 master weights throughout as
+the loop keeps them; bf16/fp16 autocast only changes what the activations are stored in):
+
+    parameters   4 P          (fsdp: 4 P / N plus the gathered block(s) in flight; tp and pp: their share)
+    gradients    4 T          (ddp and zero1 also keep DDP's communication buckets, another 4 T; fsdp: / N)
+    optimizer    8 T          (AdamW's two moments; zero1 and fsdp: / N)
+    activations  B S L (7 d + 2 d_kv + 4 d_ff) a    saved for the backward by each block: the norms' inputs and
+                 outputs, q (after RoPE), k, v, the attention output and its copy; the MLP's gate, its SiLU,
+                 up and their product (a = 4 bytes fp32, 2 bf16). Activation checkpointing keeps B S d a per
+                 block plus one block's worth; the LM head's chunked cross-entropy adds B S d a x 3.
+    runtime      what the framework itself holds once training runs (kernels' workspaces, the autograd engine;
+                 measured ~90 MiB on a CPU; a CUDA context ~0.5 GiB).
+
+`--measure` runs a few training steps of that configuration on this machine's CPU (one process) in a fresh
+interpreter and reports the resident-memory peak above the interpreter's own, next to the estimate. It runs with
+MALLOC_MMAP_THRESHOLD_=131072: glibc's default raises that threshold as large blocks are freed and then keeps
+freed activation memory in its heap, so a default CPU run's resident peak is up to ~1.5x the live tensors
+(measured here: 1.56 GiB resident for 1.08 GiB live). Set the same variable for CPU training runs to get it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from llmstages.errors import UserError
+from llmstages.model.gpt import ModelConfig, count_params
+
+STRATEGIES = ("none", "ddp", "zero1", "fsdp", "fsdp-zero2", "tp", "pp")
+RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class Estimate:
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    runtime: float
+    trainable: int
+    total_parameters: int
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.runtime
+
+
+def lora_parameters(cfg: ModelConfig, rank: int, targets: list[str]) -> int:
+    """Trainable LoRA parameters: rank x (in + out features) of every targeted projection in every block."""
+    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, cfg.d_ff),
+              "up_proj": (d, cfg.d_ff), "down_proj": (cfg.d_ff, d)}  # fmt: skip
+    if targets == ["all-linear"]:
+        targets = [t for t in shapes if t != "gate_proj" or cfg.mlp == "swiglu"]
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise UserError(f"--lora-targets: unknown module '{unknown[0]}' (choose from {', '.join(shapes)})")
+    return cfg.n_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, checkpointing: bool) -> float:
+    """Bytes the forward keeps for the backward (see the module docstring)."""
+    a = ACT_BYTES[precision]
+    tokens = batch * seq
+    d_kv = cfg.n_kv_heads * cfg.head_dim
+    per_block = tokens * (7 * cfg.d_model + 2 * d_kv + 4 * cfg.d_ff) * a
+    head = tokens * cfg.d_model * a * 3
+    if checkpointing:
+        return cfg.n_layers * tokens * cfg.d_model * a + per_block + head
+    return cfg.n_layers * per_block + head
+
+
+def estimate(
+    cfg: ModelConfig,
+    method: str = "full",
+    strategy: str = "none",
+    world: int = 1,
+    precision: str = "fp32",
+    batch: int = 1,
+    seq: int | None = None,
+    checkpointing: bool = False,
+    lora_rank: int = 8,
+    lora_targets: list[str] | None = None,
+    device: str = "cuda",
+) -> Estimate:
+    """Per-rank memory of a training step (bytes): see the module docstring for the terms."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
+    if method not in ("full", "lora"):
+        raise UserError(f"--method must be full or lora, got '{method}'")
+    if precision not in ACT_BYTES:
+        raise UserError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
+    if world < 1 or batch < 1:
+        raise UserError("--world-size and --batch-size must be at least 1")
+    seq = seq or cfg.block_size
+    P = count_params(cfg)
+    T = P if method == "full" else lora_parameters(cfg, lora_rank, lora_targets or ["q_proj", "v_proj"])
+    body = count_params(cfg, embeddings=False)
+    block = (body - cfg.d_model) / cfg.n_layers
+    params, grads, opt = 4.0 * P + (4.0 * (T if method == "lora" else 0)), 4.0 * T, 8.0 * T
+    acts = activation_bytes(cfg, batch, seq, precision, checkpointing)
+    n = world
+    if strategy in ("ddp", "zero1"):
+        grads += 4.0 * T  # DDP's buckets
+        if strategy == "zero1":
+            opt /= n
+    elif strategy == "fsdp":  # ZeRO-3: shards, plus the gathered block in use and the one prefetched
+        params = params / n + 2 * 4.0 * block
+        grads, opt = grads / n, opt / n
+    elif strategy == "fsdp-zero2":  # parameters stay gathered from forward to backward
+        grads, opt = grads / n, opt / n
+    elif strategy == "tp":
+        shard = (P - body) + body / n
+        params = 4.0 * shard
+        if method == "full":
+            grads, opt = 4.0 * shard, 8.0 * shard
+        acts = acts * (0.5 + 0.5 / n)  # the projections' outputs split over ranks, the norms' do not
+    elif strategy == "pp":
+        params, grads, opt = params / n, grads / n, opt / n
+        acts = acts / n * min(n, 2)  # 1F1B keeps up to the pipeline depth of micro-batches in flight
+    if device not in RUNTIME:
+        raise UserError(f"--device must be cpu or cuda, got '{device}'")
+    return Estimate(params, grads, opt, acts, RUNTIME[device], int(T), int(P))
+
+
+def largest_batch(cfg: ModelConfig, memory: float, **kw) -> int:
+    """The largest batch size whose estimate fits in `memory` bytes (0 if none does)."""
+    lo, hi = 0, 1
+    while hi <= 1 << 20 and estimate(cfg, batch=hi, **kw).total <= memory:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if estimate(cfg, batch=mid, **kw).total <= memory else (lo, mid)
+    return lo
+
+
+def parse_size(text: str) -> float:
+    """'16GiB', '512MB', '80G' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UserError(f"--memory must look like 16GiB or 512MB, got '{text}'")
+    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return float(m.group(1)) * unit
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
+
+
+def report(e: Estimate, title: str) -> str:
+    rows = [("parameters", e.parameters), ("gradients", e.gradients), ("optimizer state", e.optimizer),
+            ("activations", e.activations), ("runtime", e.runtime), ("total per rank", e.total)]  # fmt: skip
+    lines = [title, f"  {e.total_parameters:,} parameters, {e.trainable:,} trained"]
+    lines += [f"  {name:<16} {gib(v):>12}" for name, v in rows]
+    return "\n".join(lines)
+
+
+_MEASURE = r"""
+import json, resource, sys, torch
+from llmstages.model.gpt import GPT, ModelConfig
+from llmstages.peft import apply_lora
+from llmstages.train.loop import apply_activation_checkpointing, build_optimizer, lm_loss, autocast
+from llmstages.config import TrainArgs
+spec = json.loads(sys.argv[1])
+torch.manual_seed(0)
+torch.set_num_threads(1)
+x = torch.randint(0, 100, (spec["batch"], spec["seq"]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = GPT(ModelConfig.from_dict(spec["config"]))
+if spec["method"] == "lora":
+    apply_lora(model, rank=spec["lora_rank"], alpha=16, target_modules=spec["lora_targets"])
+if spec["checkpointing"]:
+    apply_activation_checkpointing(model)
+opt = build_optimizer(model, TrainArgs())
+batch = {"input_ids": x, "targets": x}
+for _ in range(3):
+    with autocast(torch.device("cpu"), spec["precision"]):
+        loss, _ = lm_loss(model, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak - base}))
+"""
+
+
+def measure(
+    cfg: ModelConfig,
+    method: str,
+    precision: str,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    lora_rank: int = 8,
+    lora_targets: list[str] | None = None,
+) -> float:
+    """Peak resident memory (bytes) of 3 training steps on this CPU, above a fresh interpreter's own."""
+    targets = lora_targets or ["q_proj", "v_proj"]
+    spec = dict(config=cfg.to_dict(), method=method, precision=precision, batch=batch, seq=seq,
+                checkpointing=checkpointing, lora_rank=lora_rank, lora_targets=targets)  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    cmd = [sys.executable, "-c", _MEASURE, json.dumps(spec)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"measurement failed: {r.stderr[-2000:]}")
+    return float(json.loads(r.stdout.strip().splitlines()[-1])["peak"])
+
+
+def out_of_memory_advice(cfg: ModelConfig, method: str, strategy: str, world: int, precision: str, batch: int,
+                         seq: int, checkpointing: bool, grad_accum: int, device: str = "cuda") -> str:  # fmt: skip
+    """The one-line message for a run that ran out of memory: the estimate and settings that need less."""
+    strategy = strategy if strategy in STRATEGIES else "none"
+    e = estimate(cfg, method, strategy, world, precision, batch, seq, checkpointing, device=device)
+    tips = []
+    if batch > 1:
+        tips.append(f"train.batch_size={max(1, batch // 2)} train.grad_accum={grad_accum * 2} (same global batch)")
+    if not checkpointing:
+        saved = e.activations - estimate(cfg, method, strategy, world, precision, batch, seq, True).activations
+        tips.append(f"train.activation_checkpointing=true (saves ~{gib(saved)})")
+    if strategy in ("none", "ddp") and world > 1:
+        tips.append("dist.strategy=fsdp (shards parameters, gradients and optimizer state)")
+    if method == "full":
+        tips.append("peft.method=lora")
+    return (f"out of memory: this step needs about {gib(e.total)} per process (parameters {gib(e.parameters)}, "
+            f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
+            + "; or ".join(tips))  # fmt: skip
+
+
+def as_dict(e: Estimate) -> dict[str, float]:
+    return {**asdict(e), "total": e.total}
