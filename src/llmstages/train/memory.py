@@ -167,6 +167,14 @@ def report(e: Estimate, title: str) -> str:
 
 _MEASURE = r"""
 import json, resource, sys, torch
+def high_water():  # this process's peak resident memory; ru_maxrss would include the parent's (kept over exec)
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 from llmstages.model.gpt import GPT, ModelConfig
 from llmstages.peft import apply_lora
 from llmstages.train.loop import apply_activation_checkpointing, build_optimizer, lm_loss, autocast
@@ -175,7 +183,7 @@ spec = json.loads(sys.argv[1])
 torch.manual_seed(0)
 torch.set_num_threads(1)
 x = torch.randint(0, 100, (spec["batch"], spec["seq"]))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = high_water()
 model = GPT(ModelConfig.from_dict(spec["config"]))
 if spec["method"] == "lora":
     apply_lora(model, rank=spec["lora_rank"], alpha=16, target_modules=spec["lora_targets"])
@@ -189,7 +197,7 @@ for _ in range(3):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 print(json.dumps({"peak": peak - base}))
 """
 
