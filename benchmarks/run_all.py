@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["train_step.py", "generate.py", "pretrain_throughput.py", "peft_memory.py", "ppo_iteration.py"]
+BENCHMARKS = [
+    "train_step.py",
+    "generate.py",
+    "pretrain_throughput.py",
+    "peft_memory.py",
+    "ppo_iteration.py",
+    "scaling.py",
+]
 
 
 def main() -> None:

@@ -134,9 +134,10 @@ def finetune_runs(tmp_path_factory):
     ]  # fmt: skip
     sft = ["sft", f"model.path={base}", *common, "data.max_eval_examples=4"]
     dpo = ["dpo", f"model.path={base}", f"data.path={prefs}", *common]
-    for argv, name in ((sft, "sft_ref"), (dpo, "dpo_ref")):
+    adapter = [*sft, "peft.method=adapter", "peft.bottleneck=8"]
+    for argv, name in ((sft, "sft_ref"), (dpo, "dpo_ref"), (adapter, "adapter_ref")):
         assert main([*argv, f"out_dir={root / name}", "train.batch_size=8"]) == 0
-    jobs = []
+    jobs = [{"argv": [*adapter, f"out_dir={root / 'adapter_fsdp'}", "dist.strategy=fsdp", "train.batch_size=4"]}]
     for strategy in ("ddp", "fsdp"):
         for argv, stage in ((sft, "sft"), (dpo, "dpo")):
             extra = [f"out_dir={root / f'{stage}_{strategy}'}", f"dist.strategy={strategy}", "train.batch_size=4"]
@@ -158,15 +159,18 @@ def finetune_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_finetuning_equals_one_process(finetune_runs, stage, strategy):
+@pytest.mark.parametrize(
+    ("stage", "strategy"),
+    [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp"), ("dpo", "fsdp"), ("adapter", "fsdp")],
+)
+def test_peft_finetuning_equals_one_process(finetune_runs, stage, strategy):
     root = finetune_runs
     assert_same(root / f"{stage}_{strategy}", root / f"{stage}_ref", f"{stage} {strategy}")
-    # The adapter written from the sharded run holds every LoRA tensor with the single-process values.
+    # The adapter written from the sharded run holds every tensor with the single-process values.
     got = load_file(str(root / f"{stage}_{strategy}" / "final" / "adapter.safetensors"))
     want = load_file(str(root / f"{stage}_ref" / "final" / "adapter.safetensors"))
-    assert sorted(got) == sorted(want) and len(want) == 8  # q and v, A and B, 2 layers
+    n = 16 if stage == "adapter" else 8  # LoRA: q and v, A and B; adapters: after attention and MLP, 2 x 2 linears
+    assert sorted(got) == sorted(want) and len(want) == n, sorted(want)
     for k in want:
         assert got[k].shape == want[k].shape and (got[k] - want[k]).abs().max() < TOL, k
         assert want[k].abs().max() > 0
@@ -234,6 +238,7 @@ def test_two_nodes_on_localhost(pretrain_runs, tmp_path):
         ("sft", ["dist.strategy=tp"], "dist.strategy=tp is supported by pretrain only"),
         ("pretrain", ["dist.strategy=fsdp+tp"], "needs a world size that is a multiple of dist.tp_size=2"),
         ("pretrain", ["dist.strategy=zero3"], "dist.strategy must be auto or one of"),
+        ("dpo", ["dist.strategy=deepspeed"], "dist.strategy=deepspeed is not built"),
         ("pretrain", ["dist.strategy=fsdp", "dist.cpu_offload=true"], "already on the CPU"),
         ("pretrain", ["dist.strategy=ddp", "dist.backend=nccl"], "dist.backend=nccl needs CUDA"),
     ],

@@ -147,6 +147,11 @@ def setup(args: DistArgs, device: torch.device, stage: str) -> Dist:
     strategy = args.strategy
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"
+    if strategy == "deepspeed":
+        raise UserError(
+            "dist.strategy=deepspeed is not built; PyTorch's own engines cover it: zero1 (ZeRO-1), fsdp with "
+            "dist.reshard_after_forward=false (ZeRO-2) or true (ZeRO-3)"
+        )
     if strategy not in STRATEGIES:
         raise UserError(f"dist.strategy must be auto or one of {', '.join(STRATEGIES)}, got '{args.strategy}'")
     if args.backend not in ("auto", "nccl", "gloo"):

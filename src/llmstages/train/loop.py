@@ -105,13 +105,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _split_sharded(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tensor parallelism leaves some parameters plain (embeddings, norms) beside DTensors; the fused and foreach
+    AdamW kernels need one kind per group, so a mixed group becomes two with the same settings."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for g in groups:
+        dt = [p for p in g["params"] if isinstance(p, DTensor)]
+        plain = [p for p in g["params"] if not isinstance(p, DTensor)]
+        out += [{**g, "params": plain}, {**g, "params": dt}] if dt and plain else [g]
+    return out
+
+
 def build_optimizer(
     model: nn.Module, args: TrainArgs, groups: list[dict[str, Any]] | None = None, zero1: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW over `groups` (default: `param_groups`); with zero1 a ZeroRedundancyOptimizer, each rank keeping
     the AdamW state of its share of the parameters."""
     groups = groups if groups is not None else param_groups(model, args.weight_decay)
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in _split_sharded(groups) if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
     kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
@@ -447,7 +460,8 @@ class Loop:
                 try:
                     loss, norm, stats, applied = self._step(batches)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e) and "memory" not in str(e):
+                    oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+                    if not oom:  # the CPU allocator raises a plain RuntimeError
                         raise
                     raise UserError(self._oom_message(batches)) from None
                 if not applied:
