@@ -154,8 +154,18 @@ def finetune_runs(tmp_path_factory):
         {"argv": [*ppo, f"out_dir={root / 'ppo_zero1'}", "dist.strategy=zero1"]},
         {"argv": [*ppo, f"out_dir={root / 'ppo_fsdp'}", "dist.strategy=fsdp"]},
     ]  # fmt: skip
+    # PPO under ddp stopped after the first update of a rollout and resumed: each rank's share of the rollout in
+    # progress is kept in the checkpoint.
+    each = ["dist.strategy=ddp", "train.save_every=1", "train.keep_checkpoints=3"]
+    split = root / "ppo_resumed"
+    jobs += [
+        {"argv": [*ppo, f"out_dir={root / 'ppo_straight'}", *each]},
+        {"argv": [*ppo, f"out_dir={split}", *each]},
+        {"remove": [str(split / "checkpoints" / "step_2"), str(split / "final")]},
+        {"argv": [*ppo, f"out_dir={split}", *each, "resume=true"]},
+    ]
     r, codes = launch(jobs, root)
-    assert r.returncode == 0 and codes == [0] * len(jobs), r.stderr[-3000:]
+    assert r.returncode == 0 and codes == [0] * sum("argv" in j for j in jobs), r.stderr[-3000:]
     return root
 
 
@@ -181,6 +191,11 @@ def test_the_other_stages_run_distributed(finetune_runs, run):
     root = finetune_runs
     assert (root / run / "final" / "model.safetensors").is_file()
     assert len(losses(root / run)) == 2 and all(map(math.isfinite, losses(root / run)))
+
+
+def test_ppo_resumes_mid_rollout_under_ddp(finetune_runs):
+    straight, resumed = losses(finetune_runs / "ppo_straight"), losses(finetune_runs / "ppo_resumed")
+    assert len(straight) == 2 and resumed == straight
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):

@@ -93,7 +93,7 @@ class Dist:
         return t.tolist()
 
     def dp_mean(self, value: float) -> float:
-        """Mean over the data-parallel replicas (each holds its own share of a rollout or batch)."""
+        """Mean over the ranks of a data-parallel job (each holds its own share of a rollout or batch)."""
         return self.sum([value])[0] / self.world if self.dp > 1 else value
 
     def max(self, value: float) -> float:
@@ -102,13 +102,6 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not dist.is_initialized() or self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
