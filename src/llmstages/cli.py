@@ -114,6 +114,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from llmstages.monitor.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
+
+
 def cmd_cai(args: argparse.Namespace) -> int:
     from llmstages.config import CAIConfig, load_config
     from llmstages.stages import constitutional
@@ -270,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="also write the figures to this JSON file")
     v.add_argument("--device", default="auto")
     v.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="report.html with plots, held-out metrics and samples of one or more runs")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a demo directory or stage runs; several are compared")
+    r.add_argument("--out", help="where to write the HTML (default: RUN_DIR/report.html of the first)")
+    r.set_defaults(func=cmd_report)
 
     f = sub.add_parser("frontier", help="reward-KL frontier: DPO at several betas, PPO at several KL coefficients")
     f.add_argument("--sft", required=True, help="the SFT model directory (start and reference of every run)")
