@@ -114,6 +114,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:  # noqa: ARG001
+    from llmstages import doctor
+
+    return doctor.main()
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from llmstages.monitor.report import write_report
 
@@ -190,7 +196,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     from llmstages import config
 
-    cfg = config.load_config(getattr(config, STAGES[args.command][0]), args.config, args.overrides)
+    overrides = [*args.overrides, *([f"train.profile_steps={args.profile}"] if args.profile else [])]
+    cfg = config.load_config(getattr(config, STAGES[args.command][0]), args.config, overrides)
     stage = importlib.import_module(f"llmstages.stages.{args.command}")
     if getattr(args, "show_example", None) is not None:
         print(stage.show_example(cfg, args.show_example))
@@ -207,6 +214,8 @@ def _add_stage(sub, name: str) -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
+    s.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="record N steps with torch.profiler (into profile/) and print the top operators")  # fmt: skip
     s.set_defaults(func=cmd_stage)
     return s
 
@@ -277,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", help="also write the figures to this JSON file")
     v.add_argument("--device", default="auto")
     v.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser(
+        "doctor", help="the environment (torch, device, bf16, CUDA/NCCL, memory, disk) and likely problems"
+    )
+    o.set_defaults(func=cmd_doctor)
 
     r = sub.add_parser("report", help="report.html with plots, held-out metrics and samples of one or more runs")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a demo directory or stage runs; several are compared")

@@ -91,6 +91,9 @@ class TrainArgs:
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)."""
     device: str = "auto"
+    profile_steps: int = 0
+    """> 0: record this many steps (after the first) with torch.profiler: profile/trace_rank*.json (open in
+    Perfetto or chrome://tracing) and the top operators printed. `--profile N` on the command line."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 looks the device up in a table (GPUs only)."""
 

@@ -256,6 +256,7 @@ def test_two_nodes_on_localhost(pretrain_runs, tmp_path):
         ("dpo", ["dist.strategy=deepspeed"], "dist.strategy=deepspeed is not built"),
         ("pretrain", ["dist.strategy=fsdp", "dist.cpu_offload=true"], "already on the CPU"),
         ("pretrain", ["dist.strategy=ddp", "dist.backend=nccl"], "dist.backend=nccl needs CUDA"),
+        ("pretrain", ["dist.strategy=pp", "dist.microbatches=1"], "a pipeline of 2 stages needs at least 2 micro"),
     ],
 )
 def test_unsupported_settings_are_refused(tmp_path, monkeypatch, capsys, stage, extra, message):
@@ -281,3 +282,13 @@ def test_fsdp_with_tensor_parallel_on_four_processes(pretrain_runs, tmp_path):
     assert r.returncode == 0 and codes == [0], r.stderr[-3000:]
     assert_same(tmp_path / "run", root / "ref", "fsdp+tp")
     assert_same_weights(tmp_path / "run" / "final", root / "ref" / "final")
+
+
+def test_three_stage_pipeline_with_a_tied_head(tmp_path):
+    # The embedding lives on the first stage and the tied LM head on the last; the middle stage holds neither.
+    three = [a for a in PRE if not a.startswith("model.n_layers")] + ["model.n_layers=3", "train.batch_size=6"]
+    assert main(["pretrain", f"out_dir={tmp_path / 'ref'}", *three]) == 0
+    argv = ["pretrain", f"out_dir={tmp_path / 'pp'}", *three, "dist.strategy=pp", "dist.microbatches=3"]
+    r, codes = launch([{"argv": argv}], tmp_path, nproc=3)
+    assert r.returncode == 0 and codes == [0], r.stderr[-3000:]
+    assert_same(tmp_path / "pp", tmp_path / "ref", "pp over 3 stages")

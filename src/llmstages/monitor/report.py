@@ -72,6 +72,11 @@ def plot_stage(name: str, runs: dict[str, Path]) -> bytes | None:
                     marker = "o" if len(pts) < 12 else None
                     who = f"{label}: {k}" if len(records) > 1 else k
                     ax.plot(xs, ys, style, marker=marker, markersize=3, label=who)
+        if title == "loss":  # health flags (monitor/health.py) as red ticks
+            for rs in records.values():
+                for r in rs:
+                    if r.get("event") == "health":
+                        ax.axvline(r["step"], color="red", alpha=0.4, linewidth=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -87,6 +92,20 @@ def plot_stage(name: str, runs: dict[str, Path]) -> bytes | None:
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+def _health(runs: dict[str, Path]) -> str:
+    """The health flags of a stage's runs (red ticks on the loss panel), or that there were none."""
+    items = []
+    for label, path in runs.items():
+        for r in read_metrics(path):
+            if r.get("event") == "health":
+                items.append(f"<li>{html.escape(label)}, step {r['step']}: {html.escape(r['kind'].replace('_', ' '))}"
+                             f": {html.escape(r['detail'])}</li>")  # fmt: skip
+    if not items:
+        return "<p>health: no loss spike, gradient explosion, NaN, throughput drop or data stall flagged.</p>"
+    more = f"<li>... and {len(items) - 20} more</li>" if len(items) > 20 else ""
+    return f"<p>health flags:</p><ul>{''.join(items[:20])}{more}</ul>"
 
 
 def _summary_table(dirs: list[Path]) -> str:
@@ -181,7 +200,7 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
         png = plot_stage(name, per_dir)
         if png:
             (plots / f"{name.replace('/', '_')}.png").write_bytes(png)
-            sections.append(f"<h2>{html.escape(name)}</h2>{_img(png)}")
+            sections.append(f"<h2>{html.escape(name)}</h2>{_img(png)}{_health(per_dir)}")
     title = "llmstages report: " + ", ".join(html.escape(str(p)) for p in paths)
     body = _summary_table(paths) + "".join(sections) + _frontier(paths) + _samples_html(paths)
     target.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"

@@ -24,6 +24,7 @@ from llmstages.config import GRPOConfig
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
+from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
@@ -109,6 +110,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         return evaluate_policy(m, tok, eval_ids, eval_texts, reward_of, g.max_new_tokens)
 
     loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=rollout, device=device, loss_fn=loss_fn,
+                health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
                 count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()), evaluate=evaluate)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)

@@ -10,6 +10,9 @@ values from the value head; GAE (gamma, lambda) -> advantages (whitened) and ret
 The critic is a value head on the policy's trunk (shared) or on a copy of the initial model (separate), with
 its own learning rate. The reference is the policy with its adapters disabled, or a frozen copy. The current
 rollout is stored in each checkpoint, so a run resumed in the middle of a rollout continues exactly.
+Under data parallelism each rank samples its own rollout_size prompts and whitens its own advantages; the
+value-head start and the KL controller use the whole rollout (a rollout of rollout_size x ranks, whitened in
+parts: not the single-process run with the larger rollout, as in TRL and OpenRLHF).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
+from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
@@ -101,7 +105,10 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     @torch.no_grad()
     def make_rollout(it: int, state_extra: dict) -> dict:
         with distributed.gathered(ac):  # fsdp: sampling and scoring call the policy's parts directly
-            return _make_rollout(it, state_extra)
+            rollout = _make_rollout(it, state_extra)
+        if it == 0:  # fsdp: the fill inside went to the gathered copy; the shards need it too
+            ac.value_head.proj.bias.fill_(rollout.pop("value_start"))
+        return rollout
 
     def _make_rollout(it: int, state_extra: dict) -> dict:
         t0 = time.perf_counter()
@@ -114,7 +121,8 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         scores = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
         scores = scores - p.missing_eos_penalty * (~torch.tensor(ended)).float()
         if it == 0:  # start the value head at the mean score, so early advantages are not all one sign
-            ac.value_head.proj.bias.fill_(d.dp_mean(float(scores.mean())))  # the same on every replica
+            value_start = d.dp_mean(float(scores.mean()))  # the same on every replica
+            ac.value_head.proj.bias.fill_(value_start)
         batch = reply_rows(prompts, replies, tok.pad_id, device)
         logits, values = ac(batch)
         old_logp = logprobs_of(logits, batch["targets"])
@@ -134,7 +142,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         mean_kl = d.dp_mean(float(L.masked_sum(kl, tmask) / len(idx)))  # summed per reply, averaged over replies
         if p.target_kl > 0:  # adaptive controller (Ziegler et al. 2019)
             err = max(-0.2, min(0.2, mean_kl / p.target_kl - 1))
-            state_extra["kl_coef"] = kl_coef * (1 + err * len(idx) / p.kl_horizon)
+            state_extra["kl_coef"] = kl_coef * (1 + err * len(idx) * d.dp / p.kl_horizon)  # the whole rollout
         else:
             state_extra["kl_coef"] = kl_coef
         ac.train()
@@ -143,7 +151,8 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()), "kl": mean_kl, "kl_coef": kl_coef,
             "response_length": n_tokens / len(idx), "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
         }  # fmt: skip
-        return {"it": it, "batch": batch, "stats": stats}
+        out = {"it": it, "batch": batch, "stats": stats}
+        return {**out, "value_start": value_start} if it == 0 else out
 
     loop_ref: dict = {}
 
@@ -187,6 +196,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         return evaluate_policy(m.policy, tok, eval_ids, eval_texts, reward_of, p.max_new_tokens)
 
     loop = Loop(model=ac, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
+                health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
                 count_fn=lambda b: 1, param_groups_fn=lambda m: _param_groups(m, cfg), on_save=on_save,
                 evaluate=evaluate)  # fmt: skip
     loop_ref["loop"] = loop

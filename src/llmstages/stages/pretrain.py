@@ -139,6 +139,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
         if s.train_tokenizer:
             s.out.mkdir(parents=True, exist_ok=True)
             s.tokenizer.save(s.out / "tokenizer")
+    d.wait_for_main()  # tokenizing a large corpus can outlast the collective timeout
     prepare_run_dir(s.out, cfg)
     shards = TokenShards.open(s.shards_dir)
     shards.check(args.seq_len, s.model.config.vocab_size)

@@ -159,7 +159,7 @@ def save_sharded(
                   str(tmp / f"extra_rank{d.rank}.safetensors"))  # fmt: skip
     d.barrier()
     if d.is_main:
-        full_state = {**state, "step": step, "rng": rng_state(), "world_size": d.world, "strategy": d.strategy}
+        full_state = {**state, "step": step, "rng": rng_state(), "strategy": d.strategy}
         (tmp / "state.json").write_text(json.dumps(full_state) + "\n")
         if final.exists():
             shutil.rmtree(final)

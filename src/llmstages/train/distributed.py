@@ -59,6 +59,10 @@ class Dist:
     args: DistArgs = field(default_factory=DistArgs)
     mesh: Any = None
     """The DeviceMesh (dims named dp and/or tp) for fsdp, tp and fsdp+tp."""
+    dp_group: Any = None
+    """The process group of this rank's data-parallel replicas (None: the whole job)."""
+    long_group: Any = None
+    """A gloo group with a day-long timeout, for `wait_for_main`."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -70,12 +74,6 @@ class Dist:
         return self.world > 1 or self.strategy != "none"
 
     @property
-    def grad_divisor(self) -> int:
-        """What the data-parallel gradient reduction divides by (and the loop multiplies the loss by): the
-        data-parallel size; FSDP2 on the data axis of a 2-D mesh divides by every rank of the mesh."""
-        return self.dp * self.tp if self.strategy == "fsdp+tp" else self.dp
-
-    @property
     def sharded(self) -> bool:
         return self.strategy in SHARDED
 
@@ -84,17 +82,27 @@ class Dist:
         if dist.is_initialized():
             dist.barrier()
 
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over all ranks (float64)."""
+    def sum(self, values: list[float], group: Any = None) -> list[float]:
+        """Element-wise sum over all ranks, or over `group` (float64)."""
         if not dist.is_initialized() or self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
         return t.tolist()
 
+    def dp_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the data-parallel replicas (the ranks that hold different rows)."""
+        return self.sum(values, self.dp_group) if self.dp > 1 else list(values)
+
     def dp_mean(self, value: float) -> float:
-        """Mean over the ranks of a data-parallel job (each holds its own share of a rollout or batch)."""
-        return self.sum([value])[0] / self.world if self.dp > 1 else value
+        """Mean over the data-parallel replicas (each holds its own share of a rollout or batch)."""
+        return self.dp_sum([value])[0] / self.dp
+
+    def wait_for_main(self) -> None:
+        """Wait for rank 0 to finish preparing something (tokenizing a corpus): a barrier without the
+        collective timeout, which is meant for hung training steps, not for long preparations."""
+        if dist.is_initialized() and self.world > 1:
+            dist.barrier(group=self.long_group)
 
     def max(self, value: float) -> float:
         if not dist.is_initialized() or self.world == 1:
@@ -167,8 +175,10 @@ def setup(args: DistArgs, device: torch.device, stage: str) -> Dist:
             f"dist.strategy=fsdp+tp needs a world size that is a multiple of dist.tp_size={args.tp_size} with at "
             f"least 2 data-parallel groups; this job has {world} processes"
         )
-    if strategy == "pp" and args.microbatches < 1:
-        raise UserError(f"dist.microbatches must be at least 1, got {args.microbatches}")
+    if strategy == "pp" and args.microbatches < world:
+        raise UserError(
+            f"dist.microbatches={args.microbatches}: a pipeline of {world} stages needs at least {world} micro-batches"
+        )
     if args.cpu_offload and strategy != "fsdp":
         raise UserError(f"dist.cpu_offload applies to dist.strategy=fsdp, not {strategy}")
     if args.cpu_offload and device.type != "cuda":
@@ -202,6 +212,8 @@ def setup(args: DistArgs, device: torch.device, stage: str) -> Dist:
         d.tp, d.dp = args.tp_size, world // args.tp_size
         d.dp_rank = rank // args.tp_size
         d.mesh = init_device_mesh(device.type, (d.dp, d.tp), mesh_dim_names=("dp", "tp"))
+        d.dp_group = d.mesh["dp"].get_group()
+    d.long_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
     _CURRENT = d
     return d
 

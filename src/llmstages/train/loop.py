@@ -27,6 +27,7 @@ from tqdm import tqdm
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX, linear_cross_entropy
+from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
@@ -202,6 +203,11 @@ def start_run(
     if existing is not None:
         ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
     d = distributed.setup(dist_args or DistArgs(), device, stage)
+    if args.precision == "fp16" and d.sharded:
+        raise UserError(
+            f"train.precision=fp16 under dist.strategy={d.strategy}: the gradient scaler would skip steps rank by "
+            "rank; use bf16"
+        )
     if d.active and d.is_main:
         print(f"{stage}: {d.strategy} on {d.world} processes ({d.device.type}); global batch "
               f"{args.batch_size} x {args.grad_accum} x {d.dp} = {args.batch_size * args.grad_accum * d.dp} rows "
@@ -312,6 +318,8 @@ class Loop:
     device: torch.device = torch.device("cpu")
     param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]] | None = None
     """The optimizer's parameter groups (default `param_groups`), read after the strategy is applied."""
+    health: HealthMonitor = field(default_factory=HealthMonitor)
+    """Flags loss spikes, gradient explosions, NaNs, throughput drops and data stalls (see monitor/health.py)."""
     state: LoopState = field(default_factory=LoopState)
     _stop_signal: int | None = None
 
@@ -355,13 +363,18 @@ class Loop:
             skipped_steps=state.get("skipped_steps", 0), best_val_loss=state.get("best_val_loss"),
             extra=state.get("extra", {}),
         )  # fmt: skip
+        saved_world = state.get("world_size", 1)
+        if saved_world != d.world:  # per-rank extras (a rollout in progress) belong to the old ranks: drop them
+            print(f"resume: checkpoint written by {saved_world} process(es), this run has {d.world}; "
+                  "per-process state (e.g. a rollout in progress) is drawn afresh")  # fmt: skip
+            extra = {}
         self.resumed_extra = extra
         return True
 
     def save(self) -> Path:
         d = self.dist
         extra = self.on_save(self.state) if self.on_save else None
-        state = {k: v for k, v in vars(self.state).items() if k != "step"}
+        state = {**{k: v for k, v in vars(self.state).items() if k != "step"}, "world_size": d.world}
         if d.sharded:
             return ckpt.save_sharded(self.checkpoints, self.state.step, self.model, self.optimizer, state,
                                      self.args.keep_checkpoints, extra, d)  # fmt: skip
@@ -396,7 +409,7 @@ class Loop:
             g["lr"] = lr_at(self.state.step, args) * g.get("lr_scale", 1.0)
         scale = self.scaler.scale if self.scaler else (lambda x: x)
         local = sum(self.count_fn(b) for b in batches)
-        total = int(d.sum([local])[0]) if d.dp > 1 else local
+        total = int(d.dp_sum([local])[0])
         if self.pipeline is not None:
             loss_sum = sum(self.pipeline.step(b, total) for b in batches)
             loss, stats = loss_sum / max(total, 1), {}
@@ -406,11 +419,11 @@ class Loop:
             loss, stats = accumulate(
                 self.train_model, batches, self.loss_fn, self.count_fn,
                 autocast_ctx=lambda: autocast(self.device, args.precision), scale=scale, total=total,
-                replicas=d.grad_divisor, no_sync=ddp.no_sync if ddp is not None else None,
+                replicas=d.dp, no_sync=ddp.no_sync if ddp is not None else None,
             )  # fmt: skip
             if d.dp > 1:  # every replica's share of the loss; stats averaged over replicas
                 keys = sorted(stats)
-                summed = d.sum([loss, *(stats[k] for k in keys)])
+                summed = d.dp_sum([loss, *(stats[k] for k in keys)])
                 loss, stats = summed[0], {k: v / d.dp for k, v in zip(keys, summed[1:])}
         if self.scaler:
             self.scaler.unscale_(opt)
@@ -433,12 +446,16 @@ class Loop:
         from llmstages.model.gpt import GPT
         from llmstages.train.memory import out_of_memory_advice
 
+        strategy = {"fsdp+tp": "fsdp"}.get(self.dist.strategy, self.dist.strategy)
+        if strategy == "fsdp" and not self.dist.args.reshard_after_forward:
+            strategy = "fsdp-zero2"
+
         gpt = next((m for m in self.model.modules() if isinstance(m, GPT)), None)
         if gpt is None:
             return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
         lora = any("lora_" in n for n, _ in self.model.named_parameters())
         rows, seq = batches[0]["input_ids"].shape
-        return out_of_memory_advice(gpt.config, "lora" if lora else "full", self.dist.strategy, self.dist.world,
+        return out_of_memory_advice(gpt.config, "lora" if lora else "full", strategy, self.dist.world,
                                     self.args.precision, rows, seq, self.args.activation_checkpointing,
                                     self.args.grad_accum, self.device.type)  # fmt: skip
 
@@ -452,11 +469,16 @@ class Loop:
         bar = tqdm(total=args.max_steps, initial=st.step, desc="train", disable=not progress, mininterval=0.5,
                    dynamic_ncols=True)  # fmt: skip
         window_tokens, window_start = 0, time.perf_counter()
+        start, profiler = st.step, None
         try:
             self.model.train()
             while st.step < args.max_steps:
+                if profiler is None and args.profile_steps > 0 and st.step == start + 1:
+                    profiler = self._start_profiler()
+                t_fetch = time.perf_counter()
                 batches = self.next_batches(st.step)
                 n_tokens = sum(int(b["input_ids"].numel()) for b in batches) * d.dp
+                t_step = time.perf_counter()
                 try:
                     loss, norm, stats, applied = self._step(batches)
                 except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -475,6 +497,12 @@ class Loop:
                         )
                 else:
                     bad_in_a_row = 0
+                t_end = time.perf_counter()
+                for flag in self.health.check(st.step + 1, loss, norm, n_tokens / max(t_end - t_step, 1e-9),
+                                              t_step - t_fetch, t_end - t_step):  # fmt: skip
+                    log.log(flag)
+                    if progress:
+                        tqdm.write(f"health: step {flag['step']}: {flag['kind'].replace('_', ' ')}: {flag['detail']}")
                 st.step += 1
                 st.tokens_seen += n_tokens
                 window_tokens += n_tokens
@@ -489,6 +517,9 @@ class Loop:
                     log.log(rec)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                 bar.update(1)
+                if profiler is not None and st.step == start + 1 + args.profile_steps:
+                    self._stop_profiler(profiler, progress)
+                    profiler = None
                 if self.evaluate and (st.step % args.eval_every == 0 or st.step == args.max_steps):
                     self._validate(log)
                 stop = self._stop_signal if not d.active else int(d.max(float(self._stop_signal or 0))) or None
@@ -501,7 +532,29 @@ class Loop:
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
+            if profiler is not None:  # the run ended inside the profiled window
+                self._stop_profiler(profiler, progress)
         return st
+
+    def _start_profiler(self) -> Any:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        prof = profile(activities=acts, record_shapes=True)
+        prof.__enter__()
+        return prof
+
+    def _stop_profiler(self, prof: Any, progress: bool) -> None:
+        prof.__exit__(None, None, None)
+        where = self.run_dir / "profile"
+        where.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(where / f"trace_rank{self.dist.rank}.json"))
+        if self.dist.is_main:
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=15)
+            (where / "top_operators.txt").write_text(table + "\n")
+            if progress:
+                tqdm.write(f"profile of {self.args.profile_steps} steps -> {where}/trace_rank0.json\n{table}")
 
     def run_logged(
         self, resumed: bool, start: Callable[[], dict[str, Any]] | None = None, progress: bool = True

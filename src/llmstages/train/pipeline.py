@@ -90,7 +90,8 @@ class Pipeline:
         if self.tied is not None:
             import torch.distributed as dist
 
-            self.tied_group = dist.new_group([0, d.pp - 1]) if d.pp < d.world else None
+            # every rank takes part in making a group; with 2 stages the whole job is the group
+            self.tied_group = dist.new_group([0, d.pp - 1]) if d.pp > 2 else None
         stage = PipelineStage(self.part, d.rank, d.pp, d.device)
         cls = ScheduleGPipe if d.args.schedule == "gpipe" else Schedule1F1B
         self.schedule = cls(stage, d.args.microbatches, loss_fn=self._loss, scale_grads=False)
