@@ -101,9 +101,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.model and not args.labels:
         raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
     result = label_agreement(args.labels, args.reward) if args.labels else {}
-    if args.model:
+    wants_lm = args.perplexity is not None or args.tasks is not None or args.show
+    if wants_lm and not args.model:
+        raise UserError("--perplexity, --tasks and --show judge a model: give --model")
+    if args.model and wants_lm:
+        from llmstages.data.text import iter_documents
+        from llmstages.eval import lm
+        from llmstages.model import load_model, load_tokenizer
+        from llmstages.train.rollout import builtin_prompts
+
+        model, tok = load_model(args.model, device=_device(args.device)).eval(), load_tokenizer(args.model)
+        if args.perplexity is not None:
+            docs = list(iter_documents(args.perplexity)) if args.perplexity else lm.builtin_heldout_text(args.seed)
+            result.update(lm.perplexity(model, tok, docs))
+        if args.tasks is not None:
+            result.update(lm.task_accuracy(model, tok, args.tasks, args.seed))
+        if args.show:
+            questions = [m[-1]["content"] for m in builtin_prompts(args.seed, 8)[1][::12][: args.show]]
+            for q, a in zip(questions, lm.show(model, tok, questions)):
+                print(f"{q!r} -> {a!r}")
+    if args.model and (not wants_lm or args.reference or args.judge):
         result.update(evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
                                    args.max_new_tokens, args.seed, _device(args.device), args.judge))  # fmt: skip
+    if not result:
+        return 0
     width = max(map(len, result))
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}")
@@ -279,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--judge", help="a reward-model directory (or module:function) whose ordering of pairs of the "
                    "model's replies is checked against --reward (judge_accuracy)")  # fmt: skip
     v.add_argument("--data", nargs="*", default=[], help="prompt files; none: built-in held-out questions")
+    v.add_argument("--perplexity", nargs="*", metavar="FILE", help="perplexity on text files (.txt/.jsonl); "
+                   "no file: the built-in corpus's held-out documents")  # fmt: skip
+    v.add_argument("--tasks", nargs="*", metavar="FILE", help="exact match on SFT files' last assistant turns; "
+                   "no file: the built-in tasks about the held-out people")  # fmt: skip
+    v.add_argument("--show", type=int, default=0, metavar="N", help="print the model's greedy answers to N "
+                   "held-out questions")  # fmt: skip
     v.add_argument("--samples", type=int, default=4, help="replies per prompt")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--max-new-tokens", type=int, default=8)

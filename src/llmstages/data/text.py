@@ -140,6 +140,12 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.tk.to_str().encode()).hexdigest()[:16]
 
 
+def val_picker(val_fraction: float, seed: int):
+    """Called once per document in order: True for the documents held out for validation."""
+    pick = random.Random(seed)
+    return lambda: pick.random() < val_fraction
+
+
 def prepare_shards(
     documents: Iterator[str] | Sequence[str],
     tok: Tokenizer,
@@ -161,7 +167,7 @@ def prepare_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    pick = random.Random(seed)
+    is_val = val_picker(val_fraction, seed)
     counts = {"train": 0, "val": 0}
     n_docs = 0
     specials = {"bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}
@@ -177,7 +183,7 @@ def prepare_shards(
         bar = tqdm(desc="tokenizing", unit=" docs", mininterval=1.0, leave=False, disable=None)
         for batch in encoded:
             for ids in batch:
-                split = "val" if pick.random() < val_fraction else "train"
+                split = "val" if is_val() else "train"
                 arr = np.asarray([*ids, tok.eos_id], dtype=dtype)
                 files[split].write(arr.tobytes())
                 counts[split] += arr.size

@@ -180,13 +180,19 @@ def evaluate_dir(
 
 
 def label_agreement(paths: Sequence[str], reward: str = ORACLE) -> dict[str, float]:
-    """How often a preference file's labels agree with a judge (by default the oracle), over the pairs the judge
-    scores differently: `label_agreement`, with `label_pairs` such pairs of `labelled_pairs` in all."""
+    """How often a preference file's labels agree with a judge (by default the oracle; a reward-model directory
+    gives that model's accuracy on the pairs), over the pairs the judge scores differently: `label_agreement`, with
+    `label_pairs` such pairs of `labelled_pairs` in all."""
     from llmstages.data.preference import read_preferences
 
-    if Path(reward).is_dir():
-        raise UserError("--labels is judged by a reward function (module:function), not a reward-model directory")
-    score = import_reward_fn(reward)
+    if Path(reward).is_dir():  # a reward model: this is its accuracy on the file's pairs
+        from llmstages.config import RewardSourceArgs
+        from llmstages.model import load_tokenizer
+        from llmstages.train.rollout import reward_source
+
+        score = reward_source(RewardSourceArgs(fn=None, model=reward), load_tokenizer(reward), "cpu")
+    else:
+        score = import_reward_fn(reward)
     pairs = read_preferences(list(paths))
     prompts = [p.prompt[-1]["content"] for p in pairs]
     chosen = np.asarray(score(prompts, [p.chosen for p in pairs], [True] * len(pairs)), dtype=np.float64)

@@ -67,6 +67,17 @@ class Setup:
     truncated: int
 
 
+def builtin_items(tok: Tokenizer, held: list[Task]) -> list[EvalItem]:
+    """Exact-match items of built-in held-out tasks: the user turn as the prompt, the task's answer."""
+    return [EvalItem(prompt_ids(t.messages()[:1], tok), t.answer, t.kind) for t in held]
+
+
+def conversation_item(tok: Tokenizer, msgs: list[dict]) -> EvalItem:
+    """An exact-match item of a conversation: everything before its last assistant turn, and that turn."""
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user")
+
+
 def _examples(cfg: SFTConfig, tok: Tokenizer):
     """(train examples, val examples, exact-match items) from the built-in tasks or the user's files."""
     render = lambda msgs, where: tokenize_conversation(msgs, tok, cfg.data.train_on_prompt, where)  # noqa: E731
@@ -75,15 +86,13 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
         train = [render(t.messages(), f"builtin:{i}") for i, t in enumerate(tasks["train"])]
         held: list[Task] = tasks["heldout"]
         val = [render(t.messages(), f"builtin-heldout:{i}") for i, t in enumerate(held)]
-        items = [EvalItem(prompt_ids(t.messages()[:1], tok), t.answer, t.kind) for t in held]
-        return train, val, items
+        return train, val, builtin_items(tok, held)
     train = [render(m, where) for where, m in read_conversations(cfg.data.path)]
     val, items = [], []
     if cfg.data.val_path:
         for where, msgs in read_conversations(cfg.data.val_path):
             val.append(render(msgs, where))
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            items.append(EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user"))
+            items.append(conversation_item(tok, msgs))
     return train, val, items
 
 
