@@ -522,6 +522,7 @@ class Loop:
                     profiler = None
                 if self.evaluate and (st.step % args.eval_every == 0 or st.step == args.max_steps):
                     self._validate(log)
+                    window_start = time.perf_counter()  # tokens/s counts training time, not validation
                 stop = self._stop_signal if not d.active else int(d.max(float(self._stop_signal or 0))) or None
                 if stop is not None:
                     path = self.save()
