@@ -120,6 +120,21 @@ class DistArgs:
 
 
 @dataclass
+class MonitorArgs:
+    tensorboard: bool = True
+    """TensorBoard event files under tb/ (when the package is present)."""
+    wandb: bool = False
+    """Weights & Biases; offline by default (no account needed: `wandb sync <run>/wandb/offline-run-*` later)."""
+    wandb_project: str = "llmstages"
+    wandb_mode: str = "offline"
+    """offline, online or disabled."""
+    mlflow: bool = False
+    """MLflow (needs the mlflow or mlflow-skinny package), logging to mlflow_uri."""
+    mlflow_uri: str = ""
+    """A tracking URI; empty: a local file store in the run directory (mlruns/)."""
+
+
+@dataclass
 class PeftArgs:
     method: str = "none"
     """none (full fine-tuning), lora, dora or adapter."""
@@ -168,6 +183,7 @@ class SFTConfig:
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: SFTDataArgs = field(default_factory=SFTDataArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-3,
                                                                warmup_steps=10, min_lr=1e-4, eval_every=25,
@@ -214,6 +230,7 @@ class DPOConfig:
     peft: PeftArgs = field(default_factory=PeftArgs)
     dpo: DPOArgs = field(default_factory=DPOArgs)
     ref: RefArgs = field(default_factory=RefArgs)
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=40, batch_size=16, seq_len=128, lr=1e-5,
                                                                warmup_steps=4, min_lr=1e-6, eval_every=10,
@@ -230,6 +247,7 @@ class RewardConfig:
     peft: PeftArgs = field(default_factory=PeftArgs)
     margin: float = 0.0
     """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-4,
                                                                warmup_steps=10, min_lr=1e-5, eval_every=25,
@@ -275,6 +293,7 @@ class GRPOConfig:
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
     grpo: GRPOArgs = field(default_factory=GRPOArgs)
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=30, batch_size=64, seq_len=64, lr=3e-5,
                                                                warmup_steps=2, min_lr=3e-6, eval_every=10,
@@ -383,6 +402,7 @@ class PPOConfig:
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
     ppo: PPOArgs = field(default_factory=PPOArgs)
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=32, batch_size=16, seq_len=64, lr=1e-5,
                                                                warmup_steps=0, min_lr=1e-5, eval_every=16,
@@ -398,6 +418,7 @@ class PretrainConfig:
     """Continue from the newest checkpoint in `out_dir`."""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
 

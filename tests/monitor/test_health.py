@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from llmstages.cli import main
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import read_metrics
@@ -81,3 +83,26 @@ def test_doctor_describes_the_machine(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "device" in out and "memory" in out and "disk" in out and "optional packages" in out
+
+
+def test_wandb_offline_and_mlflow_file_store_receive_the_metrics(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = ["pretrain", f"out_dir={tmp_path}", *PRE, "monitor.wandb=true", "monitor.mlflow=true"]
+    assert main(argv) == 0
+    offline = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0  # no account: a local run to `wandb sync` later
+    client = mlflow.tracking.MlflowClient((tmp_path / "mlruns").as_uri())  # the file store the run wrote
+    (run,) = client.search_runs([client.get_experiment_by_name("llmstages").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    jsonl = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r and r.get("event") != "health"]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(jsonl)
+
+
+def test_a_missing_sink_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    assert main(["pretrain", f"out_dir={tmp_path}", *PRE, "monitor.wandb=true"]) == 2
+    assert "monitor.wandb=true needs the wandb package" in capsys.readouterr().err

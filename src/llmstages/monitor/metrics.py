@@ -1,4 +1,5 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per record) and TensorBoard event files under `tb/`."""
+"""Metric sinks: `metrics.jsonl` (one JSON object per record, always), TensorBoard event files under `tb/`,
+and optionally Weights & Biases (offline by default) and MLflow (a local file store by default)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmstages.errors import UserError
+
 
 class MetricsLogger:
     """Writes each record to `metrics.jsonl` and its numbers to TensorBoard (when the package is present).
@@ -16,8 +19,11 @@ class MetricsLogger:
     one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        """A fresh run (`resume_step` None) starts the file anew; a resumed one keeps steps <= resume_step."""
+    def __init__(
+        self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True, monitor: Any = None
+    ) -> None:
+        """A fresh run (`resume_step` None) starts the file anew; a resumed one keeps steps <= resume_step.
+        `monitor` (config.MonitorArgs) turns on W&B and MLflow."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
@@ -32,6 +38,11 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
             except ImportError:  # tensorboard not installed: JSONL only
                 self._tb = None
+        self._wandb = self._mlflow = None
+        if monitor is not None and monitor.wandb:
+            self._wandb = _start_wandb(Path(run_dir), monitor, resume_step is not None)
+        if monitor is not None and monitor.mlflow:
+            self._mlflow = _start_mlflow(Path(run_dir), monitor)
 
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -45,15 +56,57 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        if self._tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, record["step"])
+        if "step" not in record:
+            return
+        numbers = {k: v for k, v in record.items() if k != "step" and _number(v)}
+        if self._tb is not None:
+            for k, v in numbers.items():
+                self._tb.add_scalar(k, v, record["step"])
+        if self._wandb is not None and numbers:
+            self._wandb.log(numbers, step=record["step"])
+        if self._mlflow is not None and numbers:
+            self._mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in numbers.items()}, step=record["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _start_wandb(run_dir: Path, monitor: Any, resumed: bool) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("monitor.wandb=true needs the wandb package: pip install 'llmstages[monitor]'") from None
+    if monitor.wandb_mode not in ("offline", "online", "disabled"):
+        raise UserError(f"monitor.wandb_mode must be offline, online or disabled, got '{monitor.wandb_mode}'")
+    id_file = run_dir / "wandb_id.txt"  # one W&B run per run directory, continued on resume
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+    run = wandb.init(project=monitor.wandb_project, dir=str(run_dir), mode=monitor.wandb_mode, name=run_dir.name,
+                     id=run_id, resume="allow" if run_id else None)  # fmt: skip
+    id_file.write_text(run.id + "\n")
+    return run
+
+
+def _start_mlflow(run_dir: Path, monitor: Any) -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("monitor.mlflow=true needs mlflow: pip install 'llmstages[monitor]' (mlflow-skinny)") from None
+    if not monitor.mlflow_uri:  # a local file store needs no server or database (MLflow 3 asks to opt in)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(monitor.mlflow_uri or (run_dir.resolve() / "mlruns").as_uri())
+    mlflow.set_experiment("llmstages")
+    mlflow.start_run(run_name=run_dir.name)
+    return mlflow
 
 
 class NullLogger:

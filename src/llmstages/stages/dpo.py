@@ -144,7 +144,8 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
 
     loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=next_batches, device=device,
                 loss_fn=lambda m, b: score(m, b, "train"), count_fn=lambda b: int(b["index"].numel()),
-                evaluate=evaluate)  # fmt: skip
+                evaluate=evaluate,
+                monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)
     if progress:

@@ -111,7 +111,8 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
 
     loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=rollout, device=device, loss_fn=loss_fn,
                 health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-                count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()), evaluate=evaluate)  # fmt: skip
+                count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()), evaluate=evaluate,
+                monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)
     if progress:

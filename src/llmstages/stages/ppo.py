@@ -198,7 +198,8 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     loop = Loop(model=ac, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
                 health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
                 count_fn=lambda b: 1, param_groups_fn=lambda m: _param_groups(m, cfg), on_save=on_save,
-                evaluate=evaluate)  # fmt: skip
+                evaluate=evaluate,
+                monitor=cfg.monitor)  # fmt: skip
     loop_ref["loop"] = loop
     resumed = loop.resume() if cfg.resume else False
     if resumed and "rollout_it" in loop.resumed_extra:

@@ -173,7 +173,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
         return {"val_loss": total / n, "val_ppl": math.exp(total / n)}
 
     loop = Loop(
-        model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
+        monitor=cfg.monitor, model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
         evaluate=evaluate if has_val else None,
         flops_per_token=flops_per_token(model.config, args.seq_len),
     )  # fmt: skip

@@ -192,7 +192,8 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         return result
 
     loop = Loop(model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
-                evaluate=evaluate, flops_per_token=flops_per_token(model.config, args.seq_len))  # fmt: skip
+                evaluate=evaluate, flops_per_token=flops_per_token(model.config, args.seq_len),
+                monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)
     if progress:

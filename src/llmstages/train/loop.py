@@ -318,6 +318,8 @@ class Loop:
     device: torch.device = torch.device("cpu")
     param_groups_fn: Callable[[nn.Module], list[dict[str, Any]]] | None = None
     """The optimizer's parameter groups (default `param_groups`), read after the strategy is applied."""
+    monitor: Any = None
+    """The stage's `monitor` config section (W&B, MLflow, TensorBoard)."""
     health: HealthMonitor = field(default_factory=HealthMonitor)
     """Flags loss spikes, gradient explosions, NaNs, throughput drops and data stalls (see monitor/health.py)."""
     state: LoopState = field(default_factory=LoopState)
@@ -565,7 +567,8 @@ class Loop:
         as its step-0 record."""
         log: MetricsLogger | NullLogger = NullLogger()
         if self.dist.is_main:
-            log = MetricsLogger(self.run_dir, resume_step=self.state.step if resumed else None)
+            tb = self.monitor.tensorboard if self.monitor is not None else True
+            log = MetricsLogger(self.run_dir, self.state.step if resumed else None, tb, self.monitor)
         try:
             if not resumed and start is not None:
                 self.model.eval()
