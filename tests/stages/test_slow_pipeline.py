@@ -59,8 +59,8 @@ def test_reward_model_agrees_with_the_oracle(sft_lora, tmp_path):
     # pairs of the SFT model's replies to held-out people's questions that the oracle scores differently
     result = judge(sft_lora / "final", sft_lora / "final", tmp_path, "--judge", str(run / "final"))
     assert result["judge_pairs"] > 100
-    # measured 0.868 on the held-out people's pairs (the target: 0.85) and 0.82 on its own held-out
-    # pairs (100 pairs, +-4%)
+    # measured 0.858 on the held-out people's pairs with 8 samples per question (the target: 0.85; 0.842
+    # with 4), and 0.868 with 4 on an earlier SFT model
     assert result["judge_accuracy"] >= 0.85 and held_out_pairs >= 0.75, (held_out_pairs, result)
 
 
