@@ -119,3 +119,19 @@ def test_too_long_examples_truncated_or_refused():
     assert fit_length([ex], first - 1, truncate=True)[0] == []  # nothing trained left: dropped
     with pytest.raises(UserError, match=r"data.jsonl:7: example of \d+ tokens is longer than train.seq_len"):
         fit_length([ex], seq_len, truncate=False)
+
+
+def test_right_pad_rows_read_like_unpadded_ones():
+    from llmstages.data.chat import right_pad
+
+    rows = [[5, 6, 7, 8], [9, 10], [11]]
+    ids, mask = right_pad(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 0, 0, 0]]
+    assert mask.sum(-1).tolist() == [4, 2, 1]
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)).eval()
+    with torch.no_grad():
+        padded = model(ids, mask=mask)
+        for k, row in enumerate(rows):  # the last real token of each padded row sees what the row alone sees
+            alone = model(torch.tensor([row]))[0, -1]
+            assert torch.allclose(padded[k, len(row) - 1], alone, atol=1e-5)

@@ -184,6 +184,17 @@ def fit_length(examples: list[Example], seq_len: int, truncate: bool) -> tuple[l
     return out, cut
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each (len(rows), longest row): every row left-aligned with `pad_id` after it; the key mask is
+    1 on the row's tokens (a model reading the last real token finds it at mask.sum(-1) - 1)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, row in enumerate(rows):
+        ids[k, : len(row)] = torch.tensor(row)
+        mask[k, : len(row)] = 1
+    return ids, mask
+
+
 def padded_batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows: input_ids, targets (next-token labels, IGNORE_INDEX on padding) and the key mask."""
     T = max(len(e.input_ids) for e in examples) - 1

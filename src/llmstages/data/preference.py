@@ -18,7 +18,16 @@ from pathlib import Path
 
 import torch
 
-from llmstages.data.chat import ROLES, Example, Message, padded_batch, prompt_ids, to_messages, tokenize_conversation
+from llmstages.data.chat import (
+    ROLES,
+    Example,
+    Message,
+    padded_batch,
+    prompt_ids,
+    right_pad,
+    to_messages,
+    tokenize_conversation,
+)
 from llmstages.data.text import list_files, read_jsonl
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -183,11 +192,7 @@ def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str,
     the mask) for a reward model, which reads the last token exactly as it will when it scores a finished reply."""
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     if whole:
-        ids = torch.full((len(rows), max(len(e.input_ids) for e in rows)), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(rows):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, : len(e.input_ids)] = 1
+        ids, mask = right_pad([e.input_ids for e in rows], pad_id)
         batch = {"input_ids": ids, "mask": mask}
     else:
         batch = padded_batch(rows, pad_id)

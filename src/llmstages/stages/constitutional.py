@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from llmstages.config import CAIConfig, DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config, save_config
-from llmstages.data.chat import Message, prompt_ids, tokenize_conversation
+from llmstages.data.chat import Message, prompt_ids, right_pad, tokenize_conversation
 from llmstages.data.constitution import Constitution, Principle, load_constitution
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -79,12 +79,7 @@ def option_probabilities(model: GPT, tok: Tokenizer, requests: Sequence[str], op
     out = []
     for s in range(0, len(requests), BATCH):
         rows = [prompt_ids([{"role": "user", "content": r}], tok) for r in requests[s : s + BATCH]]
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, row in enumerate(rows):
-            ids[k, : len(row)] = torch.tensor(row)
-            mask[k, : len(row)] = 1
+        ids, mask = right_pad(rows, tok.pad_id)
         logits = model(ids.to(device), mask=mask.to(device)).float()
         last = logits[torch.arange(len(rows)), mask.sum(-1).to(device) - 1]  # (B, V) after the assistant tag
         out.append(torch.softmax(last[:, list(option_ids)], -1).cpu().numpy())

@@ -40,7 +40,7 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> Re
         if not reward.fn:
             raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
         return import_reward_fn(reward.fn)
-    from llmstages.data.chat import tokenize_conversation
+    from llmstages.data.chat import right_pad, tokenize_conversation
     from llmstages.model.heads import load_reward_model
 
     rm = load_reward_model(reward.model, device=device).eval()
@@ -53,11 +53,7 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> Re
         rows = [tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
                                       rm_tok).input_ids for p, r in zip(prompts, responses)]  # fmt: skip
         rows = [row if end else row[:-1] for row, end in zip(rows, ended)]  # an unfinished reply has no EOS
-        ids = torch.full((len(rows), max(map(len, rows))), rm_tok.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, row in enumerate(rows):
-            ids[k, : len(row)] = torch.tensor(row)
-            mask[k, : len(row)] = 1
+        ids, mask = right_pad(rows, rm_tok.pad_id)
         return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
 
     return score
