@@ -45,6 +45,14 @@ class Tokenizer:
             if tok is not None and tk.token_to_id(tok) is None:
                 raise UserError(f"tokenizer: {name} '{tok}' is not in the vocabulary")
 
+    def to_spec(self) -> tuple[str, str | None, str | None, str | None, str | None]:
+        """Everything that defines the tokenizer, as plain strings (to send to another process)."""
+        return self.tk.to_str(), self.bos_token, self.eos_token, self.pad_token, self.chat_template
+
+    @classmethod
+    def from_spec(cls, spec: tuple[str, str | None, str | None, str | None, str | None]) -> Tokenizer:
+        return cls(HFTokenizer.from_str(spec[0]), *spec[1:])
+
     # -- ids -----------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)

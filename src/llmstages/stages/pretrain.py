@@ -70,7 +70,10 @@ def _tokenizer(cfg: PretrainConfig, out: Path, documents: list[str] | None) -> t
         if (shard_dir / "tokenizer.json").is_file():
             return Tokenizer.load(shard_dir), False
         raise UserError(f"{shard_dir}: token shards without tokenizer.json; set data.tokenizer")
-    return train_bpe(documents, cfg.data.vocab_size), True
+    d = distributed.current()  # under torchrun rank 0 trains the BPE and the other ranks receive it
+    tok = train_bpe(documents, cfg.data.vocab_size) if d.is_main else None
+    spec = d.share_from_main(tok.to_spec() if tok is not None else None)
+    return (tok if tok is not None else Tokenizer.from_spec(spec)), True
 
 
 def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:

@@ -111,6 +111,15 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    def share_from_main(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank, waiting as long as rank 0 needs (the day-long group, not the collective
+        timeout: rank 0 may be training a tokenizer)."""
+        if not dist.is_initialized() or self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.long_group)
+        return box[0]
+
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0 (None elsewhere)."""
         if not dist.is_initialized() or self.world == 1:
