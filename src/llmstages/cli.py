@@ -108,7 +108,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from llmstages.data.text import iter_documents
         from llmstages.eval import lm
         from llmstages.model import load_model, load_tokenizer
-        from llmstages.train.rollout import builtin_prompts
 
         model, tok = load_model(args.model, device=_device(args.device)).eval(), load_tokenizer(args.model)
         if args.perplexity is not None:
@@ -117,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.tasks is not None:
             result.update(lm.task_accuracy(model, tok, args.tasks, args.seed))
         if args.show:
-            questions = [m[-1]["content"] for m in builtin_prompts(args.seed, 8)[1][::12][: args.show]]
+            questions = lm.heldout_questions(args.show, args.seed)
             for q, a in zip(questions, lm.show(model, tok, questions)):
                 print(f"{q!r} -> {a!r}")
     if args.model and (not wants_lm or args.reference or args.judge):

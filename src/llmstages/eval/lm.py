@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from llmstages.data.chat import Example, padded_batch
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.losses import IGNORE_INDEX
 from llmstages.model import GPT, generate
 
 
@@ -33,15 +33,9 @@ def perplexity(model: GPT, tok: Tokenizer, documents: Sequence[str], batch_size:
         raise UserError("perplexity: no text to evaluate")
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        width = max(len(r) for r in chunk) - 1
-        x = torch.full((len(chunk), width), tok.pad_id or 0, dtype=torch.long)
-        y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for k, r in enumerate(chunk):
-            x[k, : len(r) - 1] = torch.tensor(r[:-1])
-            y[k, : len(r) - 1] = torch.tensor(r[1:])
-        batch = {"input_ids": x.to(device), "targets": y.to(device)}
+    examples = [Example(r, r) for r in rows]  # every token a target
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in padded_batch(examples[s : s + batch_size], tok.pad_id).items()}
         loss, _ = lm_loss(model, batch)
         total, count = total + float(loss), count + count_targets(batch)
     return {"val_loss": total / count, "perplexity": math.exp(total / count), "perplexity_tokens": float(count)}
@@ -74,6 +68,13 @@ def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], seed: int = 
     if not fits:
         raise UserError(f"--tasks: every prompt is too long for the model's context of {model.config.block_size}")
     return {**exact_match(model, tok, fits), "tasks": float(len(fits)), "tasks_too_long": float(len(items) - len(fits))}
+
+
+def heldout_questions(n: int, seed: int = 0) -> list[str]:
+    """n built-in questions about the held-out people, spread over people and attributes (every 12th)."""
+    from llmstages.train.rollout import builtin_prompts
+
+    return [m[-1]["content"] for m in builtin_prompts(seed, 8)[1][::12][:n]]
 
 
 def show(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: int = 16) -> list[str]:

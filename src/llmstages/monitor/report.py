@@ -146,21 +146,18 @@ def _img(data: bytes) -> str:
 
 def samples(run: Path, n: int = 4, max_new_tokens: int = 12) -> list[tuple[str, dict[str, str]]]:
     """Greedy answers of each stage's final model to the same held-out questions: [(question, {stage: text})]."""
-    from llmstages.data.chat import prompt_ids
-    from llmstages.model import generate, load_model, load_tokenizer
-    from llmstages.train.rollout import builtin_prompts
+    from llmstages.eval.lm import heldout_questions, show
+    from llmstages.model import load_model, load_tokenizer
 
-    questions = builtin_prompts(0, 8)[1][::12][:n]
-    answers: list[tuple[str, dict[str, str]]] = [(q[-1]["content"], {}) for q in questions]
+    questions = heldout_questions(n)
+    answers: list[tuple[str, dict[str, str]]] = [(q, {}) for q in questions]
     for stage in STAGE_ORDER:
         final = run / stage / "final"
         if stage in ("pretrain", "reward", "cai/sft") or not (final / "config.json").is_file():
             continue
-        model, tok = load_model(final).eval(), load_tokenizer(final)
-        ids = [prompt_ids(q, tok) for q in questions]
-        out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        for (_, row), toks, length in zip(answers, out.tokens.tolist(), out.lengths.tolist()):
-            row[stage] = tok.decode(toks[:length]).strip()
+        replies = show(load_model(final).eval(), load_tokenizer(final), questions, max_new_tokens)
+        for (_, row), reply in zip(answers, replies):
+            row[stage] = reply
     return answers
 
 

@@ -47,6 +47,20 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def torch_rng_state() -> dict[str, Any]:
+    """torch's CPU generator and, where present, every CUDA device's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_tuples(state["python"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -100,11 +114,8 @@ def save_checkpoint(
         for k, v in (extra_tensors or {}).items():
             tensors[f"extra.{k}"] = v.detach().contiguous().cpu()
         save_file(tensors, str(tmp / "model.safetensors"))
-        torch_rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            torch_rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(
-            {"optimizer": optimizer.state_dict() if optimizer is not None else None, "torch_rng": torch_rng},
+            {"optimizer": optimizer.state_dict() if optimizer is not None else None, "torch_rng": torch_rng_state()},
             tmp / "optimizer.pt",
         )
         full_state = {**state, "step": step, "rng": rng_state()}
@@ -150,10 +161,7 @@ def save_sharded(
     d.barrier()
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    torch.save(torch_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if extra_tensors:
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
                   str(tmp / f"extra_rank{d.rank}.safetensors"))  # fmt: skip
@@ -196,9 +204,7 @@ def load_sharded(
         model.load_state_dict(msd)
     rng_file = path / f"rng_rank{d.rank}.pt"
     rng = torch.load(rng_file if rng_file.is_file() else path / "rng_rank0.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_torch_rng_state(rng)
     set_rng_state(state["rng"])
     extra_file = path / f"extra_rank{d.rank}.safetensors"
     extra = load_file(str(extra_file)) if extra_file.is_file() else {}
@@ -265,9 +271,7 @@ def load_checkpoint(
             optimizer.load_state_dict(opt["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not fit this run ({e})") from None
-    torch.set_rng_state(opt["torch_rng"]["cpu"])
-    if "cuda" in opt["torch_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(opt["torch_rng"]["cuda"])
+    set_torch_rng_state(opt["torch_rng"])
     set_rng_state(state["rng"])
     return state, extra
 

@@ -82,12 +82,12 @@ class Dist:
         if dist.is_initialized():
             dist.barrier()
 
-    def sum(self, values: list[float], group: Any = None) -> list[float]:
-        """Element-wise sum over all ranks, or over `group` (float64)."""
+    def sum(self, values: list[float], group: Any = None, op: Any = None) -> list[float]:
+        """Element-wise sum (or `op`) over all ranks, or over `group` (float64)."""
         if not dist.is_initialized() or self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, group=group)
+        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM, group=group)
         return t.tolist()
 
     def dp_sum(self, values: list[float]) -> list[float]:
@@ -105,11 +105,7 @@ class Dist:
             dist.barrier(group=self.long_group)
 
     def max(self, value: float) -> float:
-        if not dist.is_initialized() or self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+        return self.sum([value], op=dist.ReduceOp.MAX)[0]
 
     def share_from_main(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank, waiting as long as rank 0 needs (the day-long group, not the collective
@@ -427,9 +423,8 @@ def meta_template(model: nn.Module) -> nn.Module:
 
 
 def full_state_dict(model: nn.Module, d: Dist) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on CPU at rank 0 (None elsewhere), gathered from every shard or stage."""
-    if not d.sharded:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if d.is_main else None
+    """The whole model's state dict on CPU at rank 0 (None elsewhere), gathered from every shard or stage of a
+    sharded strategy."""
     if d.strategy == "pp":
         parts = d.gather_objects({k: v.detach().cpu() for k, v in model.state_dict().items()})
         return {k: v for part in parts for k, v in part.items()} if d.is_main else None

@@ -358,7 +358,7 @@ class Loop:
                 )
             state, extra = ckpt.load_checkpoint(path, self.model, self.optimizer)
             if any(k.startswith("r0.") for k in extra):  # per-rank extras of a data-parallel run
-                mine = f"r{d.dp_rank}." if any(k.startswith(f"r{d.dp_rank}.") for k in extra) else "r0."
+                mine = f"r{d.dp_rank}."
                 extra = {k.removeprefix(mine): v for k, v in extra.items() if k.startswith(mine)}
         self.state = LoopState(
             step=state["step"], tokens_seen=state.get("tokens_seen", 0),
@@ -451,7 +451,6 @@ class Loop:
         strategy = {"fsdp+tp": "fsdp"}.get(self.dist.strategy, self.dist.strategy)
         if strategy == "fsdp" and not self.dist.args.reshard_after_forward:
             strategy = "fsdp-zero2"
-
         gpt = next((m for m in self.model.modules() if isinstance(m, GPT)), None)
         if gpt is None:
             return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
