@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 
+import yaml
+
 from llmstages.cli import main
-from llmstages.demo import run_step
+from llmstages.demo import TARGETS, run_step
 from llmstages.monitor.metrics import read_metrics
 
 KEYS = {
@@ -19,8 +21,14 @@ KEYS = {
 
 
 def test_quick_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--seed", "1", "--world-seed", "1"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["seed"], summary["world_seed"]) == (1, 1)
+    for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai/sft", "cai/dpo"):
+        cfg = yaml.safe_load((tmp_path / stage / "config.yaml").read_text())
+        assert (cfg["seed"], cfg["world_seed"]) == (1, 1), stage
+    assert "world_seed=1" in json.loads((tmp_path / "pretrain" / "data" / "meta.json").read_text())["source"]
+    assert len(summary["targets"]) == len(TARGETS) and all(t["value"] is not None for t in summary["targets"])
     stages = summary["stages"]
     for stage, keys in KEYS.items():
         for k in [*keys, "seconds"]:
@@ -35,9 +43,17 @@ def test_quick_demo(tmp_path, capsys):
     for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai_dpo"):
         assert (tmp_path / "plots" / f"{stage}.png").stat().st_size > 10_000
     assert report.count("data:image/png;base64,") >= 8 and "Held-out metrics" in report
+    assert "seed 1, world seed 1" in report
     assert "win rate vs SFT" in capsys.readouterr().out
     # A finished step is reused, not trained again.
     assert run_step(tmp_path, "sft", quick=True) == 0.0
+    # The folder belongs to that demo: another seed, or a folder of someone else's, is refused.
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    assert "holds a demo run with" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["demo", "--out", str(tmp_path / "mine"), "--quick"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and len(list((tmp_path / "mine").iterdir())) == 1
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

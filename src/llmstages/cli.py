@@ -65,6 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmstages.data.builtin import builtin_corpus
+    from llmstages.data.tasks import answer_lines
     from llmstages.data.text import iter_documents, prepare_shards
     from llmstages.data.tokenizer import train_bpe
 
@@ -73,7 +74,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     docs = list(iter_documents(args.data)) if args.data else builtin_corpus()
     if not any(d.strip() for d in docs):
         raise UserError("the data holds no text")
-    tok = train_bpe(docs, args.vocab_size)
+    tok = train_bpe(docs if args.data else [*docs, *answer_lines()], args.vocab_size)
     tok.save(args.out)
     print(f"tokenizer: {tok.vocab_size} tokens, written to {args.out}")
     if args.tokenize:
@@ -86,7 +87,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from llmstages.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, seed=args.seed, world_seed=args.world_seed)
     return 0
 
 
@@ -100,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     if not args.model and not args.labels:
         raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
-    result = label_agreement(args.labels, args.reward) if args.labels else {}
+    result = label_agreement(args.labels, args.reward, args.world_seed) if args.labels else {}
     wants_lm = args.perplexity is not None or args.tasks is not None or args.show
     if wants_lm and not args.model:
         raise UserError("--perplexity, --tasks and --show judge a model: give --model")
@@ -111,17 +112,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model, tok = load_model(args.model, device=_device(args.device)).eval(), load_tokenizer(args.model)
         if args.perplexity is not None:
-            docs = list(iter_documents(args.perplexity)) if args.perplexity else lm.builtin_heldout_text(args.seed)
+            docs = (
+                list(iter_documents(args.perplexity)) if args.perplexity else lm.builtin_heldout_text(args.world_seed)
+            )
             result.update(lm.perplexity(model, tok, docs))
         if args.tasks is not None:
-            result.update(lm.task_accuracy(model, tok, args.tasks, args.seed))
+            result.update(lm.task_accuracy(model, tok, args.tasks, args.world_seed))
         if args.show:
-            questions = lm.heldout_questions(args.show, args.seed)
+            questions = lm.heldout_questions(args.show, args.world_seed)
             for q, a in zip(questions, lm.show(model, tok, questions)):
                 print(f"{q!r} -> {a!r}")
     if args.model and (not wants_lm or args.reference or args.judge):
         result.update(evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
-                                   args.max_new_tokens, args.seed, _device(args.device), args.judge))  # fmt: skip
+                                   args.max_new_tokens, args.seed, _device(args.device), args.judge,
+                                   args.world_seed))  # fmt: skip
     if not result:
         return 0
     width = max(map(len, result))
@@ -250,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the pipeline end to end on the built-in world (the main job)")
     d.add_argument("--out", default="runs/demo", help="run directory (reused: finished stages are skipped)")
     d.add_argument("--quick", action="store_true", help="a much shorter run, for tests")
+    d.add_argument("--seed", type=int, default=0, help="the runs' seed: initialisation, data order, sampling")
+    d.add_argument("--world-seed", type=int, default=0, help="the built-in world: its facts, corpus and splits")
     d.set_defaults(func=cmd_demo)
 
     parsers = {name: _add_stage(sub, name) for name in STAGES}
@@ -308,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--samples", type=int, default=4, help="replies per prompt")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--max-new-tokens", type=int, default=8)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    v.add_argument("--world-seed", type=int, default=0, help="the built-in world whose held-out questions are asked "
+                   "and which the oracle judges (the run's world_seed)")  # fmt: skip
     v.add_argument("--out", help="also write the figures to this JSON file")
     v.add_argument("--device", default="auto")
     v.set_defaults(func=cmd_eval)

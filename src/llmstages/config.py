@@ -176,10 +176,22 @@ class SFTDataArgs:
 
 
 @dataclass
-class SFTConfig:
-    out_dir: str = "runs/sft"
+class StageArgs:
+    """The fields every training stage has; each stage's config extends it."""
+
+    out_dir: str = "runs/run"
+    """The run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
     seed: int = 0
+    """The run's randomness: initialisation, data order, dropout and sampling."""
+    world_seed: int = 0
+    """The built-in world (its table of facts, corpus, questions and splits); unused with your own data."""
     resume: bool = False
+    """Continue from the newest checkpoint in `out_dir`."""
+
+
+@dataclass
+class SFTConfig(StageArgs):
+    out_dir: str = "runs/sft"
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: SFTDataArgs = field(default_factory=SFTDataArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
@@ -212,6 +224,9 @@ class DPOArgs:
     e.g. from `llmstages cai label`) use 1 - probability instead."""
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
+    rpo_alpha: float = 0.0
+    """> 0: add rpo_alpha x the chosen reply's mean token NLL to the loss (RPO, Pang et al. 2024; TRL's
+    rpo_alpha), which keeps the likelihood of the preferred replies from falling with the rejected ones."""
 
 
 @dataclass
@@ -221,10 +236,8 @@ class RefArgs:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageArgs):
     out_dir: str = "runs/dpo"
-    seed: int = 0
-    resume: bool = False
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
@@ -238,10 +251,8 @@ class DPOConfig:
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageArgs):
     out_dir: str = "runs/reward"
-    seed: int = 0
-    resume: bool = False
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: PreferenceDataArgs = field(default_factory=PreferenceDataArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
@@ -284,10 +295,8 @@ class GRPOArgs:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(StageArgs):
     out_dir: str = "runs/grpo"
-    seed: int = 0
-    resume: bool = False
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: PromptDataArgs = field(default_factory=PromptDataArgs)
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
@@ -349,6 +358,8 @@ class CAIRunArgs:
 class CAIConfig:
     out_dir: str = "runs/cai"
     seed: int = 0
+    world_seed: int = 0
+    """The built-in world (its questions); unused with your own prompts."""
     device: str = "auto"
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     """The policy (usually the SFT model)."""
@@ -393,10 +404,8 @@ class PPOArgs:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StageArgs):
     out_dir: str = "runs/ppo"
-    seed: int = 0
-    resume: bool = False
     model: ModelArgs = field(default_factory=lambda: ModelArgs(preset=None))
     data: PromptDataArgs = field(default_factory=PromptDataArgs)
     reward: RewardSourceArgs = field(default_factory=RewardSourceArgs)
@@ -411,11 +420,8 @@ class PPOConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageArgs):
     out_dir: str = "runs/pretrain"
-    seed: int = 0
-    resume: bool = False
-    """Continue from the newest checkpoint in `out_dir`."""
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     monitor: MonitorArgs = field(default_factory=MonitorArgs)

@@ -13,6 +13,14 @@ def test_same_seed_same_world_and_corpus():
     assert builtin_corpus(3, 0.05) != builtin_corpus(4, 0.05)
 
 
+def test_world_seeds_give_different_fact_tables():
+    tables = {seed: World(seed).facts for seed in (0, 1, 2)}
+    assert World(1).facts == tables[1]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        differ = sum(x != y for x, y in zip(sorted(tables[a]), sorted(tables[b])))
+        assert differ > len(tables[a]) // 2, (a, b, differ)  # most rows differ, not just the order of people
+
+
 def test_every_fact_sentence_is_true():
     world = World(0)
     patterns = []

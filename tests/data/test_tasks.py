@@ -53,3 +53,16 @@ def test_judge_answers_are_right():
         elif t.kind == "fact_plain":
             assert t.prompt.startswith(PLAIN.format(question="")) and "," not in t.answer
     assert all(kinds[k] > 100 for k in (*JUDGE_TEMPLATES, "fact_plain")), kinds
+
+
+def test_judging_answers_are_single_tokens_of_the_builtin_tokenizer():
+    """With answer_lines in its training text, "A", "B", "Yes" and "No" are one token after the chat template's
+    space in every world, as Constitutional AI's option probabilities need."""
+    from llmstages.data.builtin import builtin_corpus
+    from llmstages.data.tasks import answer_lines
+    from llmstages.data.tokenizer import train_bpe
+    from llmstages.stages.constitutional import option_token_ids
+
+    for world_seed in (0, 1, 2, 3):
+        tok = train_bpe([*builtin_corpus(world_seed, 0.1), *answer_lines()], 2048)
+        assert len(set(option_token_ids(tok, ["A", "B", "Yes", "No"], f"world {world_seed}"))) == 4

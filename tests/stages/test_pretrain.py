@@ -51,7 +51,7 @@ def test_exact_resume_after_a_signal(tmp_path, monkeypatch):
     assert _pretrain(tmp_path / "split", "resume=true") == 0
     assert _losses(tmp_path / "split") == straight  # identical floats, not just close
     val = [r for r in read_metrics(tmp_path / "split") if "val_loss" in r]
-    assert [r["step"] for r in val] == [6, 12]
+    assert [r["step"] for r in val] == [0, 6, 12]  # the start record, then every eval_every
 
 
 def test_tiny_recipe_learns_the_corpus(tmp_path):

@@ -65,3 +65,20 @@ def test_no_decay_on_norms_biases_embeddings():
     assert all(n.endswith("weight") and "norm" not in n and "emb" not in n for n in decayed)
     assert "blocks.0.attn.q_proj.weight" in decayed
     assert {names[id(p)] for p in rest["params"]} >= {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.bias"}
+
+
+def test_native_bf16_detection_agrees_with_the_cpu():
+    """`auto` picks bf16 exactly where the CPU has AMX tiles or AVX512-BF16: what torch.cpu reports, and on Linux
+    what the kernel lists in /proc/cpuinfo."""
+    from pathlib import Path
+
+    from llmstages.train.loop import fast_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert fast_bf16(cpu) == native
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        flags = {f for line in info.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+        assert fast_bf16(cpu) == bool(flags & {"amx_tile", "avx512_bf16"})
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")

@@ -1,10 +1,16 @@
 """The built-in world: a seeded table of people and their attributes, rendered as a pre-training corpus.
 
-Sized for a ~3M-parameter model and a couple of CPU minutes (see shared/BUILTIN_WORLD.md): 40 people, four
-attributes each (town, colour, pet, job), every fact stated in five or six phrasings, plus town rosters,
-short stories that only ever restate true facts, and arithmetic lines. Every stated fact is a row of the
-table, so later stages ask about it (SFT questions), judge answers against it (the preference oracle) and
-measure recall. One seed fixes the world, the corpus and every split.
+Sized for a ~3M-parameter model and a couple of CPU minutes (see shared/BUILTIN_WORLD.md): 32 people, four
+attributes each (town, colour, pet, job), every fact stated in five or six phrasings, plus short stories that
+only ever restate true facts, and arithmetic lines. Every stated fact is a row of the table, so later stages ask
+about it (SFT questions), judge answers against it (the preference oracle) and measure recall. One seed (the
+world seed) fixes the world, the corpus and every split.
+
+Every sentence names its person before the value ("Ada lives in Oakfield", never "In Oakfield lives Ada"): a
+value that follows another person's name ("Ada went to Bram's town") or comes before its owner teaches the
+small model nothing it can recall from the name and, measured, delays storing that attribute past the
+pre-training budget (town rosters and such story lines left town recall at 23-50% after 1M tokens). 32
+people rather than 40 give each fact a quarter more exposures within the same budget.
 
 The corpus is plain English-like prose. Chat-formatted text is deliberately absent, so that what SFT adds
 (following the question-answer format) stays visible.
@@ -32,7 +38,7 @@ VALUES = {"town": TOWNS, "colour": COLOURS, "pet": PETS, "job": JOBS}
 PHRASINGS = {
     "town": (
         "{n} lives in {v}.", "{n} has a house in {v}.", "The home of {n} is in {v}.", "{n} comes from {v}.",
-        "In {v} lives {n}.", "The town of {n} is {v}.",
+        "{n} is at home in {v}.", "The town of {n} is {v}.",
     ),
     "colour": (
         "{n} likes the colour {v}.", "The favourite colour of {n} is {v}.", "{n} loves {v} things.",
@@ -53,6 +59,7 @@ FILLERS = (
     "{n} is very kind.", "{n} is really busy today.", "Everyone says {n} is very friendly.",
     "{n} smiles a lot.", "The weather is very nice today.", "{n} had a really good week.",
 )  # fmt: skip
+DOCUMENT_WEIGHTS = (55, 35, 10)  # profiles, stories, arithmetic
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
@@ -71,7 +78,7 @@ class Person:
 class World:
     """People and their attributes, fixed by `seed`. `people` is in a fixed, seed-shuffled order."""
 
-    def __init__(self, seed: int = 0, n_people: int = 40) -> None:
+    def __init__(self, seed: int = 0, n_people: int = 32) -> None:
         if not 1 <= n_people <= len(NAMES):
             raise ValueError(f"n_people must be in 1..{len(NAMES)}")
         self.seed = seed
@@ -98,29 +105,11 @@ class World:
         rng.shuffle(sentences)
         return " ".join(sentences)
 
-    def roster(self, rng: random.Random) -> str:
-        """Who shares a value: "In Oakfield live Ada, Finn and Uma." (all from the table)."""
-        attribute = rng.choice(ATTRIBUTES)
-        value = rng.choice(VALUES[attribute])
-        who = [p.name for p in self.people if p.get(attribute) == value]
-        if not who:
-            return self.profile(rng)
-        rng.shuffle(who)
-        listed = who[0] if len(who) == 1 else ", ".join(who[:-1]) + " and " + who[-1]
-        verb = len(who) > 1
-        lead = {
-            "town": f"In {value} {'live' if verb else 'lives'} {listed}.",
-            "colour": f"The colour {value} is liked by {listed}.",
-            "pet": f"A {value} is kept by {listed}.",
-            "job": f"{listed} work as {value}s." if verb else f"{listed} works as a {value}.",
-        }[attribute]
-        return lead + " " + " ".join(self.fact(rng.choice(self.people), rng.choice(ATTRIBUTES), rng) for _ in range(2))
-
     def story(self, rng: random.Random) -> str:
         """A short story of two people that restates only true facts."""
         a, b = rng.sample(self.people, 2)
         lines = [
-            f"One day {a.name} went to {b.town} to see {b.name}.",
+            f"One day {a.name} went to see {b.name} in {b.town}.",
             f"{b.name} is a {b.job} there and has a {b.pet}.",
             f"{a.name} brought a {a.colour} gift, because {a.colour} is the colour {a.name} likes best.",
             f"Then {a.name} went home to {a.town}.",
@@ -141,10 +130,10 @@ class World:
         return " ".join(lines)
 
     def documents(self, size_bytes: int, seed: int | None = None) -> list[str]:
-        """Documents until their text reaches `size_bytes`: profiles 45%, stories 25%, rosters 15%, arithmetic 15%."""
+        """Documents until their text reaches `size_bytes`, drawn by DOCUMENT_WEIGHTS."""
         rng = random.Random(self.seed * 7919 + 1 if seed is None else seed)
-        kinds = (self.profile, self.story, self.roster, self.arithmetic)
-        weights = (45, 25, 15, 15)
+        kinds = (self.profile, self.story, self.arithmetic)
+        weights = DOCUMENT_WEIGHTS
         docs, total = [], 0
         while total < size_bytes:
             doc = rng.choices(kinds, weights)[0](rng)

@@ -17,6 +17,7 @@ from llmstages.data.tasks import QUESTIONS, normalise
 
 HEDGES = frozenset({"or", "maybe", "really", "very", "perhaps", "think", "other"})
 MAX_SCORE = 5.0
+PRINCIPLE_WORDS = ("really", "very")  # the built-in constitution's banned words (configs/cai/constitution_builtin.yaml)
 
 
 @cache
@@ -54,8 +55,17 @@ def score(world: World, prompt: str, response: str, ended: bool = True) -> float
 
 
 def oracle_reward(
-    prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool], seed: int = 0
+    prompts: Sequence[str], responses: Sequence[str], ended: Sequence[bool], world_seed: int = 0
 ) -> list[float]:
-    """The reward-function form PPO/GRPO call: one score per (prompt, response, ended-with-EOS)."""
-    world = World(seed)
+    """The reward-function form PPO/GRPO call: one score per (prompt, response, ended-with-EOS), judged against
+    built-in world `world_seed` (the stages hand it theirs)."""
+    world = World(world_seed)
     return [score(world, p, r, e) for p, r, e in zip(prompts, responses, ended)]
+
+
+def breaks_principles(response: str) -> bool:
+    """Whether a reply breaks a principle of the built-in constitution, checked by rule: `concise` (the value
+    alone: one word), `no_really`, `no_very`. The oracle's own score also checks the fact and the EOS; this is
+    what the constitution asks for, measured outside the CAI loop."""
+    words = re.findall(r"[a-z]+", response.lower())
+    return len(words) != 1 or any(w in words for w in PRINCIPLE_WORDS)

@@ -141,6 +141,14 @@ JUDGE_TEMPLATES = {
 PLAIN = "Answer with the value only: {question}"
 
 
+def answer_lines(copies: int = 200) -> list[str]:
+    """Extra text for a tokenizer trained on the built-in corpus, so that every judging answer (Yes, No and the
+    options A, B) is one token after the chat template's space, whatever names the world draws: Constitutional AI
+    reads a preference from one next-token distribution. (A world without a name starting with B left " B"
+    unmerged, measured.)"""
+    return ["Answers: Yes No A B"] * copies
+
+
 def judge_tasks(world: World, rng: random.Random, n: int) -> list[Task]:
     """`n` judging tasks about styled fact answers, the kinds of JUDGE_TEMPLATES in turn. Each judges or compares
     answers with the same value, so judging is about style, never about the facts."""

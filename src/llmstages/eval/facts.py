@@ -1,10 +1,12 @@
-"""Fact recall: does a model complete "Ada lives in" with Ada's town? Plain-text prompts, greedy decoding."""
+"""What a model knows of the built-in world: fact recall of a base model ("Ada lives in" -> Ada's town, plain
+text) and fact accuracy of a chat model (greedy answers to the held-out people's fact questions)."""
 
 from __future__ import annotations
 
 import torch
 
 from llmstages.data.builtin import World
+from llmstages.data.tasks import fact_tasks, plain_fact_tasks, split_people
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.model import GPT, generate
 
@@ -37,3 +39,14 @@ def fact_recall(model: GPT, tok: Tokenizer, world: World, batch_size: int = 64) 
     result = {f"recall_{a}": c / n for a, c in correct.items()}
     result["recall"] = sum(correct.values()) / len(items)
     return result
+
+
+def fact_accuracy(model: GPT, tok: Tokenizer, world_seed: int = 0, heldout: int = 8) -> float:
+    """Share of the held-out people's fact questions whose greedy reply starts with the true value: every
+    attribute and phrasing, asked plainly and behind the "value only" instruction (8 people: 192 questions), what
+    alignment must not lose."""
+    from llmstages.eval.lm import builtin_items, exact_match
+
+    _, held = split_people(World(world_seed), heldout)
+    tasks = fact_tasks(held) + plain_fact_tasks(held)
+    return exact_match(model, tok, builtin_items(tok, tasks))["task_accuracy"]

@@ -8,13 +8,60 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from llmstages.data.chat import Example, padded_batch
+from llmstages.data.chat import Example, padded_batch, prompt_ids
+from llmstages.data.tasks import Task, answer_part, normalise
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, generate
+
+
+@dataclass
+class EvalItem:
+    """A held-out prompt (token ids up to the assistant turn), its reference answer and its kind."""
+
+    prompt: list[int]
+    answer: str
+    kind: str
+
+
+def builtin_items(tok: Tokenizer, held: list[Task]) -> list[EvalItem]:
+    """Exact-match items of built-in held-out tasks: the user turn as the prompt, the task's answer."""
+    return [EvalItem(prompt_ids(t.messages()[:1], tok), t.answer, t.kind) for t in held]
+
+
+def conversation_item(tok: Tokenizer, msgs: list[dict]) -> EvalItem:
+    """An exact-match item of a conversation: everything before its last assistant turn, and that turn."""
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user")
+
+
+@torch.no_grad()
+def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64) -> dict[str, float]:
+    """Greedy answers to held-out prompts against the references, overall and per task kind: correct when the
+    reply's first clause is the reference (`task_accuracy`), exact when the whole reply is (`exact_reply`)."""
+    if not items:
+        return {}
+    hits: dict[str, list[int]] = {}
+    exact: list[int] = []
+    max_new = max(len(tok.encode(i.answer)) for i in items) + 2
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        out = generate(model, [i.prompt for i in chunk], max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        for item, row, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
+            answer = tok.decode(row[:n])
+            hits.setdefault(item.kind, []).append(int(answer_part(answer) == normalise(item.answer)))
+            exact.append(int(normalise(answer) == normalise(item.answer)))
+    result = {
+        "task_accuracy": float(np.mean([h for v in hits.values() for h in v])),
+        "exact_reply": float(np.mean(exact)),
+    }
+    result.update({f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(hits.items())})
+    return result
 
 
 @torch.no_grad()
@@ -41,26 +88,25 @@ def perplexity(model: GPT, tok: Tokenizer, documents: Sequence[str], batch_size:
     return {"val_loss": total / count, "perplexity": math.exp(total / count), "perplexity_tokens": float(count)}
 
 
-def builtin_heldout_text(seed: int = 0, size_mb: float = 1.5, val_fraction: float = 0.05) -> list[str]:
+def builtin_heldout_text(world_seed: int = 0, size_mb: float = 1.5, val_fraction: float = 0.05) -> list[str]:
     """The built-in corpus's validation documents, the split pre-training holds out with the same settings."""
     from llmstages.data.builtin import builtin_corpus
     from llmstages.data.text import val_picker
 
-    is_val = val_picker(val_fraction, seed)
-    return [d for d in builtin_corpus(seed, size_mb) if is_val()]
+    is_val = val_picker(val_fraction, world_seed)
+    return [d for d in builtin_corpus(world_seed, size_mb) if is_val()]
 
 
-def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], seed: int = 0) -> dict[str, float]:
+def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], world_seed: int = 0) -> dict[str, float]:
     """Exact match (first clause, and whole reply) on SFT-format files' last assistant turns, or on the built-in
     tasks about the held-out people when no file is given."""
     from llmstages.data.chat import read_conversations
     from llmstages.data.tasks import builtin_tasks
-    from llmstages.stages.sft import builtin_items, conversation_item, exact_match
 
     if paths:
         items = [conversation_item(tok, msgs) for _, msgs in read_conversations(list(paths))]
     else:
-        items = builtin_items(tok, builtin_tasks(seed, 8)["heldout"])
+        items = builtin_items(tok, builtin_tasks(world_seed, 8)["heldout"])
     if not items:
         raise UserError("--tasks: no conversation with an assistant turn to check")
     room = max(len(tok.encode(i.answer)) for i in items) + 2  # what exact_match generates
@@ -70,11 +116,11 @@ def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], seed: int = 
     return {**exact_match(model, tok, fits), "tasks": float(len(fits)), "tasks_too_long": float(len(items) - len(fits))}
 
 
-def heldout_questions(n: int, seed: int = 0) -> list[str]:
+def heldout_questions(n: int, world_seed: int = 0) -> list[str]:
     """n built-in questions about the held-out people, spread over people and attributes (every 12th)."""
     from llmstages.train.rollout import builtin_prompts
 
-    return [m[-1]["content"] for m in builtin_prompts(seed, 8)[1][::12][:n]]
+    return [m[-1]["content"] for m in builtin_prompts(world_seed, 8)[1][::12][:n]]
 
 
 def show(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: int = 16) -> list[str]:

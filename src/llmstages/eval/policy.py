@@ -16,7 +16,7 @@ and per token (the same sum divided by the reply lengths summed), as in the DPO 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from llmstages.data.chat import Message, prompt_ids
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT
-from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_many
+from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_many, with_world
 
 
 @dataclass
@@ -109,16 +109,20 @@ def compare(
     max_new_tokens: int = 8,
     seed: int = 0,
     judge: RewardFn | None = None,
+    checks: Mapping[str, Callable[[str], bool]] | None = None,
 ) -> dict[str, float]:
     """The policy's reward and length; with a `reference` also its reward, the win rate and the KL; with a
     `max_score` (a bounded judge) the rate of replies below it (`violation_rate`) and the win-rate ceiling; with
-    a `judge` (e.g. a reward model) how often it orders pairs of the policy's replies as `reward_of` does."""
+    a `judge` (e.g. a reward model) how often it orders pairs of the policy's replies as `reward_of` does; for
+    each of `checks` (name -> predicate on a reply) the share of replies it holds for (`{name}_rate`)."""
     pol = sample_and_score(model, tok, prompts, reward_of, samples, temperature, max_new_tokens, seed)
     lengths = np.asarray([len(r) for r in pol.replies], dtype=np.float64)
     out = {"reward": float(pol.scores.mean()), "reward_std": float(pol.scores.std()), "length": float(lengths.mean()),
            "samples": float(len(pol.texts))}  # fmt: skip
     if max_score is not None:
         out["violation_rate"] = float(np.mean(pol.scores < max_score))
+    for name, holds in (checks or {}).items():
+        out[f"{name}_rate"] = float(np.mean([holds(t) for t in pol.texts]))
     if judge is not None:
         questions = [m[-1]["content"] for m in prompts for _ in range(samples)]
         judged = np.asarray(judge(questions, pol.texts, pol.ended), dtype=np.float64)
@@ -151,11 +155,12 @@ def evaluate_dir(
     seed: int = 0,
     device: str = "cpu",
     judge: str | None = None,
+    world_seed: int = 0,
 ) -> dict[str, float]:
     """`compare` from directories: `reward` and `judge` are `module:function` or a reward-model directory;
-    `data` prompt files (empty: the built-in fact questions about the held-out people)."""
+    `data` prompt files (empty: the built-in fact questions about world `world_seed`'s held-out people)."""
     from llmstages.config import RewardSourceArgs
-    from llmstages.data.oracle import MAX_SCORE
+    from llmstages.data.oracle import MAX_SCORE, breaks_principles
     from llmstages.data.preference import read_prompts
     from llmstages.data.text import tokenizer_hash
     from llmstages.model import load_model, load_tokenizer
@@ -171,15 +176,17 @@ def evaluate_dir(
 
     def source(spec: str):
         is_dir = Path(spec).is_dir()
-        return reward_source(RewardSourceArgs(fn=None if is_dir else spec, model=spec if is_dir else None), tok, device)
+        args = RewardSourceArgs(fn=None if is_dir else spec, model=spec if is_dir else None)
+        return reward_source(args, tok, device, world_seed)
 
-    prompts = [m for _, m in read_prompts(list(data))] if data else builtin_prompts(seed, 8)[1]
-    max_score = MAX_SCORE if reward == ORACLE else None
-    return compare(model, tok, prompts, source(reward), reference, max_score, samples, temperature, max_new_tokens,
-                   seed, source(judge) if judge else None)  # fmt: skip
+    prompts = [m for _, m in read_prompts(list(data))] if data else builtin_prompts(world_seed, 8)[1]
+    oracle = reward == ORACLE  # a bounded judge, and the built-in constitution's principles checked by rule
+    return compare(model, tok, prompts, source(reward), reference, MAX_SCORE if oracle else None, samples,
+                   temperature, max_new_tokens, seed, source(judge) if judge else None,
+                   {"principle_violation": breaks_principles} if oracle else None)  # fmt: skip
 
 
-def label_agreement(paths: Sequence[str], reward: str = ORACLE) -> dict[str, float]:
+def label_agreement(paths: Sequence[str], reward: str = ORACLE, world_seed: int = 0) -> dict[str, float]:
     """How often a preference file's labels agree with a judge (by default the oracle; a reward-model directory
     gives that model's accuracy on the pairs), over the pairs the judge scores differently: `label_agreement`, with
     `label_pairs` such pairs of `labelled_pairs` in all."""
@@ -192,7 +199,7 @@ def label_agreement(paths: Sequence[str], reward: str = ORACLE) -> dict[str, flo
 
         score = reward_source(RewardSourceArgs(fn=None, model=reward), load_tokenizer(reward), "cpu")
     else:
-        score = import_reward_fn(reward)
+        score = with_world(import_reward_fn(reward), world_seed)
     pairs = read_preferences(list(paths))
     prompts = [p.prompt[-1]["content"] for p in pairs]
     chosen = np.asarray(score(prompts, [p.chosen for p in pairs], [True] * len(pairs)), dtype=np.float64)

@@ -1,10 +1,13 @@
 """`llmstages report RUN_DIR [RUN_DIR ...]`: one self-contained `report.html` (PNG plots inlined) for a demo
 directory or single stage runs; several directories are drawn on the same axes for comparison.
 
-Per stage: loss and validation loss, learning rate, gradient norm, tokens/s, and what the stage adds (reward,
+A demo directory's report opens with the pipeline at a glance (each stage's headline figure before -> after
+against its target, from `summary.json`), the targets met and missed, and three held-out questions answered by
+every stage. Several demo directories (a seed sweep) show every run's figure and the min / median / max. Then
+per stage: loss and validation loss, learning rate, gradient norm, tokens/s, and what the stage adds (reward,
 KL, entropy and clip fraction for PPO/GRPO; margins and accuracy for DPO and the reward model; held-out task
-accuracy for SFT). Then the held-out metrics of `summary.json` (one column per directory), the reward-KL
-frontier when a directory holds `frontier.json`, and each stage's model answering the same held-out questions.
+accuracy for SFT; fact recall in pre-training), with its health flags folded; the reward-KL frontier when a
+directory holds `frontier.json`.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from llmstages.errors import UserError
 from llmstages.monitor.metrics import read_metrics
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai/sft", "cai/dpo")
 PANELS: list[tuple[str, tuple[str, ...]]] = [
-    ("loss", ("loss", "val_loss")), ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
+    ("loss", ("loss", "val_loss")), ("fact recall", ("recall_town", "recall_colour", "recall_pet", "recall_job")),
+    ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
     ("tokens/s", ("tokens_per_s",)), ("held-out task accuracy", ("task_accuracy",)),
     ("reward (rollouts, held-out)", ("reward_mean", "eval_reward")), ("KL to the reference", ("kl",)),
     ("entropy", ("entropy",)), ("clip fraction", ("clip_fraction",)), ("margin", ("margin", "val_margin")),
@@ -95,35 +100,138 @@ def plot_stage(name: str, runs: dict[str, Path]) -> bytes | None:
 
 
 def _health(runs: dict[str, Path]) -> str:
-    """The health flags of a stage's runs (red ticks on the loss panel), or that there were none."""
-    items = []
+    """One line with the counts of a stage's health flags (red ticks on the loss panel), the list folded."""
+    items, counts = [], {}
     for label, path in runs.items():
         for r in read_metrics(path):
             if r.get("event") == "health":
-                items.append(f"<li>{html.escape(label)}, step {r['step']}: {html.escape(r['kind'].replace('_', ' '))}"
-                             f": {html.escape(r['detail'])}</li>")  # fmt: skip
+                kind = r["kind"].replace("_", " ")
+                counts[kind] = counts.get(kind, 0) + 1
+                items.append(f"<li>{html.escape(label)}, step {r['step']}: {html.escape(kind)}: "
+                             f"{html.escape(r['detail'])}</li>")  # fmt: skip
     if not items:
-        return "<p>health: no loss spike, gradient explosion, NaN, throughput drop or data stall flagged.</p>"
-    more = f"<li>... and {len(items) - 20} more</li>" if len(items) > 20 else ""
-    return f"<p>health flags:</p><ul>{''.join(items[:20])}{more}</ul>"
+        return "<p>health: no loss spike, gradient explosion, NaN, sustained throughput drop or data stall.</p>"
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    return f"<details><summary>health: {html.escape(summary)}</summary><ul>{''.join(items)}</ul></details>"
+
+
+def _summaries(dirs: list[Path]) -> dict[str, dict]:
+    """summary.json of each demo directory, by label."""
+    return {
+        _label(d, dirs): json.loads((d / "summary.json").read_text()) for d in dirs if (d / "summary.json").is_file()
+    }
+
+
+def _label(d: Path, dirs: list[Path]) -> str:
+    """A directory's name, or its path where two share a name."""
+    return d.name if [x.name for x in dirs].count(d.name) == 1 else str(d)
+
+
+def _seeds(summary: dict) -> str:
+    m = summary.get("machine", {})
+    where = f"; {m['cpu']}, {m['threads']} threads, native bf16 {'yes' if m.get('native_bf16') else 'no'}" if m else ""
+    quick = ", --quick" if summary.get("quick") else ""
+    return f"seed {summary.get('seed', 0)}, world seed {summary.get('world_seed', 0)}{quick}{where}"
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return ordered[0], median, ordered[-1]
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def glance_figure(summaries: dict[str, dict]) -> bytes | None:
+    """Every stage's headline figure before -> after against its target; one dot per run, the arrow to the median;
+    green where every run meets the target, red where one misses it; | the target, a diamond the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [s["glance"] for s in summaries.values() if s.get("glance")]
+    if not runs:
+        return None
+    labels = [r["label"].split(",")[0] if len(runs) > 1 else r["label"] for r in runs[0]]
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(9, 0.42 * n + 1.0))
+    for i in range(n):
+        y = n - 1 - i
+        rows = [run[i] for run in runs if i < len(run)]
+        afters = [r["after"] for r in rows if r["after"] is not None]
+        befores = [r["before"] for r in rows if r["before"] is not None]
+        if not afters:
+            continue
+        before, after = _spread(befores)[1] if befores else None, _spread(afters)[1]
+        colour = "tab:green" if all(r["met"] for r in rows) else "tab:red"
+        if before is not None:
+            ax.annotate("", xy=(after, y), xytext=(before, y),
+                        arrowprops=dict(arrowstyle="->", color=colour, lw=1.6))  # fmt: skip
+            ax.plot([before], [y], "o", color="0.6", markersize=5)
+        ax.plot(afters, [y] * len(afters), "o", color=colour, markersize=5 if len(afters) > 1 else 7, alpha=0.8)
+        for r in rows:
+            if r["bound"] is not None:
+                ax.plot([r["bound"]], [y], "|", color="black", markersize=14, mew=2)
+            if r.get("ceiling") is not None:
+                ax.plot([r["ceiling"]], [y], "D", color="0.3", markersize=4, fillstyle="none")
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels[::-1], fontsize=9)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("rate (grey: before the stage, coloured: after; | target, diamond: win-rate ceiling)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("The pipeline at a glance" + (f" ({len(runs)} runs)" if len(runs) > 1 else ""), fontsize=11)
+    fig.tight_layout()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def _targets_table(summaries: dict[str, dict]) -> str:
+    """The targets, met or missed: each run's value, and with several runs min / median / max (met at the min)."""
+    with_targets = {k: s for k, s in summaries.items() if s.get("targets")}
+    if not with_targets:
+        return ""
+    first = next(iter(with_targets.values()))["targets"]
+    many = len(with_targets) > 1
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in with_targets) + ("<th>min / median / max</th>" if many else "")
+    body, met_all = [], 0
+    for i, t in enumerate(first):
+        rows = [s["targets"][i] for s in with_targets.values()]
+        met = all(r["met"] for r in rows)
+        met_all += met
+        cells = "".join(f"<td class='{'met' if r['met'] else 'missed'}'>{_fmt(r['value'])}</td>" for r in rows)
+        values = [r["value"] for r in rows if r["value"] is not None]
+        if many and values:
+            cells += "<td>" + " / ".join(_fmt(v) for v in _spread(values)) + "</td>"
+        verdict = "met" if met else "missed"
+        body.append(f"<tr><td>{t['stage']}</td><td>{t['metric']}</td><td>{html.escape(t['target'])}</td>{cells}"
+                    f"<td class='{verdict}'>{verdict}</td></tr>")  # fmt: skip
+    return (f"<h2>Targets: {met_all} of {len(first)} met{' in every run' if many else ''}</h2><table><tr><th>stage"
+            f"</th><th>metric</th><th>target</th>{head}<th></th></tr>{''.join(body)}</table>")  # fmt: skip
 
 
 def _summary_table(dirs: list[Path]) -> str:
-    summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in dirs if (d / "summary.json").is_file()}
+    summaries = _summaries(dirs)
     if not summaries:
         return ""
     keys: list[tuple[str, str]] = []
     for s in summaries.values():
         for stage, metrics in s["stages"].items():
             keys += [(stage, k) for k in metrics if (stage, k) not in keys]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in summaries)
+    many = len(summaries) > 1
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in summaries) + ("<th>min / median / max</th>" if many else "")
     body = []
     for stage, k in keys:
-        cells = []
-        for s in summaries.values():
-            v = s["stages"].get(stage, {}).get(k)
-            cells.append(f"<td>{'' if v is None else f'{v:.4g}' if isinstance(v, float) else v}</td>")
-        body.append(f"<tr><td>{stage}</td><td>{k}</td>{''.join(cells)}</tr>")
+        values = [s["stages"].get(stage, {}).get(k) for s in summaries.values()]
+        cells = "".join(f"<td>{_fmt(v)}</td>" for v in values)
+        numbers = [v for v in values if isinstance(v, int | float)]
+        if many and numbers:
+            cells += "<td>" + " / ".join(_fmt(float(v)) for v in _spread(numbers)) + "</td>"
+        body.append(f"<tr><td>{stage}</td><td>{k}</td>{cells}</tr>")
     return (f"<h2>Held-out metrics</h2><table><tr><th>stage</th><th>metric</th>{head}</tr>{''.join(body)}</table>"
             "<p>SFT figures are greedy answers to the held-out people's questions (before: the base model); "
             "rewards, violations, win rates and KL are the oracle's judgement of 4 samples per question at "
@@ -144,12 +252,13 @@ def _img(data: bytes) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def samples(run: Path, n: int = 4, max_new_tokens: int = 12) -> list[tuple[str, dict[str, str]]]:
+def samples(run: Path, n: int = 3, max_new_tokens: int = 12) -> list[tuple[str, dict[str, str]]]:
     """Greedy answers of each stage's final model to the same held-out questions: [(question, {stage: text})]."""
     from llmstages.eval.lm import heldout_questions, show
     from llmstages.model import load_model, load_tokenizer
 
-    questions = heldout_questions(n)
+    made = json.loads((run / "demo.json").read_text()) if (run / "demo.json").is_file() else {}
+    questions = heldout_questions(n, made.get("world_seed", 0))
     answers: list[tuple[str, dict[str, str]]] = [(q, {}) for q in questions]
     for stage in STAGE_ORDER:
         final = run / stage / "final"
@@ -171,15 +280,17 @@ def _samples_html(dirs: list[Path]) -> str:
         head = "".join(f"<th>{s}</th>" for s in stages)
         body = "".join(f"<tr><td>{html.escape(q)}</td>" + "".join(f"<td>{html.escape(r.get(s, ''))}</td>"
                        for s in stages) + "</tr>" for q, r in rows)  # fmt: skip
-        parts.append(f"<h3>{html.escape(d.name)}</h3><table><tr><th>question</th>{head}</tr>{body}</table>")
+        title = f"<h3>{html.escape(_label(d, dirs))}</h3>" if len(dirs) > 1 else ""
+        parts.append(f"{title}<table><tr><th>question</th>{head}</tr>{body}</table>")
     if not parts:
         return ""
-    return "<h2>The same held-out questions, greedy answers of each stage</h2>" + "".join(parts)
+    return "<h2>Three held-out questions, the greedy answer of every stage</h2>" + "".join(parts)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1500px;margin:24px auto;padding:0 16px;color:#222}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
-th{background:#f3f3f3}img{max-width:100%;margin:6px 0}h2{margin-top:28px}"""
+th{background:#f3f3f3}img{max-width:100%;margin:6px 0}h2{margin-top:28px}.met{color:#186a1b}
+.missed{color:#b00020;font-weight:600}.seeds{color:#555;margin:2px 0}details{margin:4px 0 12px}"""
 
 
 def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -199,7 +310,13 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
             (plots / f"{name.replace('/', '_')}.png").write_bytes(png)
             sections.append(f"<h2>{html.escape(name)}</h2>{_img(png)}{_health(per_dir)}")
     title = "llmstages report: " + ", ".join(html.escape(str(p)) for p in paths)
-    body = _summary_table(paths) + "".join(sections) + _frontier(paths) + _samples_html(paths)
+    summaries = _summaries(paths)
+    seeds = "".join(f"<p class='seeds'>{html.escape(k)}: {html.escape(_seeds(v))}</p>" for k, v in summaries.items())
+    glance = glance_figure(summaries)
+    if glance:
+        (plots / "glance.png").write_bytes(glance)
+    top = seeds + (_img(glance) if glance else "") + _targets_table(summaries) + _samples_html(paths)
+    body = top + "".join(sections) + _summary_table(paths) + _frontier(paths)
     target.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
                       f"<style>{STYLE}</style></head><body><h1>{title}</h1>{body}</body></html>\n")  # fmt: skip
     return target

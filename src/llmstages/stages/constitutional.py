@@ -201,7 +201,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _prompts(cfg: CAIConfig) -> list[list[Message]]:
-    prompts = prompt_sets(cfg.data, cfg.seed)[0]
+    prompts = prompt_sets(cfg.data, cfg.world_seed)[0]
     return prompts[: cfg.max_prompts] if cfg.max_prompts > 0 else prompts
 
 
@@ -280,12 +280,17 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
         say("revise: reusing revise/sft.jsonl")
     else:
         main_revise(cfg, progress)
+
+    def recipe(cls, name: str, run: str, *overrides: str):  # a shipped recipe, chained into this run's folder
+        common = [f"out_dir={out / run}", "resume=true", f"seed={cfg.seed}", f"world_seed={cfg.world_seed}"]
+        return load_config(cls, RECIPES / name, [*common, *overrides])
+
     if done(out / "sft"):
         say("sft: reusing sft/final")
     else:
-        sft.main(load_config(SFTConfig, RECIPES / "sft" / "lora.yaml", [
-            f"model.path={cfg.model.path}", f"data.path=[{out / 'revise' / 'sft.jsonl'}]", f"out_dir={out / 'sft'}",
-            "resume=true", f"seed={cfg.seed}", *cfg.run.sft]), progress)  # fmt: skip
+        revised = out / "revise" / "sft.jsonl"
+        sft.main(recipe(SFTConfig, "sft/lora.yaml", "sft", f"model.path={cfg.model.path}", f"data.path=[{revised}]",
+                        *cfg.run.sft), progress)  # fmt: skip
     policy = str(out / "sft" / "final")
     if (out / "label" / "pairs.jsonl").is_file():
         say("label: reusing label/pairs.jsonl")
@@ -294,19 +299,16 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
     pairs = out / "label" / "pairs.jsonl"
     if cfg.run.align == "dpo":
         if not done(out / "dpo"):
-            dpo.main(load_config(DPOConfig, RECIPES / "dpo" / "lora.yaml", [
-                f"model.path={policy}", f"data.path=[{pairs}]", f"out_dir={out / 'dpo'}", "resume=true",
-                f"seed={cfg.seed}", *cfg.run.dpo]), progress)  # fmt: skip
+            dpo.main(recipe(DPOConfig, "dpo/lora.yaml", "dpo", f"model.path={policy}", f"data.path=[{pairs}]",
+                            *cfg.run.dpo), progress)  # fmt: skip
         final = out / "dpo" / "final"
     else:
         if not done(out / "reward"):
-            reward.main(load_config(RewardConfig, RECIPES / "reward" / "lora.yaml", [
-                f"model.path={policy}", f"data.path=[{pairs}]", f"out_dir={out / 'reward'}", "resume=true",
-                f"seed={cfg.seed}", *cfg.run.reward]), progress)  # fmt: skip
+            reward.main(recipe(RewardConfig, "reward/lora.yaml", "reward", f"model.path={policy}",
+                               f"data.path=[{pairs}]", *cfg.run.reward), progress)  # fmt: skip
         if not done(out / "ppo"):
-            ppo.main(load_config(PPOConfig, RECIPES / "ppo" / "lora.yaml", [
-                f"model.path={policy}", f"reward.model={out / 'reward' / 'final'}", f"out_dir={out / 'ppo'}",
-                "resume=true", f"seed={cfg.seed}", *cfg.run.ppo]), progress)  # fmt: skip
+            ppo.main(recipe(PPOConfig, "ppo/lora.yaml", "ppo", f"model.path={policy}",
+                            f"reward.model={out / 'reward' / 'final'}", *cfg.run.ppo), progress)  # fmt: skip
         final = out / "ppo" / "final"
     say(f"done; the aligned policy is {final}")
     return {"revise": str(out / "revise"), "sft": policy, "label": str(pairs), "final": str(final)}

@@ -62,7 +62,9 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
     builtin = (
-        None if cfg.data.path else builtin_preference_pairs(model, tok, cfg.seed, samples=cfg.data.samples)
+        None
+        if cfg.data.path
+        else builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
     )  # oracle-labelled samples
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     if not train_pairs:
@@ -116,6 +118,8 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         prob = batch["probability"].to(logp.device)
         eps = torch.where(prob.isnan(), torch.full_like(prob, cfg.dpo.label_smoothing), 1 - prob)
         loss, r_w, r_l = loss_of(pol_w, pol_l, ref_w, ref_l, len_w, len_l, -pol_w / len_w, eps)
+        if cfg.dpo.rpo_alpha > 0 and cfg.dpo.loss != "orpo":  # ORPO has its own NLL term
+            loss = loss + cfg.dpo.rpo_alpha * (-pol_w / len_w).mean()
         margin = r_w - r_l
         kl = ((pol_w - ref_w).detach().sum() + (pol_l - ref_l).detach().sum()) / (len_w.sum() + len_l.sum())
         stats = {

@@ -44,8 +44,8 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg.reward, tok, device)
-    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.seed)
+    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
+    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)

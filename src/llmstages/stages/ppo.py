@@ -81,8 +81,8 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     policy = load_model(cfg.model.path)
     tok = load_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg.reward, tok, device)
-    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.seed)
+    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
+    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
     by_disabling = prepare_policy(policy, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None

@@ -18,15 +18,17 @@ import numpy as np
 import torch
 
 from llmstages.config import PretrainConfig
-from llmstages.data.builtin import builtin_corpus
+from llmstages.data.builtin import World, builtin_corpus
+from llmstages.data.tasks import answer_lines
 from llmstages.data.text import META, TokenShards, iter_documents, prepare_shards, tokenizer_hash, unigram_entropy
 from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
+from llmstages.eval.facts import fact_recall
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
 from llmstages.train import distributed
 from llmstages.train.loop import Loop, apply_activation_checkpointing, prepare_run_dir, start_run
 
-SHARD_VERSION = 1
+SHARD_VERSION = 2
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
 
 
@@ -50,7 +52,7 @@ def _documents(cfg: PretrainConfig) -> list[str] | None:
     if len(paths) == 1 and (Path(paths[0]) / META).is_file():
         return None
     if not paths:
-        return builtin_corpus(cfg.seed, cfg.data.builtin_size_mb)
+        return builtin_corpus(cfg.world_seed, cfg.data.builtin_size_mb)
     docs = [d for d in iter_documents(paths) if d.strip()]
     if not docs:
         raise UserError(f"data.path {paths}: no non-empty documents")
@@ -71,7 +73,8 @@ def _tokenizer(cfg: PretrainConfig, out: Path, documents: list[str] | None) -> t
             return Tokenizer.load(shard_dir), False
         raise UserError(f"{shard_dir}: token shards without tokenizer.json; set data.tokenizer")
     d = distributed.current()  # under torchrun rank 0 trains the BPE and the other ranks receive it
-    tok = train_bpe(documents, cfg.data.vocab_size) if d.is_main else None
+    texts = documents if cfg.data.path else [*documents, *answer_lines()]  # the built-in judging answers: one token
+    tok = train_bpe(texts, cfg.data.vocab_size) if d.is_main else None
     spec = d.share_from_main(tok.to_spec() if tok is not None else None)
     return (tok if tok is not None else Tokenizer.from_spec(spec)), True
 
@@ -125,10 +128,15 @@ def _prepared(shards_dir: Path, tok: Tokenizer, cfg: PretrainConfig) -> bool:
     return meta.get("tokenizer") == tokenizer_hash(tok) and meta.get("source") == _source(cfg)
 
 
+def _split_seed(cfg: PretrainConfig) -> int:
+    """Which documents are held out: the world's split for the built-in corpus (eval.lm reads the same)."""
+    return cfg.seed if cfg.data.path else cfg.world_seed
+
+
 def _source(cfg: PretrainConfig) -> str:
     if cfg.data.path:
         return ",".join(cfg.data.path)
-    return f"builtin(seed={cfg.seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
+    return f"builtin(world_seed={cfg.world_seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
 
 
 def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
@@ -137,7 +145,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     d = distributed.current()
     if d.is_main:  # the other ranks wait, then read what rank 0 wrote
         if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
-            prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, cfg.seed,
+            prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, _split_seed(cfg),
                            cfg.data.workers, _source(cfg))  # fmt: skip
         if s.train_tokenizer:
             s.out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +181,15 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
         for i in range(args.eval_batches):
             b = to_batch(*shards.batch("val", (cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len))
             total, n = total + loop.loss_sum(b), n + count_targets(b)
-        return {"val_loss": total / n, "val_ppl": math.exp(total / n)}
+        result = {"val_loss": total / n, "val_ppl": math.exp(total / n)}
+        if recall_world is not None:  # the built-in world: how many of its facts the model completes
+            result.update(fact_recall(m, s.tokenizer, recall_world))
+        return result
+
+    # Fact recall needs the whole model in one process (generation); the split strategies report losses only.
+    recall_world = (
+        World(cfg.world_seed) if not cfg.data.path and d.strategy in ("none", "ddp", "zero1", "fsdp") else None
+    )
 
     loop = Loop(
         monitor=cfg.monitor, model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
@@ -187,7 +203,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
               f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}")  # fmt: skip
     state = loop.run_logged(resumed, lambda: {
         "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"), "parameters": num_params(model),
-        "train_tokens": int(len(shards.train)),
+        "train_tokens": int(len(shards.train)), **(evaluate(model) if has_val else {}),
     }, progress)  # fmt: skip
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards or stages
     if final is not None:

@@ -48,7 +48,9 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     tok = load_tokenizer(cfg.model.path)
     prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
     builtin = (
-        None if cfg.data.path else builtin_preference_pairs(backbone, tok, cfg.seed, samples=cfg.data.samples)
+        None
+        if cfg.data.path
+        else builtin_preference_pairs(backbone, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
     )  # oracle-labelled
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmstages.config import SFTConfig
@@ -25,15 +24,15 @@ from llmstages.data.chat import (
     fit_length,
     packed_batch,
     padded_batch,
-    prompt_ids,
     read_conversations,
     tokenize_conversation,
 )
-from llmstages.data.tasks import Task, answer_part, builtin_tasks, normalise
+from llmstages.data.tasks import Task, builtin_tasks
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
+from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match
 from llmstages.losses import IGNORE_INDEX
-from llmstages.model import GPT, flops_per_token, generate, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, save_model
 from llmstages.peft import prepare_policy, trainable_parameters
 from llmstages.train.loop import (
     EpochSampler,
@@ -44,15 +43,6 @@ from llmstages.train.loop import (
     prepare_run_dir,
     start_run,
 )
-
-
-@dataclass
-class EvalItem:
-    """A held-out prompt (token ids up to the assistant turn), its reference answer and its kind."""
-
-    prompt: list[int]
-    answer: str
-    kind: str
 
 
 @dataclass
@@ -67,22 +57,11 @@ class Setup:
     truncated: int
 
 
-def builtin_items(tok: Tokenizer, held: list[Task]) -> list[EvalItem]:
-    """Exact-match items of built-in held-out tasks: the user turn as the prompt, the task's answer."""
-    return [EvalItem(prompt_ids(t.messages()[:1], tok), t.answer, t.kind) for t in held]
-
-
-def conversation_item(tok: Tokenizer, msgs: list[dict]) -> EvalItem:
-    """An exact-match item of a conversation: everything before its last assistant turn, and that turn."""
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user")
-
-
 def _examples(cfg: SFTConfig, tok: Tokenizer):
     """(train examples, val examples, exact-match items) from the built-in tasks or the user's files."""
     render = lambda msgs, where: tokenize_conversation(msgs, tok, cfg.data.train_on_prompt, where)  # noqa: E731
     if not cfg.data.path:
-        tasks = builtin_tasks(cfg.seed, cfg.data.heldout_people, styles=cfg.data.styles)
+        tasks = builtin_tasks(cfg.world_seed, cfg.data.heldout_people, styles=cfg.data.styles)
         train = [render(t.messages(), f"builtin:{i}") for i, t in enumerate(tasks["train"])]
         held: list[Task] = tasks["heldout"]
         val = [render(t.messages(), f"builtin-heldout:{i}") for i, t in enumerate(held)]
@@ -117,30 +96,6 @@ def setup(cfg: SFTConfig) -> Setup:
         raise UserError("no SFT example left to train on")
     prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA the model carries is merged first
     return Setup(out, device, model, tok, train, val, items[: cfg.data.max_eval_examples], cut)
-
-
-@torch.no_grad()
-def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64) -> dict[str, float]:
-    """Greedy answers to held-out prompts against the references, overall and per task kind: correct when the
-    reply's first clause is the reference (`task_accuracy`), exact when the whole reply is (`exact_reply`)."""
-    if not items:
-        return {}
-    hits: dict[str, list[int]] = {}
-    exact: list[int] = []
-    max_new = max(len(tok.encode(i.answer)) for i in items) + 2
-    for s in range(0, len(items), batch_size):
-        chunk = items[s : s + batch_size]
-        out = generate(model, [i.prompt for i in chunk], max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        for item, row, n in zip(chunk, out.tokens.tolist(), out.lengths.tolist()):
-            answer = tok.decode(row[:n])
-            hits.setdefault(item.kind, []).append(int(answer_part(answer) == normalise(item.answer)))
-            exact.append(int(normalise(answer) == normalise(item.answer)))
-    result = {
-        "task_accuracy": float(np.mean([h for v in hits.values() for h in v])),
-        "exact_reply": float(np.mean(exact)),
-    }
-    result.update({f"accuracy/{k}": float(np.mean(v)) for k, v in sorted(hits.items())})
-    return result
 
 
 def show_example(cfg: SFTConfig, index: int) -> str:

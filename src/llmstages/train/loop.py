@@ -67,9 +67,8 @@ def fast_bf16(device: torch.device) -> bool:
     and several times slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch._C, "_cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks) if cpu is not None else False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's capability probes
+    return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

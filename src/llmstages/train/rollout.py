@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,12 +36,22 @@ def import_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> RewardFn:
-    """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model."""
+def with_world(fn: RewardFn, world_seed: int) -> RewardFn:
+    """`fn` with its `world_seed` keyword bound, when it has one (the built-in oracle judges one world)."""
+    try:
+        takes = "world_seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes = False
+    return functools.partial(fn, world_seed=world_seed) if takes else fn
+
+
+def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world_seed: int = 0) -> RewardFn:
+    """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model. A function
+    with a `world_seed` keyword (the built-in oracle) is handed the run's world seed."""
     if not reward.model:
         if not reward.fn:
             raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
-        return import_reward_fn(reward.fn)
+        return with_world(import_reward_fn(reward.fn), world_seed)
     from llmstages.data.chat import right_pad, tokenize_conversation
     from llmstages.model.heads import load_reward_model
 
@@ -59,11 +71,11 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device) -> Re
     return score
 
 
-def builtin_prompts(seed: int, heldout: int) -> tuple[list[list[Message]], list[list[Message]]]:
+def builtin_prompts(world_seed: int, heldout: int) -> tuple[list[list[Message]], list[list[Message]]]:
     """Fact questions about the training people (for RL) and about held-out people (for evaluation)."""
     from llmstages.data.builtin import World
 
-    train_people, held = split_people(World(seed), heldout)
+    train_people, held = split_people(World(world_seed), heldout)
 
     def qs(people):
         return [
@@ -73,15 +85,15 @@ def builtin_prompts(seed: int, heldout: int) -> tuple[list[list[Message]], list[
     return qs(train_people), qs(held)
 
 
-def prompt_sets(data, seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
+def prompt_sets(data, world_seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
     """(training prompts, evaluation prompts) from `data` (PromptDataArgs): the user's prompt files (evaluated on
-    their first 64) or the built-in fact questions (training people / held-out people)."""
+    their first 64) or the built-in fact questions of world `world_seed` (training people / held-out people)."""
     if data.path:
         from llmstages.data.preference import read_prompts
 
         prompts = [m for _, m in read_prompts(data.path)]
         return prompts, prompts[:64]
-    return builtin_prompts(seed, data.heldout_people)
+    return builtin_prompts(world_seed, data.heldout_people)
 
 
 def sample_replies(
@@ -140,19 +152,21 @@ def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_i
 def builtin_preference_pairs(
     model: GPT,
     tok: Tokenizer,
+    world_seed: int = 0,
     seed: int = 0,
     heldout_people: int = 8,
     samples: int = 2,
     max_new_tokens: int = 8,
     temperature: float = 1.0,
 ) -> list:
-    """Preference pairs on the built-in world: `samples` replies of `model` per training fact question; every two
-    distinct replies that the oracle scores differently become (chosen, rejected); ties are skipped."""
+    """Preference pairs on built-in world `world_seed`: `samples` replies of `model` per training fact question
+    (sampled with `seed`); every two distinct replies that the oracle scores differently become (chosen,
+    rejected); ties are skipped."""
     from llmstages.data.chat import prompt_ids
     from llmstages.data.oracle import oracle_reward
     from llmstages.data.preference import PreferencePair
 
-    prompts, _ = builtin_prompts(seed, heldout_people)
+    prompts, _ = builtin_prompts(world_seed, heldout_people)
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + 17)
     was_training = model.training
@@ -160,7 +174,7 @@ def builtin_preference_pairs(
     _, responses, ended = sample_replies(model, tok, ids, max_new_tokens, temperature, gen)
     model.train(was_training)
     texts = [m[-1]["content"] for m in prompts for _ in range(samples)]
-    scores = oracle_reward(texts, responses, ended, seed)
+    scores = oracle_reward(texts, responses, ended, world_seed)
     pairs = []
     for k, m in enumerate(prompts):
         seen = set()
