@@ -10,6 +10,7 @@ a few steps with DistributedDataParallel when launched by torchrun, and prints p
 
 from __future__ import annotations
 
+import builtins
 import os
 from dataclasses import dataclass
 
@@ -20,11 +21,14 @@ from llmstages.losses import IGNORE_INDEX, cross_entropy, shift_labels
 from llmstages.model import GPT, ModelConfig, generate, load_model, num_params, save_model
 from llmstages.peft import BottleneckAdapter, LoRALinear, apply_adapters, apply_lora, disable_adapters, merge_lora
 
+# `from exercise import *` hands on torch and nn too: the guide's benchmark snippet uses torch after it.
 __all__ = [
     "GPT", "AdapterLayer", "BottleneckAdapter", "LoRALayer", "LoRALinear", "ModelConfig", "SimpleLLM",
     "TrainingConfig", "apply_adapters", "apply_lora", "disable_adapters", "generate", "load_model", "merge_lora",
-    "save_model",
+    "nn", "save_model", "torch",
 ]  # fmt: skip
+# `python -m memory_profiler exercise.py` puts `profile` into builtins: main's lines are then measured.
+profile = getattr(builtins, "profile", lambda fn: fn)
 
 
 @dataclass
@@ -101,6 +105,7 @@ def _batch(step: int, batch_size: int, seq_len: int, vocab: int) -> torch.Tensor
     return (start + stride * torch.arange(seq_len)) % vocab
 
 
+@profile
 def main() -> None:
     """A short (optionally distributed) training run: each rank trains on its slice of every global batch."""
     import torch.distributed as dist

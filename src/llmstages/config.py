@@ -187,6 +187,8 @@ class StageArgs:
     """The built-in world (its table of facts, corpus, questions and splits); unused with your own data."""
     resume: bool = False
     """Continue from the newest checkpoint in `out_dir`."""
+    overwrite: bool = False
+    """Start this stage's run in `out_dir` again: what the earlier run created there is replaced."""
 
 
 @dataclass
@@ -395,7 +397,8 @@ class PPOArgs:
     kl_coef: float = 0.05
     """Per-token KL penalty in the reward: r_t = -kl_coef (log pi_old - log ref) (+ the score at the end)."""
     target_kl: float = 0.0
-    """> 0: adapt kl_coef towards this per-token KL (Ziegler et al. 2019), horizon kl_horizon."""
+    """> 0: adapt kl_coef towards this per-token KL (k1 on the rollout, metric kl_k1; Ziegler et al. 2019), horizon
+    kl_horizon."""
     kl_horizon: float = 10000.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -431,6 +434,71 @@ class PretrainConfig(StageArgs):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Allowed values, checked when a config is loaded (before anything is written): "> 0", ">= 0", "[0, 1)" (an
+# interval, brackets inclusive), or a tuple of choices.
+
+Rule = str | tuple[str, ...]
+RANGES: dict[type, dict[str, Rule]] = {
+    TrainArgs: {
+        "max_steps": "> 0", "batch_size": "> 0", "seq_len": "> 0", "grad_accum": "> 0", "lr": "> 0",
+        "warmup_steps": ">= 0", "min_lr": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
+        "eps": "> 0", "grad_clip": ">= 0", "eval_every": "> 0", "eval_batches": "> 0", "save_every": "> 0",
+        "keep_checkpoints": ">= 0", "log_every": "> 0", "max_bad_steps": "> 0", "profile_steps": ">= 0",
+        "peak_flops": ">= 0", "activation_checkpointing_every": ">= 1",
+        "precision": ("auto", "fp32", "bf16", "fp16"),
+    },
+    DistArgs: {"strategy": ("auto", "none", "ddp", "zero1", "fsdp", "tp", "pp", "fsdp+tp", "deepspeed"),
+               "backend": ("auto", "nccl", "gloo"), "tp_size": ">= 1", "microbatches": ">= 1",
+               "schedule": ("gpipe", "1f1b"), "timeout_s": "> 0"},
+    MonitorArgs: {"wandb_mode": ("offline", "online", "disabled")},
+    PeftArgs: {"method": ("none", "lora", "dora", "adapter"), "rank": "> 0", "alpha": "> 0", "dropout": "[0, 1)",
+               "bottleneck": "> 0"},
+    DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
+    SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0"},
+    PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2"},
+    PromptDataArgs: {"heldout_people": "[1, 31]"},
+    DPOArgs: {"loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"), "beta": "> 0", "label_smoothing": "[0, 0.5)",
+              "simpo_gamma": ">= 0", "orpo_lambda": ">= 0", "rpo_alpha": ">= 0"},
+    GRPOArgs: {"group_size": ">= 2", "prompts_per_step": "> 0", "max_new_tokens": "> 0", "temperature": "> 0",
+               "kl_beta": ">= 0", "clip": "> 0"},
+    PPOArgs: {"rollout_size": "> 0", "ppo_epochs": "> 0", "minibatches": "> 0", "max_new_tokens": "> 0",
+              "temperature": "> 0", "clip": "> 0", "value_clip": "> 0", "value_coef": ">= 0", "entropy_coef": ">= 0",
+              "value_lr": "> 0", "critic": ("shared", "separate"), "kl_coef": ">= 0", "target_kl": ">= 0",
+              "kl_horizon": "> 0", "gamma": "[0, 1]", "lam": "[0, 1]", "missing_eos_penalty": ">= 0"},
+    RewardConfig: {"margin": ">= 0"},
+    ReviseArgs: {"rounds": ">= 1", "choose": ("all", "random"), "temperature": ">= 0", "max_new_tokens": "> 0",
+                 "feedback_tokens": "> 0"},
+    LabelArgs: {"samples": ">= 2", "sample_from": ("revised", "start"), "temperature": ">= 0",
+                "max_new_tokens": "> 0", "min_probability": "[0.5, 1]"},
+    CAIRunArgs: {"align": ("dpo", "ppo")},
+    CAIConfig: {"max_prompts": ">= 0"},
+}  # fmt: skip
+
+
+def _allowed(value: Any, rule: Rule) -> bool:
+    if isinstance(rule, tuple):
+        return value in rule
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        above = value >= lo if rule[0] == "[" else value > lo
+        below = value <= hi if rule[-1] == "]" else value < hi
+        return above and below
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_ranges(obj: Any, prefix: str, source: str) -> None:
+    """Every field of a config section within its allowed values (RANGES); a UserError naming the key, the value
+    and what is allowed."""
+    for name, rule in RANGES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        if value is None or _allowed(value, rule):
+            continue
+        allowed = f"one of {', '.join(rule)}" if isinstance(rule, tuple) else f"in {rule}" if rule[0] in "[(" else rule
+        raise UserError(f"{source}: {prefix}{name} must be {allowed}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -538,7 +606,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
             kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.", source)
         else:
             kwargs[key] = _coerce(value, tp, prefix + key, source)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_ranges(obj, prefix, source)
+    return obj
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -32,7 +32,7 @@ PLAN: dict[str, tuple[str, list[str], list[str]]] = {
     "pretrain": ("pretrain/tiny.yaml", [],
                  ["train.max_steps=60", "train.eval_every=30", "train.save_every=30", "data.builtin_size_mb=0.5"]),
     "sft": ("sft/lora.yaml", [], ["train.max_steps=40", "train.eval_every=40", "data.max_eval_examples=32"]),
-    "reward": ("reward/full.yaml", [], ["train.max_steps=10", "train.eval_every=10", "data.samples=2"]),
+    "reward": ("reward/lora.yaml", [], ["train.max_steps=10", "train.eval_every=10", "data.samples=2"]),
     "dpo": ("dpo/lora.yaml", [], ["train.max_steps=8", "train.eval_every=8"]),
     "ppo": ("ppo/lora.yaml", [], ["train.max_steps=4", "ppo.rollout_size=8", "ppo.minibatches=2",
                                   "ppo.ppo_epochs=2", "train.eval_every=4"]),
@@ -174,7 +174,8 @@ def evaluate(out: Path, quick: bool, seed: int = 0, world_seed: int = 0) -> dict
     sft_records = read_metrics(out / "sft")
     start = next((r for r in sft_records if r.get("event") == "start"), {})
     pre_start = next((r for r in pre if r.get("event") == "start"), {})
-    sft_eval = evaluate_dir(sft_dir, None, ORACLE, samples=max(samples, 2), seed=seed, world_seed=world_seed,
+    # 8 samples a question: the reward model is judged on every pair of them the oracle separates (~1,400)
+    sft_eval = evaluate_dir(sft_dir, None, ORACLE, samples=2 if quick else 8, seed=seed, world_seed=world_seed,
                             judge=str(out / "reward" / "final"))  # fmt: skip
     stages: dict[str, dict[str, Any]] = {
         "pretrain": {"val_loss": _last(pre, "val_loss"), "val_ppl": _last(pre, "val_ppl"),

@@ -68,6 +68,17 @@ def test_losses_run_and_learn_the_preference(setup_dirs, tmp_path, extra):
     assert (tmp_path / "final/model.safetensors").is_file()
 
 
+def test_no_metric_is_named_as_a_kl(setup_dirs, tmp_path):
+    """DPO scores the dataset's replies, not the policy's samples: its log-ratios are logged as what they are (and
+    go negative as the rejected replies are pushed down), never as a KL."""
+    assert _dpo(setup_dirs, tmp_path, "peft.method=lora") == 0
+    records = read_metrics(tmp_path)
+    assert not [k for r in records for k in r if "kl" in k.lower()]
+    steps = [r for r in records if "logratio/rejected" in r and r.get("step", 0) > 0]
+    assert steps and steps[-1]["logratio/rejected"] < 0  # the rejected replies lost likelihood against the reference
+    assert steps[-1]["logratio/chosen"] > steps[-1]["logratio/rejected"]
+
+
 def test_reference_of_a_lora_sft_model_is_the_sft_model(setup_dirs, tmp_path):
     """The SFT LoRA is merged, so at step 0 policy == reference exactly (loss log 2), not base vs SFT."""
     assert main(["dpo", f"model.path={setup_dirs / 'sft-lora'}", f"data.path={setup_dirs / 'prefs.jsonl'}",

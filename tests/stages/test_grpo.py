@@ -32,8 +32,13 @@ def test_runs_and_logs(base_dir, tmp_path, method):
     records = read_metrics(tmp_path)
     steps = [r for r in records if "reward_mean" in r]
     assert len(steps) == 6
-    assert {"kl", "clip_fraction", "zero_advantage_groups", "response_length", "rollout_tokens_per_s"} <= set(steps[0])
-    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    assert {"kl_k3", "clip_fraction", "zero_advantage_groups", "response_length", "rollout_tokens_per_s"} <= set(
+        steps[0]
+    )
+    assert steps[0]["kl_k3"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    # every KL metric names its estimator; k3 = (r - 1) - log r is non-negative on every batch
+    kls = {k for r in records for k in r if "kl" in k}
+    assert kls == {"kl_k3"} and all(r["kl_k3"] >= 0 for r in steps)
     assert any("eval_reward" in r for r in records) and (tmp_path / "final/model.safetensors").is_file()
 
 

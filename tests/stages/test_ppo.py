@@ -32,12 +32,16 @@ def test_runs_and_logs(base_dir, tmp_path, extra):
     assert _ppo(base_dir, tmp_path, *extra) == 0
     steps = [r for r in read_metrics(tmp_path) if "policy_loss" in r]
     assert len(steps) == 8
-    keys = {"reward_mean", "reward_std", "kl", "entropy", "clip_fraction", "approx_kl", "value_loss",
+    keys = {"reward_mean", "reward_std", "kl_k1", "entropy", "clip_fraction", "kl_old_new_k3", "value_loss",
             "explained_variance", "response_length", "rollout_tokens_per_s", "tokens_per_s"}  # fmt: skip
     assert keys <= set(steps[0])
-    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-5) and steps[0]["clip_fraction"] == 0.0
-    assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # first minibatch: policy == pi_old
+    assert steps[0]["kl_k1"] == pytest.approx(0.0, abs=1e-5) and steps[0]["clip_fraction"] == 0.0
+    assert steps[0]["kl_old_new_k3"] == pytest.approx(0.0, abs=1e-6)  # first minibatch: policy == pi_old
     assert (tmp_path / "final/model.safetensors").is_file()
+    # every KL metric names its estimator (kl_coef is the penalty's weight): k1 may go negative on a rollout,
+    # k3 = (r - 1) - log r cannot
+    kls = {k for r in steps for k in r if "kl" in k} - {"kl_coef"}
+    assert kls == {"kl_k1", "kl_old_new_k3"} and all(r["kl_old_new_k3"] >= 0 for r in steps)
 
 
 def test_exact_resume_in_the_middle_of_a_rollout(base_dir, tmp_path, monkeypatch):
@@ -54,7 +58,7 @@ def test_exact_resume_in_the_middle_of_a_rollout(base_dir, tmp_path, monkeypatch
 
 def test_bad_settings(base_dir, tmp_path, capsys):
     assert _ppo(base_dir, tmp_path / "x", "ppo.critic=twin") == 2
-    assert "ppo.critic must be shared or separate" in capsys.readouterr().err
+    assert "ppo.critic must be one of shared, separate" in capsys.readouterr().err
     assert _ppo(base_dir, tmp_path / "x", "ppo.rollout_size=7") == 2
     assert "not divisible" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -66,3 +66,16 @@ def test_corrupted_checkpoint(tmp_path):
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupted checkpoint"):
         ckpt.load_checkpoint(path, model, opt)
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys):
+    model, opt = _model_and_opt()
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, {}, keep=2)
+    (tmp_path / "step_2" / "optimizer.pt").write_bytes(b"torn")  # a crash left it unreadable
+    assert ckpt.newest_loadable(tmp_path) == tmp_path / "step_1"
+    assert "resuming from step_1 instead" in capsys.readouterr().out
+    (tmp_path / "step_1" / "state.json").write_text("{")
+    ckpt._LOADABLE.clear()
+    with pytest.raises(UserError, match="no checkpoint in .* can be read"):
+        ckpt.newest_loadable(tmp_path)

@@ -255,7 +255,7 @@ def test_two_nodes_on_localhost(pretrain_runs, tmp_path):
     [
         ("sft", ["dist.strategy=tp"], "dist.strategy=tp is supported by pretrain only"),
         ("pretrain", ["dist.strategy=fsdp+tp"], "needs a world size that is a multiple of dist.tp_size=2"),
-        ("pretrain", ["dist.strategy=zero3"], "dist.strategy must be auto or one of"),
+        ("pretrain", ["dist.strategy=zero3"], "dist.strategy must be one of auto, none"),
         ("dpo", ["dist.strategy=deepspeed"], "dist.strategy=deepspeed is not built"),
         ("pretrain", ["dist.strategy=fsdp", "dist.cpu_offload=true"], "already on the CPU"),
         ("pretrain", ["dist.strategy=ddp", "dist.backend=nccl"], "dist.backend=nccl needs CUDA"),

@@ -4,9 +4,6 @@ Face one (`config.json` with `model_type`), told apart by their config and loade
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +13,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import hf as hf_io
 from llmstages.model.gpt import GPT, ModelConfig
+from llmstages.outputs import write_dir
 from llmstages.peft import (
     ADAPTER_CONFIG,
     adapter_state_dict,
@@ -102,22 +100,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(check_model_dir(path)[0])
 
 
-def _atomic_dir(path: Path):
-    """A temporary sibling directory to write into; `_commit` renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-
-
 def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The base model's tensors (PEFT tensors, if any, are saved apart by `save_adapter`)."""
     sd = {k: v for k, v in model.state_dict().items() if k not in adapter_state_dict(model)}
@@ -129,20 +111,16 @@ def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
     """Write our model directory atomically: a crash mid-write leaves any previous directory intact.
     A model with PEFT modules is written as its base weights plus `adapter.safetensors` / `adapter_config.json`."""
-    path = Path(path)
-    tmp = _atomic_dir(path)
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps({FORMAT_KEY: 1, **model.config.to_dict()}, indent=2) + "\n")
         save_file(_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if peft_config(model) is not None:
             save_adapter(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_dir(Path(path), fill)
 
 
 def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
@@ -163,16 +141,13 @@ def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) 
     sd = _state_dict(model)
     dtype = next(iter(sd.values())).dtype
     hf_cfg = hf_io.config_to_hf(cfg, dtype)
-    tmp = _atomic_dir(path)
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_file(hf_io.to_hf_state_dict(sd, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_dir(path, fill)

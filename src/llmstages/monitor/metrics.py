@@ -47,7 +47,7 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [line for line, r in _records(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -120,5 +120,21 @@ class NullLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (none when it is absent)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for _, r in _records(path)] if path.is_file() else []
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each line of a metrics file. A torn last line (a crash mid-write) is dropped; a bad line
+    before it is an error naming file and line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UserError(f"{path}:{n}: not a JSON record (the run's metrics file is damaged)") from None
+    return out

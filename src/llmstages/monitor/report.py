@@ -27,9 +27,14 @@ PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("loss", ("loss", "val_loss")), ("fact recall", ("recall_town", "recall_colour", "recall_pet", "recall_job")),
     ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
     ("tokens/s", ("tokens_per_s",)), ("held-out task accuracy", ("task_accuracy",)),
-    ("reward (rollouts, held-out)", ("reward_mean", "eval_reward")), ("KL to the reference", ("kl",)),
-    ("entropy", ("entropy",)), ("clip fraction", ("clip_fraction",)), ("margin", ("margin", "val_margin")),
-    ("pair accuracy", ("accuracy", "val_accuracy")),
+    ("reward (rollouts, held-out)", ("reward_mean", "eval_reward")),
+    ("KL to the reference per token, on the policy's samples (k1 PPO, k3 GRPO)", ("kl_k1", "kl_k3")),
+    ("log pi/ref per token of the pairs' replies (not a KL)", ("logratio/chosen", "logratio/rejected",
+                                                               "val_logratio/chosen", "val_logratio/rejected")),
+    ("KL from the rollout policy to the updated one (k3)", ("kl_old_new_k3",)),
+    ("entropy", ("entropy",)), ("clip fraction", ("clip_fraction",)),
+    ("reward margin chosen - rejected", ("margin", "val_margin")),
+    ("pair accuracy (chosen scored above rejected)", ("accuracy", "val_accuracy")),
 ]  # fmt: skip
 
 

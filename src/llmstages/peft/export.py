@@ -12,6 +12,7 @@ from torch import nn
 
 from llmstages.errors import UserError
 from llmstages.model.hf import hf_name
+from llmstages.outputs import write_dir
 from llmstages.peft import adapter_state_dict, peft_config
 from llmstages.peft.lora import LoRALinear
 
@@ -40,8 +41,6 @@ def export_peft(model: nn.Module, path: str | Path, base_model_name_or_path: str
     if cfg is None or cfg["method"] not in ("lora", "dora"):
         raise UserError("PEFT-format export needs a LoRA or DoRA model (adapters: use --format merged or ours)")
     tensors = peft_state_dict(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     targets = sorted({name.rsplit(".", 1)[-1] for name in cfg["target_modules"]})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
@@ -57,6 +56,9 @@ def export_peft(model: nn.Module, path: str | Path, base_model_name_or_path: str
         raise UserError(
             f"PEFT-format export: '{partial[0]}' has no adapter but shares a target name; peft cannot express that"
         )
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return path
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    return write_dir(Path(path), fill)

@@ -39,6 +39,7 @@ from llmstages.data.constitution import Constitution, Principle, load_constituti
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer
+from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.train.loop import resolve_device
 from llmstages.train.rollout import prompt_sets, sample_many
 
@@ -224,6 +225,14 @@ def _log(out: Path, step: str, stats: dict) -> None:
         f.write(json.dumps({"step": step, **stats}) + "\n")
 
 
+def _claim(cfg: CAIConfig) -> Path:
+    """The CAI run folder: new, empty or an earlier `cai` run (whose finished steps are reused); marked as one."""
+    out = Path(cfg.out_dir)
+    claim_run_dir(out, "cai", resume=True, overwrite=False)
+    start_run_dir(out, "cai", overwrite=False)
+    return out
+
+
 def _check(cfg: CAIConfig) -> tuple[Constitution, list[list[Message]], torch.device]:
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
@@ -237,8 +246,7 @@ def _check(cfg: CAIConfig) -> tuple[Constitution, list[list[Message]], torch.dev
 def main_revise(cfg: CAIConfig, progress: bool = True) -> dict[str, float]:
     constitution, prompts, device = _check(cfg)
     models = _models(cfg, cfg.model.path, device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _claim(cfg)
     stats = revise(cfg, models, prompts, constitution, out / "revise")
     _log(out, "revise", stats)
     if progress:
@@ -249,8 +257,7 @@ def main_revise(cfg: CAIConfig, progress: bool = True) -> dict[str, float]:
 def main_label(cfg: CAIConfig, progress: bool = True, policy_path: str | None = None) -> dict[str, float]:
     constitution, prompts, device = _check(cfg)
     models = _models(cfg, policy_path or cfg.model.path, device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _claim(cfg)
     stats = label(cfg, models, prompts, constitution, out / "label")
     _log(out, "label", stats)
     if progress:
@@ -265,8 +272,7 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
     from llmstages.stages import dpo, ppo, reward, sft
 
     _check(cfg)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _claim(cfg)
     save_config(cfg, out / "config.yaml")
 
     def done(run: Path) -> bool:

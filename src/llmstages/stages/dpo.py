@@ -54,7 +54,7 @@ def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor,
 
 def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "dpo")
+    device, _ = start_run(cfg, "dpo")
     if not cfg.model.path:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
     loss_of = make_loss(cfg)
@@ -72,7 +72,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    prepare_run_dir(out, cfg)
+    prepare_run_dir(cfg, "dpo")
     model = model.to(device)
 
     # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).
@@ -121,10 +121,14 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         if cfg.dpo.rpo_alpha > 0 and cfg.dpo.loss != "orpo":  # ORPO has its own NLL term
             loss = loss + cfg.dpo.rpo_alpha * (-pol_w / len_w).mean()
         margin = r_w - r_l
-        kl = ((pol_w - ref_w).detach().sum() + (pol_l - ref_l).detach().sum()) / (len_w.sum() + len_l.sum())
+        # log pi/ref per token of the dataset's replies: the margin's parts. Not a KL (these replies are not the
+        # policy's samples): it goes negative as DPO pushes the rejected replies down.
+        ratio_w = (pol_w - ref_w).detach().sum() / len_w.sum()
+        ratio_l = (pol_l - ref_l).detach().sum() / len_l.sum()
         stats = {
             "rewards/chosen": float(r_w.mean()), "rewards/rejected": float(r_l.mean()), "margin": float(margin.mean()),
-            "accuracy": float((margin > 0).float().mean()), "kl": float(kl),
+            "accuracy": float((margin > 0).float().mean()), "logratio/chosen": float(ratio_w),
+            "logratio/rejected": float(ratio_l),
         }  # fmt: skip
         return loss * n, stats
 

@@ -33,7 +33,7 @@ from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, re
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "grpo")
+    device, _ = start_run(cfg, "grpo")
     g = cfg.grpo
     if g.group_size < 2:
         raise UserError(
@@ -49,7 +49,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
-    prepare_run_dir(out, cfg)
+    prepare_run_dir(cfg, "grpo")
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]
     sampler = EpochSampler(len(train_prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
@@ -99,7 +99,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         pg = -torch.min(ratio * a, ratio.clamp(1 - g.clip, 1 + g.clip) * a)
         kl = L.kl_estimate(logp, batch["ref_logp"], "k3")
         loss = ((pg + g.kl_beta * kl) * tmask).sum()
-        stats = {**batch["stats"], "kl": float(L.masked_mean(kl.detach(), tmask)),
+        stats = {**batch["stats"], "kl_k3": float(L.masked_mean(kl.detach(), tmask)),
                  "clip_fraction": float(L.masked_mean(((ratio - 1).abs() > g.clip).float(), tmask))}  # fmt: skip
         return loss, stats
 

@@ -68,7 +68,7 @@ def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
 
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "ppo")
+    device, _ = start_run(cfg, "ppo")
     p = cfg.ppo
     if p.critic not in ("shared", "separate"):
         raise UserError(f"ppo.critic must be shared or separate, got '{p.critic}'")
@@ -88,7 +88,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
     frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     ac = ActorCritic(policy, critic).to(device)
-    prepare_run_dir(out, cfg)
+    prepare_run_dir(cfg, "ppo")
 
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]
@@ -139,7 +139,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         rewards[torch.arange(len(idx), device=device), last] += scores.to(device)
         adv, returns = L.gae(rewards, values * tmask, tmask, p.gamma, p.lam)
         batch.update(old_logp=old_logp, old_values=values * tmask, adv=L.whiten(adv, tmask), returns=returns)
-        mean_kl = d.dp_mean(float(L.masked_sum(kl, tmask) / len(idx)))  # summed per reply, averaged over replies
+        mean_kl = d.dp_mean(float(L.masked_mean(kl, tmask)))  # k1 per token of the policy's own samples
         if p.target_kl > 0:  # adaptive controller (Ziegler et al. 2019)
             err = max(-0.2, min(0.2, mean_kl / p.target_kl - 1))
             state_extra["kl_coef"] = kl_coef * (1 + err * len(idx) * d.dp / p.kl_horizon)  # the whole rollout
@@ -148,8 +148,9 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         ac.train()
         n_tokens = sum(map(len, replies))
         stats = {
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()), "kl": mean_kl, "kl_coef": kl_coef,
-            "response_length": n_tokens / len(idx), "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
+            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()), "kl_k1": mean_kl,
+            "kl_coef": kl_coef, "response_length": n_tokens / len(idx),
+            "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
         }  # fmt: skip
         out = {"it": it, "batch": batch, "stats": stats}
         return {**out, "value_start": value_start} if it == 0 else out
@@ -180,7 +181,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         var = L.masked_mean((b["returns"] - L.masked_mean(b["returns"], tmask)) ** 2, tmask)
         stats = {
             "policy_loss": float(pg.detach()), "value_loss": float(vloss.detach()), "entropy": float(entropy),
-            "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl),
+            "clip_fraction": float(clip_frac), "kl_old_new_k3": float(approx_kl),
             "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
         }  # fmt: skip
         return loss, {**b["stats"], **stats}

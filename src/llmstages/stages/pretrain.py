@@ -99,7 +99,7 @@ def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:
 def setup(cfg: PretrainConfig) -> Setup:
     """Everything that can fail on bad input, before anything is written to `out_dir`."""
     out = Path(cfg.out_dir)
-    device, existing = start_run(out, cfg.train, cfg.resume, cfg.dist, "pretrain")
+    device, existing = start_run(cfg, "pretrain")
     torch.manual_seed(cfg.seed)
     documents = _documents(cfg)
     tok, trained = _tokenizer(cfg, out, documents)
@@ -143,15 +143,14 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
     d = distributed.current()
+    prepare_run_dir(cfg, "pretrain")
     if d.is_main:  # the other ranks wait, then read what rank 0 wrote
         if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
             prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, _split_seed(cfg),
                            cfg.data.workers, _source(cfg))  # fmt: skip
         if s.train_tokenizer:
-            s.out.mkdir(parents=True, exist_ok=True)
             s.tokenizer.save(s.out / "tokenizer")
     d.wait_for_main()  # tokenizing a large corpus can outlast the collective timeout
-    prepare_run_dir(s.out, cfg)
     shards = TokenShards.open(s.shards_dir)
     shards.check(args.seq_len, s.model.config.vocab_size)
 

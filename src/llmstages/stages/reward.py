@@ -40,7 +40,7 @@ def calibration(margins: np.ndarray) -> dict[str, float]:
 
 def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "reward")
+    device, _ = start_run(cfg, "reward")
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
@@ -56,7 +56,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
-    prepare_run_dir(out, cfg)
+    prepare_run_dir(cfg, "reward")
     pad = tok.pad_id
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
 

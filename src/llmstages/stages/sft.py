@@ -77,7 +77,7 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
 
 def setup(cfg: SFTConfig) -> Setup:
     out = Path(cfg.out_dir)
-    device, _ = start_run(out, cfg.train, cfg.resume, cfg.dist, "sft")
+    device, _ = start_run(cfg, "sft")
     if not cfg.model.path:
         raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
     torch.manual_seed(cfg.seed)
@@ -115,7 +115,7 @@ def show_example(cfg: SFTConfig, index: int) -> str:
 def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
-    prepare_run_dir(s.out, cfg)
+    prepare_run_dir(cfg, "sft")
     model = s.model.to(s.device)
     if args.activation_checkpointing:
         apply_activation_checkpointing(model, args.activation_checkpointing_every)

@@ -93,6 +93,40 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+_LOADABLE: dict[Path, tuple[Path, tuple]] = {}  # checkpoint folder -> (the one found to load, its files' stats)
+
+
+def _signature(path: Path) -> tuple:
+    """Names, sizes and modification times of a checkpoint's files: a checkpoint read once is read again only
+    when one of them changed."""
+    return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
+
+
+def newest_loadable(root: Path) -> Path | None:
+    """The newest checkpoint under `root` that reads whole: a newest one that a crash left unreadable is skipped
+    for the one before it, with one line saying so. None when there is none; an error when none of them reads."""
+    key = root.resolve()
+    ckpts = list_checkpoints(root)
+    if key in _LOADABLE and ckpts and _LOADABLE[key][0] == ckpts[-1]:
+        path, signature = _LOADABLE[key]
+        if path.is_dir() and _signature(path) == signature:
+            return path
+    problems = []
+    for path in reversed(ckpts):
+        try:
+            read_checkpoint(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"resume: {problems[-1]}; resuming from {path.name} instead", flush=True)
+        _LOADABLE[key] = (path, _signature(path))
+        return path
+    if problems:
+        raise UserError(f"no checkpoint in {root} can be read ({problems[0]})")
+    return None
+
+
 def save_checkpoint(
     root: Path,
     step: int,

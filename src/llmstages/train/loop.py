@@ -29,9 +29,10 @@ from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX, linear_cross_entropy
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
+from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
-from llmstages.train.distributed import Dist, DistArgs
+from llmstages.train.distributed import Dist
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -180,28 +181,25 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
             block.forward = partial(checkpoint, block._forward_without_checkpoint, use_reentrant=False)
 
 
-def start_run(
-    out: Path, args: TrainArgs, resume: bool, dist_args: DistArgs | None = None, stage: str = "train"
-) -> tuple[torch.device, Path | None]:
-    """Checks every stage makes before writing anything: device and precision (resolving `auto` in place),
-    positive step settings, the distributed strategy (joining the process group under torchrun), and the run
-    directory: checkpoints there need resume=true, and a checkpoint to resume from must be readable.
-    Returns (this process's device, checkpoint to resume from or None)."""
+def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
+    """Checks every stage makes before writing anything: the run folder (new, empty or this stage's own:
+    outputs.claim_run_dir), device and precision (resolving `auto` in place), the distributed strategy (joining
+    the process group under torchrun), and the checkpoint to resume from (checkpoints there need resume=true or
+    overwrite=true; the newest readable one is taken). Returns (this process's device, checkpoint or None)."""
+    out, args, resume = Path(cfg.out_dir), cfg.train, cfg.resume
+    claim_run_dir(out, stage, resume, cfg.overwrite)
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     check_precision(args.precision, device)
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"train.{name} must be positive, got {getattr(args, name)}")
-    existing = ckpt.latest_checkpoint(out / "checkpoints")
+    existing = None if cfg.overwrite and not resume else ckpt.latest_checkpoint(out / "checkpoints")
     if existing is not None and not resume:
         raise UserError(
             f"{out} already holds checkpoints (newest: {existing.name}); pass resume=true to continue the run, "
-            "or choose another out_dir"
+            "overwrite=true to start it again, or choose another out_dir"
         )
-    if existing is not None:
-        ckpt.read_checkpoint(existing)  # a corrupted checkpoint fails here, before anything is written
-    d = distributed.setup(dist_args or DistArgs(), device, stage)
+    if existing is not None:  # the newest that reads; an unreadable newest one is skipped, before anything is written
+        existing = ckpt.newest_loadable(out / "checkpoints")
+    d = distributed.setup(cfg.dist, device, stage)
     if args.precision == "fp16" and d.sharded:
         raise UserError(
             f"train.precision=fp16 under dist.strategy={d.strategy}: the gradient scaler would skip steps rank by "
@@ -214,13 +212,15 @@ def start_run(
     return d.device, existing
 
 
-def prepare_run_dir(out: Path, cfg: Any) -> None:
-    """Create the run directory and write the resolved `config.yaml` (rank 0; the others wait for it)."""
+def prepare_run_dir(cfg: Any, stage: str) -> None:
+    """The first write of a run: its folder with `run.json` (cleared first with overwrite=true) and the resolved
+    `config.yaml` (rank 0; the others wait for it)."""
     from llmstages.config import save_config
 
+    out = Path(cfg.out_dir)
     d = distributed.current()
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        start_run_dir(out, stage, cfg.overwrite and not cfg.resume)
         save_config(cfg, out / "config.yaml")
     d.barrier()
 
@@ -342,8 +342,8 @@ class Loop:
 
     # -- resume --------------------------------------------------------------------------------------------------
     def resume(self) -> bool:
-        """Load the newest checkpoint of the run, if any; True when resumed."""
-        path = ckpt.latest_checkpoint(self.checkpoints)
+        """Load the newest readable checkpoint of the run, if any; True when resumed."""
+        path = ckpt.newest_loadable(self.checkpoints)
         if path is None:
             return False
         d = self.dist
