@@ -6,26 +6,32 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from llmstages.errors import UserError
 
 
 def _device(name: str) -> str:
-    import torch
+    from llmstages.train.loop import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name, "--device"))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from llmstages.model import generate, load_model, load_tokenizer
+    from llmstages.model import generate, load_model_and_tokenizer
 
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     device = _device(args.device)
-    model = load_model(args.model, device=device)
-    tok = load_tokenizer(args.model)
+    model, tok = load_model_and_tokenizer(args.model, device=device)
     ids = tok.encode(args.prompt, add_special_tokens=True)
     if not ids:
         raise UserError("--prompt is empty")
@@ -43,21 +49,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_export(path: Path) -> bool:
+    """A folder `export` may replace with --force: a model directory or a PEFT adapter, and nothing else."""
+    known = {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "adapter.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "score_head.safetensors",
+    }
+    names = {p.name for p in path.iterdir()}
+    return bool(names & {"config.json", "adapter_config.json"}) and names <= known
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from llmstages.model import export_hf, load_model, load_tokenizer, save_model
+    from llmstages.outputs import claim_folder
     from llmstages.peft import merge_lora, peft_config
     from llmstages.peft.export import export_peft
 
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
+    src, out = Path(args.model).resolve(), Path(args.out).resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise UserError(f"--out {args.out} is the model being exported or holds it; write the export elsewhere")
+    claim_folder(out, "--out", _is_export, replace=args.force)
     method = (peft_config(model) or {}).get("method")
+    if method == "adapter" and args.format == "merged":
+        raise UserError("bottleneck adapters cannot be merged into the weights; use the model directory as is")
     if args.format == "hf":
         export_hf(model, args.out, tok)
     elif args.format == "peft":
         export_peft(model, args.out)
     else:
-        if method == "adapter":
-            raise UserError("bottleneck adapters cannot be merged into the weights; use the model directory as is")
         save_model(merge_lora(model), args.out, tok)
     print(f"wrote {args.out}")
     return 0
@@ -68,19 +96,33 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmstages.data.tasks import answer_lines
     from llmstages.data.text import iter_documents, prepare_shards
     from llmstages.data.tokenizer import train_bpe
+    from llmstages.outputs import claim_folder, write_dir
 
     if args.vocab_size < 300:
         raise UserError(f"--vocab-size must be at least 300 (256 bytes plus merges), got {args.vocab_size}")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    out = Path(args.out)
+    ours = {"tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json"}
+    claim_folder(out, "--out", lambda p: {q.name for q in p.iterdir()} <= ours and (p / "tokenizer.json").is_file())
     docs = list(iter_documents(args.data)) if args.data else builtin_corpus()
     if not any(d.strip() for d in docs):
         raise UserError("the data holds no text")
     tok = train_bpe(docs if args.data else [*docs, *answer_lines()], args.vocab_size)
-    tok.save(args.out)
-    print(f"tokenizer: {tok.vocab_size} tokens, written to {args.out}")
-    if args.tokenize:
-        meta = prepare_shards(docs, tok, args.out, args.val_fraction, workers=args.workers,
-                              source=",".join(args.data) or "builtin")  # fmt: skip
-        print(f"shards: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens in {args.out}")
+    meta: dict = {}
+
+    def fill(tmp: Path) -> None:  # the tokenizer and its shards land together, or not at all
+        tok.save(tmp)
+        if args.tokenize:
+            meta.update(prepare_shards(docs, tok, tmp, args.val_fraction, workers=args.workers,
+                                       source=",".join(args.data) or "builtin"))  # fmt: skip
+
+    write_dir(out, fill)
+    print(f"tokenizer: {tok.vocab_size} tokens, written to {out}")
+    if meta:
+        print(f"shards: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens in {out}")
     return 0
 
 
@@ -91,20 +133,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_eval_json(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "reference"} <= set(data)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from llmstages.eval.policy import evaluate_dir, label_agreement
 
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
+    if args.temperature < 0 or args.max_new_tokens < 1:
+        raise UserError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {args.temperature} and "
+                        f"{args.max_new_tokens}")  # fmt: skip
+    if args.out:
+        from llmstages.outputs import claim_file
+
+        claim_file(Path(args.out), "--out", _is_eval_json)
     if not args.model and not args.labels:
         raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
-    result = label_agreement(args.labels, args.reward, args.world_seed) if args.labels else {}
     wants_lm = args.perplexity is not None or args.tasks is not None or args.show
     if wants_lm and not args.model:
         raise UserError("--perplexity, --tasks and --show judge a model: give --model")
+    result = label_agreement(args.labels, args.reward, args.world_seed) if args.labels else {}
     if args.model and wants_lm:
         from llmstages.data.text import iter_documents
         from llmstages.eval import lm
@@ -132,8 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k, v in result.items():
         print(f"{k:<{width}}  {v:.4g}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, "reference": args.reference, **result}, indent=1))
+        from llmstages.outputs import write_file
+
+        write_file(Path(args.out), json.dumps({"model": args.model, "reference": args.reference, **result}, indent=1))
         print(f"wrote {args.out}")
     return 0
 
@@ -145,8 +204,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from llmstages.monitor.report import write_report
+    from llmstages.monitor.report import check_target, write_report
 
+    check_target(args.runs, args.out)
     print(f"wrote {write_report(args.runs, args.out)}")
     return 0
 
@@ -163,7 +223,7 @@ def cmd_cai(args: argparse.Namespace) -> int:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from llmstages.eval.frontier import run_frontier, table
+    from llmstages.frontier import run_frontier, table
 
     rows = run_frontier(args.sft, args.out, args.dpo_betas, args.ppo_kl, args.overrides, args.samples)
     print(table(rows), end="")
@@ -204,37 +264,27 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-# stage name -> (config class in llmstages.config, one-line help). Each stage module has main(cfg).
-STAGES = {
-    "pretrain": ("PretrainConfig", "stage 1: pre-train a model on text"),
-    "sft": ("SFTConfig", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)"),
-    "reward": ("RewardConfig", "stage 3: train a reward model on preference pairs (Bradley-Terry)"),
-    "dpo": ("DPOConfig", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)"),
-    "ppo": ("PPOConfig", "stage 3: PPO with a critic, a KL penalty to the reference and GAE"),
-    "grpo": ("GRPOConfig", "stage 3: GRPO, group-relative policy optimisation with a reward fn or model"),
-}
-
-
 def cmd_stage(args: argparse.Namespace) -> int:
-    import importlib
-
-    from llmstages import config
-
-    overrides = [*args.overrides, *([f"train.profile_steps={args.profile}"] if args.profile else [])]
-    cfg = config.load_config(getattr(config, STAGES[args.command][0]), args.config, overrides)
-    stage = importlib.import_module(f"llmstages.stages.{args.command}")
-    if getattr(args, "show_example", None) is not None:
-        print(stage.show_example(cfg, args.show_example))
-        return 0
+    from llmstages.stages import STAGES
     from llmstages.train import distributed
 
+    overrides = [*args.overrides, *([f"train.profile_steps={args.profile}"] if args.profile else [])]
+    stage = STAGES[args.command]
+    cfg = stage.load(args.config, overrides)
+    if getattr(args, "show_example", None) is not None:
+        from llmstages.stages.sft import show_example
+
+        print(show_example(cfg, args.show_example))
+        return 0
     stage.main(cfg, progress=int(os.environ.get("RANK", "0")) == 0)  # under torchrun rank 0 reports
     distributed.shutdown()
     return 0
 
 
 def _add_stage(sub, name: str) -> argparse.ArgumentParser:
-    help = STAGES[name][1]
+    from llmstages.stages import STAGES
+
+    help = STAGES[name].help
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
@@ -258,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--world-seed", type=int, default=0, help="the built-in world: its facts, corpus and splits")
     d.set_defaults(func=cmd_demo)
 
-    parsers = {name: _add_stage(sub, name) for name in STAGES}
+    from llmstages.stages import TRAINING
+
+    parsers = {name: _add_stage(sub, name) for name in TRAINING}
     parsers["sft"].add_argument(
         "--show-example", type=int, metavar="N", help="print example N with its loss mask and exit"
     )
@@ -362,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["merged", "peft", "hf"], default="hf",
                    help="merged: our directory with LoRA folded into the weights; peft: the adapter in the peft "
                    "library's format; hf: a transformers directory (LoRA merged)")  # fmt: skip
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="a new or empty folder (or, with --force, an earlier export)")
+    e.add_argument("--force", action="store_true", help="replace --out when it is a model directory (never a run)")
     e.set_defaults(func=cmd_export)
     return p
 

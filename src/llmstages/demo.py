@@ -16,16 +16,12 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmstages.config import load_config
 from llmstages.errors import UserError
 from llmstages.monitor.metrics import read_metrics
-
-RECIPES = Path(__file__).resolve().parent / "configs"  # also reachable as configs/ from the repository root
 
 # step -> (recipe, overrides for the full demo, extra overrides for --quick)
 PLAN: dict[str, tuple[str, list[str], list[str]]] = {
@@ -120,17 +116,6 @@ def glance(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _stage_runner(name: str) -> Callable[[Any], Any]:
-    from llmstages import config
-    from llmstages.stages import constitutional, dpo, grpo, ppo, pretrain, reward, sft
-
-    mains = {"pretrain": (pretrain.main, config.PretrainConfig), "sft": (sft.main, config.SFTConfig),
-             "reward": (reward.main, config.RewardConfig), "dpo": (dpo.main, config.DPOConfig),
-             "ppo": (ppo.main, config.PPOConfig), "grpo": (grpo.main, config.GRPOConfig),
-             "cai": (constitutional.main_run, config.CAIConfig)}  # fmt: skip
-    return mains[name]
-
-
 def final_dir(out: Path, name: str) -> Path:
     """Where a step leaves its model (CAI's is the DPO run inside its folder)."""
     return out / "cai" / "dpo" / "final" if name == "cai" else out / name / "final"
@@ -147,9 +132,10 @@ def run_step(out: Path, name: str, quick: bool, seed: int = 0, world_seed: int =
         overrides.append(f"model.path={previous}")
     if name != "cai":
         overrides.append("resume=true")
-    main, cls = _stage_runner(name)
+    from llmstages.stages import STAGES
+
     t0 = time.perf_counter()
-    main(load_config(cls, RECIPES / recipe, overrides))
+    STAGES[name].run(recipe, overrides)
     return time.perf_counter() - t0
 
 

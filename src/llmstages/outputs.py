@@ -139,3 +139,20 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def claim_file(path: Path, what: str, is_own: Callable[[Path], bool]) -> None:
+    """Check that a command may write the file `path`: new, or one it wrote before (`is_own`); never a folder."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and not is_own(path):
+        raise UserError(f"{what} {path} exists and is not an earlier output of this command; choose a new file name")
+
+
+def write_file(path: Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

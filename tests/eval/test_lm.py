@@ -40,7 +40,16 @@ def test_perplexity_matches_a_token_by_token_loop(base):
 def test_task_accuracy_on_a_file(base, tmp_path):
     model, tok = load_model(base).eval(), load_tokenizer(base)
     questions = ["Where does Ada live?", "What is two plus two?"]
+    taught = [tokenize_conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}], tok)
+              for q, a in zip(questions, ("Oakfield", "four"))]  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # an untrained model answers nothing or never stops: teach it two replies that end
+        for ex in taught:
+            logits = model(torch.tensor([ex.input_ids[:-1]]))[0]
+            torch.nn.functional.cross_entropy(logits, torch.tensor(ex.labels[1:]), ignore_index=-100).backward()
+        opt.step(), opt.zero_grad()
     own = lm.show(model, tok, questions, max_new_tokens=6)
+    assert all(a.strip() for a in own), own
     for name, answers, want in (("own", own, 1.0), ("other", ["zzz qqq", "xxx vvv"], 0.0)):
         path = tmp_path / f"{name}.jsonl"
         rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -33,6 +33,24 @@ Message = dict[str, str]
 # Records -> conversations
 
 
+def check_turns(msgs: list[Message], where: str) -> list[Message]:
+    """A trainable conversation: an optional system turn first, then user and assistant turns alternating from a
+    user turn, at least one assistant reply, and no empty reply (it would train the model to say nothing)."""
+    turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            at = i + 1 + (len(msgs) - len(turns))
+            raise UserError(f"{where}: message {at} is a '{m['role']}' turn where a '{expected}' turn belongs "
+                            "(an optional system turn, then user and assistant in turn)")  # fmt: skip
+    if not any(m["role"] == "assistant" for m in turns):
+        raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
+    for i, m in enumerate(msgs, 1):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise UserError(f"{where}: message {i} is an empty assistant reply")
+    return msgs
+
+
 def to_messages(record: object, where: str) -> list[Message]:
     """A record in any of the three formats as a list of messages; errors name `where` (file:line)."""
     if not isinstance(record, dict):
@@ -50,18 +68,24 @@ def to_messages(record: object, where: str) -> list[Message]:
             if not isinstance(m["content"], str):
                 raise UserError(f"{where}: message {i} content must be a string")
             out.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" for m in out):
-            raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
-        return out
+        return check_turns(out, where)
     if "instruction" in record:
         if "output" not in record:
             raise UserError(f"{where}: Alpaca record has no 'output'")
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        fields = {k: record.get(k, "") for k in ("instruction", "input", "output")}
+        if not all(isinstance(v, str) for v in fields.values()):
+            raise UserError(f"{where}: 'instruction', 'input' and 'output' must be strings")
+        user = fields["instruction"] + (f"\n\n{fields['input']}" if fields["input"] else "")
+        return check_turns(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": fields["output"]}], where
+        )
     if "prompt" in record:
         if "completion" not in record:
             raise UserError(f"{where}: prompt/completion record has no 'completion'")
-        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
+            raise UserError(f"{where}: 'prompt' and 'completion' must be strings")
+        return check_turns([{"role": "user", "content": record["prompt"]},
+                            {"role": "assistant", "content": record["completion"]}], where)  # fmt: skip
     raise UserError(
         f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected 'messages', "
         "'instruction'/'output' or 'prompt'/'completion'"

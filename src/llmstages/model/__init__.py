@@ -2,9 +2,17 @@
 
 from llmstages.model.generate import Generation, KVCache, generate
 from llmstages.model.gpt import GPT, PRESETS, ModelConfig, count_params, flops_per_token, num_params, preset
-from llmstages.model.io import export_hf, is_hf_dir, load_config, load_model, load_tokenizer, save_model
+from llmstages.model.io import (
+    export_hf,
+    load_config,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    save_model,
+)
 
 __all__ = [
     "GPT", "PRESETS", "Generation", "KVCache", "ModelConfig", "count_params", "export_hf", "flops_per_token",
-    "generate", "is_hf_dir", "load_config", "load_model", "load_tokenizer", "num_params", "preset", "save_model",
+    "generate", "load_config", "load_model", "load_model_and_tokenizer", "load_tokenizer", "num_params", "preset",
+    "save_model",
 ]  # fmt: skip

@@ -108,10 +108,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        """A config from our config.json: every key known and of its field's type, named when it is not."""
         names = [f.name for f in fields(cls)]
         for key in d:
             if key not in names:
                 raise UserError(f"{source}: unknown model config key '{key}'{closest(key, names)}")
+        for f in fields(cls):
+            v = d.get(f.name)
+            if v is None:
+                continue
+            hint = str(f.type).removesuffix(" | None")
+            wrong = (
+                (hint == "int" and (isinstance(v, bool) or not isinstance(v, int)))
+                or (hint == "float" and (isinstance(v, bool) or not isinstance(v, int | float)))
+                or (hint == "bool" and not isinstance(v, bool))
+                or (hint == "str" and not isinstance(v, str))
+            )
+            if wrong:
+                raise UserError(f"{source}: '{f.name}' must be {'a number' if hint == 'float' else hint}, got {v!r}")
         return cls(**d)
 
     @property

@@ -30,11 +30,48 @@ def read_json(path: Path) -> dict[str, Any]:
 # Configs
 
 
+GPT2_KEYS = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
+LLAMA_KEYS = ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+OPTIONAL_INTS = ("n_inner", "max_position_embeddings", "num_key_value_heads", "head_dim", "sliding_window")
+OPTIONAL_NUMBERS = ("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "initializer_range")
+OPTIONAL_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_hf_keys(hf: dict[str, Any], source: str, required: tuple[str, ...]) -> None:
+    """Key by key, before any is used: the sizes a family needs present as positive integers, optional ones of the
+    right type, token ids integers (or, for the EOS, a list of them)."""
+    for key in required:
+        if key not in hf:
+            raise UserError(f"{source}: '{key}' is missing (a {hf['model_type']} config needs {', '.join(required)})")
+    for key in (*required, *OPTIONAL_INTS):
+        v = hf.get(key)
+        if v is not None and (not _is_int(v) or v <= 0):
+            raise UserError(f"{source}: '{key}' must be a positive integer, got {v!r}")
+    for key in OPTIONAL_NUMBERS:
+        v = hf.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
+            raise UserError(f"{source}: '{key}' must be a positive number, got {v!r}")
+    for key in OPTIONAL_BOOLS:
+        if key in hf and not isinstance(hf[key], bool):
+            raise UserError(f"{source}: '{key}' must be true or false, got {hf[key]!r}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = hf.get(key)
+        ok = v is None or (_is_int(v) and v >= 0) or (key == "eos_token_id" and isinstance(v, list) and v
+                                                       and all(_is_int(x) and x >= 0 for x in v))  # fmt: skip
+        if not ok:
+            raise UserError(f"{source}: '{key}' must be a token id (a non-negative integer), got {v!r}")
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Our config for an HF `config.json`. Options we do not implement are refused, never ignored."""
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise UserError(f"{source}: model_type '{mt}' is not supported (supported: {', '.join(SUPPORTED)})")
+    check_hf_keys(hf, source, GPT2_KEYS if mt == "gpt2" else LLAMA_KEYS)
     ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")

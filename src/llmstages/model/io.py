@@ -41,10 +41,6 @@ def check_model_dir(path: str | Path) -> tuple[Path, dict]:
     return p, hf_io.read_json(p / "config.json")
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    return "model_type" in check_model_dir(path)[1]
-
-
 def load_config(path: str | Path) -> ModelConfig:
     p, raw = check_model_dir(path)
     source = str(p / "config.json")
@@ -98,6 +94,15 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(check_model_dir(path)[0])
+
+
+def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a directory, checked to fit together: every token id has an embedding row."""
+    model, tok = load_model(path, device=device), load_tokenizer(path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                        f"{model.config.vocab_size} (tokenizer.json from another model?)")  # fmt: skip
+    return model, tok
 
 
 def _state_dict(model: GPT) -> dict[str, torch.Tensor]:

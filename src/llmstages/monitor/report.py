@@ -298,6 +298,22 @@ th{background:#f3f3f3}img{max-width:100%;margin:6px 0}h2{margin-top:28px}.met{co
 .missed{color:#b00020;font-weight:600}.seeds{color:#555;margin:2px 0}details{margin:4px 0 12px}"""
 
 
+def check_target(dirs: list[str | Path], out: str | Path | None = None) -> None:
+    """Before anything is written: the runs exist, and report.html and plots/ are new or this command's own."""
+    from llmstages.outputs import claim_file
+
+    for d in dirs:
+        stage_runs(Path(d))
+    target = Path(out) if out else Path(dirs[0]) / "report.html"
+    claim_file(target, "--out", lambda p: p.read_text(errors="replace").startswith(HEAD))
+    plots = target.parent / "plots"
+    if plots.exists() and (not plots.is_dir() or any(p.suffix != ".png" for p in plots.iterdir())):
+        raise UserError(f"{plots} exists and holds other files than this command's plots; choose another --out")
+
+
+HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>llmstages report"
+
+
 def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
     """Write report.html (and plots/*.png) into the first directory, or to `out`."""
     paths = [Path(d) for d in dirs]
@@ -322,6 +338,6 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
         (plots / "glance.png").write_bytes(glance)
     top = seeds + (_img(glance) if glance else "") + _targets_table(summaries) + _samples_html(paths)
     body = top + "".join(sections) + _summary_table(paths) + _frontier(paths)
-    target.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+    target.write_text(f"{HEAD}{title.removeprefix('llmstages report')}</title>"
                       f"<style>{STYLE}</style></head><body><h1>{title}</h1>{body}</body></html>\n")  # fmt: skip
     return target

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstages.config import CAIConfig, DPOConfig, PPOConfig, RewardConfig, SFTConfig, load_config, save_config
+from llmstages.config import CAIConfig, save_config
 from llmstages.data.chat import Message, prompt_ids, right_pad, tokenize_conversation
 from llmstages.data.constitution import Constitution, Principle, load_constitution
 from llmstages.data.tokenizer import Tokenizer
@@ -269,7 +269,7 @@ def main_label(cfg: CAIConfig, progress: bool = True, policy_path: str | None = 
 
 def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
     """revise -> SFT on the revisions -> label samples of the SFT'd policy -> DPO (or reward model + PPO)."""
-    from llmstages.stages import dpo, ppo, reward, sft
+    from llmstages.stages import STAGES
 
     _check(cfg)
     out = _claim(cfg)
@@ -287,16 +287,13 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
     else:
         main_revise(cfg, progress)
 
-    def recipe(cls, name: str, run: str, *overrides: str):  # a shipped recipe, chained into this run's folder
-        common = [f"out_dir={out / run}", "resume=true", f"seed={cfg.seed}", f"world_seed={cfg.world_seed}"]
-        return load_config(cls, RECIPES / name, [*common, *overrides])
+    def step(stage: str, recipe: str, *overrides: str) -> None:  # a shipped recipe, chained into this folder
+        if not done(out / stage):
+            common = [f"out_dir={out / stage}", "resume=true", f"seed={cfg.seed}", f"world_seed={cfg.world_seed}"]
+            STAGES[stage].run(recipe, [*common, *overrides], progress)
 
-    if done(out / "sft"):
-        say("sft: reusing sft/final")
-    else:
-        revised = out / "revise" / "sft.jsonl"
-        sft.main(recipe(SFTConfig, "sft/lora.yaml", "sft", f"model.path={cfg.model.path}", f"data.path=[{revised}]",
-                        *cfg.run.sft), progress)  # fmt: skip
+    revised = out / "revise" / "sft.jsonl"
+    step("sft", "sft/lora.yaml", f"model.path={cfg.model.path}", f"data.path=[{revised}]", *cfg.run.sft)
     policy = str(out / "sft" / "final")
     if (out / "label" / "pairs.jsonl").is_file():
         say("label: reusing label/pairs.jsonl")
@@ -304,17 +301,10 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
         main_label(cfg, progress, policy_path=policy if cfg.label.sample_from == "revised" else cfg.model.path)
     pairs = out / "label" / "pairs.jsonl"
     if cfg.run.align == "dpo":
-        if not done(out / "dpo"):
-            dpo.main(recipe(DPOConfig, "dpo/lora.yaml", "dpo", f"model.path={policy}", f"data.path=[{pairs}]",
-                            *cfg.run.dpo), progress)  # fmt: skip
-        final = out / "dpo" / "final"
+        step("dpo", "dpo/lora.yaml", f"model.path={policy}", f"data.path=[{pairs}]", *cfg.run.dpo)
     else:
-        if not done(out / "reward"):
-            reward.main(recipe(RewardConfig, "reward/lora.yaml", "reward", f"model.path={policy}",
-                               f"data.path=[{pairs}]", *cfg.run.reward), progress)  # fmt: skip
-        if not done(out / "ppo"):
-            ppo.main(recipe(PPOConfig, "ppo/lora.yaml", "ppo", f"model.path={policy}",
-                            f"reward.model={out / 'reward' / 'final'}", *cfg.run.ppo), progress)  # fmt: skip
-        final = out / "ppo" / "final"
+        step("reward", "reward/lora.yaml", f"model.path={policy}", f"data.path=[{pairs}]", *cfg.run.reward)
+        step("ppo", "ppo/lora.yaml", f"model.path={policy}", f"reward.model={out / 'reward' / 'final'}", *cfg.run.ppo)
+    final = out / cfg.run.align / "final"
     say(f"done; the aligned policy is {final}")
     return {"revise": str(out / "revise"), "sft": policy, "label": str(pairs), "final": str(final)}

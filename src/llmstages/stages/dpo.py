@@ -21,7 +21,7 @@ from llmstages import losses as L
 from llmstages.config import DPOConfig
 from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import builtin_preference_pairs
@@ -59,8 +59,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
     loss_of = make_loss(cfg)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model.path)
-    tok = load_tokenizer(cfg.model.path)
+    model, tok = load_model_and_tokenizer(cfg.model.path)
     builtin = (
         None
         if cfg.data.path
@@ -72,7 +71,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    prepare_run_dir(cfg, "dpo")
+    prepare_run_dir(cfg, "dpo", model)
     model = model.to(device)
 
     # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).

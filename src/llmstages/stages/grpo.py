@@ -23,7 +23,7 @@ from llmstages import losses as L
 from llmstages.config import GRPOConfig
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train import distributed
@@ -42,14 +42,13 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model.path)
-    tok = load_tokenizer(cfg.model.path)
+    model, tok = load_model_and_tokenizer(cfg.model.path)
     reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
     train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
-    prepare_run_dir(cfg, "grpo")
+    prepare_run_dir(cfg, "grpo", model)
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]
     sampler = EpochSampler(len(train_prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank

@@ -29,7 +29,7 @@ from llmstages import losses as L
 from llmstages.config import PPOConfig
 from llmstages.data.chat import prompt_ids
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
@@ -79,8 +79,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
     torch.manual_seed(cfg.seed)
-    policy = load_model(cfg.model.path)
-    tok = load_tokenizer(cfg.model.path)
+    policy, tok = load_model_and_tokenizer(cfg.model.path)
     reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
     train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
     by_disabling = prepare_policy(policy, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
@@ -88,7 +87,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
     frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     ac = ActorCritic(policy, critic).to(device)
-    prepare_run_dir(cfg, "ppo")
+    prepare_run_dir(cfg, "ppo", ac)
 
     encoded = [prompt_ids(m, tok) for m in train_prompts]
     texts = [m[-1]["content"] for m in train_prompts]

@@ -143,7 +143,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
     d = distributed.current()
-    prepare_run_dir(cfg, "pretrain")
+    prepare_run_dir(cfg, "pretrain", s.model)
     if d.is_main:  # the other ranks wait, then read what rank 0 wrote
         if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
             prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, _split_seed(cfg),

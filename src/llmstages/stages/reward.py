@@ -19,7 +19,7 @@ from llmstages import losses as L
 from llmstages.config import RewardConfig
 from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
 from llmstages.errors import UserError
-from llmstages.model import load_model, load_tokenizer, save_model
+from llmstages.model import load_model_and_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
@@ -44,8 +44,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
-    backbone = load_model(cfg.model.path)
-    tok = load_tokenizer(cfg.model.path)
+    backbone, tok = load_model_and_tokenizer(cfg.model.path)
     prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
     builtin = (
         None
@@ -56,7 +55,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
-    prepare_run_dir(cfg, "reward")
+    prepare_run_dir(cfg, "reward", model)
     pad = tok.pad_id
     to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
 

@@ -32,7 +32,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match
 from llmstages.losses import IGNORE_INDEX
-from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, save_model
+from llmstages.model import GPT, flops_per_token, load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.peft import prepare_policy, trainable_parameters
 from llmstages.train.loop import (
     EpochSampler,
@@ -81,8 +81,7 @@ def setup(cfg: SFTConfig) -> Setup:
     if not cfg.model.path:
         raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model.path)
-    tok = load_tokenizer(cfg.model.path)
+    model, tok = load_model_and_tokenizer(cfg.model.path)
     if tok.eos_id is None:
         raise UserError(f"{cfg.model.path}: the tokenizer has no EOS token; SFT trains the EOS that ends a reply")
     if cfg.train.seq_len > model.config.block_size:
@@ -115,7 +114,7 @@ def show_example(cfg: SFTConfig, index: int) -> str:
 def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
-    prepare_run_dir(cfg, "sft")
+    prepare_run_dir(cfg, "sft", s.model)
     model = s.model.to(s.device)
     if args.activation_checkpointing:
         apply_activation_checkpointing(model, args.activation_checkpointing_every)

@@ -310,6 +310,27 @@ def load_checkpoint(
     return state, extra
 
 
+def check_fits(path: Path, model: nn.Module) -> None:
+    """A clear error, before anything is written, when the checkpoint at `path` was not written by this model
+    (another size or PEFT setting): its tensor names and shapes, read from the file header only."""
+    if is_sharded(path):
+        return  # torch.distributed.checkpoint compares names and shapes itself when it loads
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith("extra.")}  # noqa: SIM118
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in saved and not any(k != j and j in saved and v.data_ptr() == own[j].data_ptr() for j in own):
+            raise UserError(f"{path}: checkpoint does not fit this model (no tensor '{k}'); same config as the run?")
+        if k in saved and saved[k] != tuple(v.shape):
+            raise UserError(f"{path}: tensor '{k}' has shape {saved[k]}, this model has {tuple(v.shape)}; the run "
+                            "was made with another model config")  # fmt: skip
+    extra = sorted(set(saved) - set(own))
+    if extra:
+        raise UserError(f"{path}: checkpoint has tensor '{extra[0]}' that this model lacks; same config as the run?")
+
+
 def _is_tied_copy(model: nn.Module, name: str, saved: dict[str, torch.Tensor]) -> bool:
     """True when `name` shares storage with a tensor saved under another name (a tied weight)."""
     sd = model.state_dict()

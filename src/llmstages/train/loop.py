@@ -46,12 +46,21 @@ class Interrupted(Exception):
 # Devices, precision, optimizer, schedule
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """auto (CUDA when present, else the CPU), cpu, cuda or cuda:N; a clear error for anything else, or for CUDA
+    on a machine without it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"{key} must be auto, cpu, cuda or cuda:N, got '{name}'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available on this machine")
+        raise UserError(f"{key}={name} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"{key}={name} but this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 
@@ -212,12 +221,14 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
     return d.device, existing
 
 
-def prepare_run_dir(cfg: Any, stage: str) -> None:
+def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> None:
     """The first write of a run: its folder with `run.json` (cleared first with overwrite=true) and the resolved
-    `config.yaml` (rank 0; the others wait for it)."""
+    `config.yaml` (rank 0; the others wait for it). When resuming, the checkpoint must fit `model` first."""
     from llmstages.config import save_config
 
     out = Path(cfg.out_dir)
+    if cfg.resume and model is not None and (path := ckpt.newest_loadable(out / "checkpoints")) is not None:
+        ckpt.check_fits(path, model)
     d = distributed.current()
     if d.is_main:
         start_run_dir(out, stage, cfg.overwrite and not cfg.resume)
@@ -629,12 +640,3 @@ class EpochSampler:
     def __call__(self, step: int, micro: int) -> list[int]:
         first = (step * self.grad_accum + micro) * self.batch_size * self.replicas + self.rank * self.batch_size
         return [self._perm(k // self.n)[k % self.n] for k in range(first, first + self.batch_size)]
-
-
-def batches_from(fn: Callable[[int, int], Batch], grad_accum: int) -> Callable[[int], list[Batch]]:
-    """Turn `fn(step, micro)` into the loop's `next_batches(step)`."""
-
-    def next_batches(step: int) -> list[Batch]:
-        return [fn(step, m) for m in range(grad_accum)]
-
-    return next_batches

@@ -30,7 +30,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from llmstages.errors import UserError
 from llmstages.model.gpt import ModelConfig, count_params
@@ -242,7 +242,3 @@ def out_of_memory_advice(cfg: ModelConfig, method: str, strategy: str, world: in
     return (f"out of memory: this step needs about {gib(e.total)} per process (parameters {gib(e.parameters)}, "
             f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
             + "; or ".join(tips))  # fmt: skip
-
-
-def as_dict(e: Estimate) -> dict[str, float]:
-    return {**asdict(e), "total": e.total}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -45,13 +46,39 @@ def with_world(fn: RewardFn, world_seed: int) -> RewardFn:
     return functools.partial(fn, world_seed=world_seed) if takes else fn
 
 
+def checked(fn: RewardFn, name: str) -> RewardFn:
+    """`fn` whose faults are reported as its own: an exception it raises, or a result that is not one finite
+    number per reply, is a UserError naming the function and what it returned."""
+
+    def call(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
+        try:
+            scores = fn(prompts, responses, ended)
+        except Exception as e:  # noqa: BLE001 - the user's function failed; say so instead of a traceback
+            raise UserError(f"reward function {name} raised {type(e).__name__}: {e}") from None
+        try:
+            values = [float(s) for s in scores]
+            bad = [s for s in scores if isinstance(s, bool | str) or not math.isfinite(float(s))]
+        except (TypeError, ValueError):
+            values, bad = [], [scores]
+        if bad or len(values) != len(responses):
+            got = repr(scores)[:120]
+            raise UserError(f"reward function {name} must return one finite number per reply ({len(responses)}), "
+                            f"returned {got}")  # fmt: skip
+        return values
+
+    return call
+
+
 def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world_seed: int = 0) -> RewardFn:
     """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model. A function
-    with a `world_seed` keyword (the built-in oracle) is handed the run's world seed."""
+    with a `world_seed` keyword (the built-in oracle) is handed the run's world seed; it is called once on a
+    sample here, so that a broken function stops the run before anything is written."""
     if not reward.model:
         if not reward.fn:
             raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
-        return with_world(import_reward_fn(reward.fn), world_seed)
+        fn = checked(with_world(import_reward_fn(reward.fn), world_seed), f"reward.fn={reward.fn}")
+        fn(["Where does Ada live?", "Where does Ada live?"], ["Oakfield", ""], [True, False])
+        return fn
     from llmstages.data.chat import right_pad, tokenize_conversation
     from llmstages.model.heads import load_reward_model
 

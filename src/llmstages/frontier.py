@@ -16,10 +16,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmstages.config import DPOConfig, PPOConfig, load_config
 from llmstages.eval.policy import evaluate_dir
+from llmstages.outputs import claim_run_dir, start_run_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "configs"
 COLUMNS = ("method", "knob", "reward", "win_rate", "win_ceiling", "violation_rate", "kl", "kl_per_token")
 
 
@@ -32,23 +31,24 @@ def run_frontier(
     samples: int = 4,
     progress: bool = True,
 ) -> list[dict]:
-    from llmstages.stages import dpo, ppo
+    from llmstages.stages import STAGES
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = evaluate_dir(str(sft), str(sft), samples=samples)
+    claim_run_dir(out, "frontier", resume=True, overwrite=False, what="--out")  # its finished runs are reused
+    base = evaluate_dir(str(sft), str(sft), samples=samples)  # checks the SFT model before anything is written
+    start_run_dir(out, "frontier", overwrite=False)
     rows = [{"method": "sft", "knob": "", **base, "kl": 0.0, "kl_per_token": 0.0}]
-    runs = [("dpo", f"beta={b}", DPOConfig, dpo, RECIPES / "dpo" / "lora.yaml", f"dpo.beta={b}") for b in dpo_betas]
-    runs += [("ppo", f"kl_coef={k}", PPOConfig, ppo, RECIPES / "ppo" / "lora.yaml", f"ppo.kl_coef={k}") for k in ppo_kl]
-    for method, knob, cls, stage, recipe, knob_override in runs:
+    runs = [("dpo", f"beta={b}", f"dpo.beta={b}") for b in dpo_betas]
+    runs += [("ppo", f"kl_coef={k}", f"ppo.kl_coef={k}") for k in ppo_kl]
+    for method, knob, knob_override in runs:
         run = out / f"{method}-{knob.replace('=', '')}"
         if not (run / "final" / "config.json").is_file():
             if progress:
                 print(f"frontier: {method} {knob} -> {run}")
             mine = [o.split(":", 1)[1] if o.startswith(f"{method}:") else o for o in overrides
                     if not o.startswith(("dpo:", "ppo:")) or o.startswith(f"{method}:")]  # fmt: skip
-            cfg = load_config(cls, recipe, [f"model.path={sft}", f"out_dir={run}", knob_override, *mine])
-            stage.main(cfg, progress=False)
+            STAGES[method].run(f"{method}/lora.yaml", [f"model.path={sft}", f"out_dir={run}", "resume=true",
+                                                       knob_override, *mine], progress=False)  # fmt: skip
         result = evaluate_dir(str(run / "final"), str(sft), samples=samples)
         rows.append({"method": method, "knob": knob, **result})
         if progress:
