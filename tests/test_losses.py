@@ -93,6 +93,21 @@ def test_ppo_losses():
     assert math.isclose(L.ppo_value_loss(t(2.0), t(0.0), t(1.5), t(1.0), clip=0.5), 0.5)
 
 
+def test_grpo_loss_closed_form():
+    # row 0: ratios 1.5 and 0.5 with A = 1 -> -min(1.5, 1.2) - min(0.5, 0.8) = -1.7; k3 with r = ref/pi:
+    # r = 2/3 -> (r - 1) - log r, r = 2 -> 1 - log 2. Row 1 is masked out: its huge values must not count.
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)], [5.0, 5.0]])
+    old, ref = torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [-9.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, kl, frac = L.grpo_loss(logp, old, ref, torch.tensor([1.0, 3.0]), mask, clip=0.2, beta=0.1)
+    k3 = [(2 / 3 - 1) - math.log(2 / 3), 1 - math.log(2)]
+    assert math.isclose(loss, -1.7 + 0.1 * sum(k3), rel_tol=1e-6)
+    assert math.isclose(kl, sum(k3) / 2, rel_tol=1e-6) and frac == 1.0
+    # negative advantage: ratio 1.5, A = -1 -> -min(-1.5, -1.2) = 1.5 (the unclipped side binds)
+    loss, _, _ = L.grpo_loss(logp[:1, :1], old[:1, :1], logp[:1, :1], torch.tensor([-1.0]), mask[:1, :1], 0.2, 0.1)
+    assert math.isclose(loss, 1.5, rel_tol=1e-6)
+
+
 def test_entropy_whiten_groups_and_masks():
     assert math.isclose(L.entropy_from_logits(torch.zeros(1, 8)), math.log(8), rel_tol=1e-6)
     x = t(1.0, 2.0, 3.0, 100.0)

@@ -218,6 +218,20 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
     return loss, clip_frac.detach(), approx_kl.detach()
 
 
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip: float = 0.2, beta: float = 0.04):
+    """GRPO's objective (Shao et al. 2024), summed over response tokens (the caller divides by their count):
+        sum_t mask_t [ -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta k3(pi, ref)_t ],
+    rho_t = exp(logp - old_logp); logp, old_logp, ref_logp, mask: (B, T); advantages: (B,), one per reply.
+    Returns (loss, mean k3 per token, clip fraction), the last two detached."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    pg = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    kl = kl_estimate(logp, ref_logp, "k3")
+    loss = ((pg + beta * kl) * mask).sum()
+    clip_frac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    return loss, masked_mean(kl.detach(), mask), clip_frac.detach()
+
+
 def ppo_value_loss(values, old_values, returns, mask, clip: float = 0.2):
     """Clipped value loss: 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), masked mean."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)

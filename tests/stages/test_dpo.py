@@ -168,14 +168,13 @@ def test_cdpo_takes_each_pairs_probability_as_its_soft_label():
     """cDPO with per-pair flip probabilities eps = 1 - probability, against the formula written out."""
     import math
 
-    from llmstages.config import DPOArgs, DPOConfig
-    from llmstages.stages.dpo import make_loss
+    from llmstages.config import DPOArgs
+    from llmstages.stages.dpo import pair_loss
 
-    loss_of = make_loss(DPOConfig(dpo=DPOArgs(loss="cdpo", beta=0.5)))
     pw, pl = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.5])
     rw, rl = torch.tensor([-1.5, -2.0]), torch.tensor([-2.5, -2.0])
     eps = torch.tensor([0.0, 0.25])  # probabilities 1.0 and 0.75
-    loss, _, _ = loss_of(pw, pl, rw, rl, None, None, None, eps)
+    loss, _, _ = pair_loss(DPOArgs(loss="cdpo", beta=0.5), (pw, pl), (rw, rl), (None, None), eps)
     logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
     h = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.5 + 2.0)]
     expected = [-(1 - e) * logsig(0.5 * x) - e * logsig(-0.5 * x) for x, e in zip(h, (0.0, 0.25))]

@@ -12,14 +12,15 @@ main:  the reference is the policy with its adapters disabled (LoRA/adapters: no
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmstages import losses as L
-from llmstages.config import DPOConfig
-from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
+from llmstages.config import DPOArgs, DPOConfig
+from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
@@ -30,140 +31,175 @@ REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
 
 
-def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch."""
-    logits = model(batch["input_ids"], mask=batch["mask"])
-    return L.sequence_logprobs(logits, batch["targets"])
+@dataclass
+class Setup:
+    out: Path
+    device: torch.device
+    model: GPT
+    tokenizer: Tokenizer
+    train: list[Pair]
+    val: list[Pair]
+    uses_adapters: bool
+    """The policy trains adapters: the reference is the policy with them disabled (no second copy)."""
 
 
-def make_loss(cfg: DPOConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The configured loss as f(pol_w, pol_l, ref_w, ref_l, len_w, len_l, nll_w, eps) -> (loss, r_w, r_l); `eps`
-    is cDPO's per-pair flip probability, 1 - the pair's `probability` (soft labels), else dpo.label_smoothing."""
-    d = cfg.dpo
-    table = {
-        "dpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.dpo_loss(pw, pl, rw, rl, d.beta),
-        "cdpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.dpo_loss(pw, pl, rw, rl, d.beta, eps),
-        "ipo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll),
-        "simpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma),
-        "orpo": lambda pw, pl, rw, rl, lw, ll, nll, eps: L.orpo_loss(pw, pl, lw, ll, nll, d.orpo_lambda),
-    }  # fmt: skip
-    if d.loss not in table:
-        raise UserError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{d.loss}'")
-    return table[d.loss]
-
-
-def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
-    out = Path(cfg.out_dir)
+def setup(cfg: DPOConfig) -> Setup:
+    """Check the config, load the policy and the pairs (sampled and oracle-labelled for the built-in world),
+    tokenize them and apply PEFT; writes nothing."""
     device, _ = start_run(cfg, "dpo")
     if not cfg.model.path:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
-    loss_of = make_loss(cfg)
+    if cfg.dpo.loss not in LOSSES:
+        raise UserError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{cfg.dpo.loss}'")
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model.path)
-    builtin = (
-        None
-        if cfg.data.path
-        else builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
-    )  # oracle-labelled samples
+    builtin = None
+    if not cfg.data.path:
+        builtin = builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     if not train_pairs:
         raise UserError("no preference pair left for training")
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    prepare_run_dir(cfg, "dpo", model)
-    model = model.to(device)
+    return Setup(Path(cfg.out_dir), device, model, tok, train, val, uses_adapters)
 
-    # The reference: adapters off, a frozen copy, or nothing (reference-free losses, or precomputed).
-    frozen = None
-    if cfg.dpo.loss not in REFERENCE_FREE and not uses_adapters:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch."""
+    logits = model(batch["input_ids"], mask=batch["mask"])
+    return L.sequence_logprobs(logits, batch["targets"])
+
+
+class Reference:
+    """log pi_ref of each pair's two replies: from the policy with its adapters disabled, a frozen copy of the
+    initial policy (full fine-tuning), a table computed once up front (ref.precompute), or zeros (SimPO, ORPO)."""
+
+    def __init__(self, s: Setup, cfg: DPOConfig) -> None:
+        self.policy, self.free = s.model, cfg.dpo.loss in REFERENCE_FREE
+        self.frozen = None
+        if not self.free and not s.uses_adapters:
+            self.frozen = copy.deepcopy(s.model).eval().requires_grad_(False)
+        self.table: dict[str, torch.Tensor] = {}
+        if cfg.ref.precompute and not self.free:
+            for split, pairs in (("train", s.train), ("val", s.val)):
+                self.table[split] = torch.zeros(len(pairs), 2)
+                for i in range(0, len(pairs), cfg.train.batch_size):
+                    b = to_device(pair_batch(pairs[i : i + cfg.train.batch_size], s.tokenizer.pad_id), s.device)
+                    self.table[split][b["index"].cpu()] = self.computed(b).view(2, -1).t().cpu()
+            self.frozen = None  # the copy is no longer needed
+
+    @property
+    def kind(self) -> str:
+        if self.free:
+            return "none"
+        return "precomputed" if self.table else "frozen copy" if self.frozen is not None else "adapters disabled"
 
     @torch.no_grad()
-    def reference_scores(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if frozen is not None:
-            return sequence_scores(frozen, batch)[0]
-        was_training = model.training
-        model.eval()
-        with disable_adapters(model):
-            scores = sequence_scores(model, batch)[0]
-        model.train(was_training)
+    def computed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2B,) reference log-probs of a pair batch's rows, computed now."""
+        if self.frozen is not None:
+            return sequence_scores(self.frozen, batch)[0]
+        was_training = self.policy.training
+        self.policy.eval()
+        with disable_adapters(self.policy):
+            scores = sequence_scores(self.policy, batch)[0]
+        self.policy.train(was_training)
         return scores
 
-    pad = tok.pad_id
-    to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    precomputed: dict[str, torch.Tensor] = {}
-    if cfg.ref.precompute and cfg.dpo.loss not in REFERENCE_FREE:
-        for name, pairs in (("train", train), ("val", val)):
-            table = torch.zeros(len(pairs), 2)
-            for s in range(0, len(pairs), cfg.train.batch_size):
-                b = to_device(pair_batch(pairs[s : s + cfg.train.batch_size], pad))
-                table[b["index"].cpu()] = reference_scores(b).view(2, -1).t().cpu()
-            precomputed[name] = table
-        frozen = None  # the copy is no longer needed
-
-    def score(m: GPT, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def scores(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) reference log-probs, (B,) each."""
         n = batch["index"].numel()
-        logp, lengths = sequence_scores(m, batch)
-        pol_w, pol_l, len_w, len_l = logp[:n], logp[n:], lengths[:n].float(), lengths[n:].float()
-        if cfg.dpo.loss in REFERENCE_FREE:
-            ref_w = ref_l = torch.zeros_like(pol_w)
-        elif split in precomputed:
-            ref = precomputed[split][batch["index"].cpu()].to(logp.device)
-            ref_w, ref_l = ref[:, 0], ref[:, 1]
-        else:
-            ref = reference_scores(batch)
-            ref_w, ref_l = ref[:n], ref[n:]
-        prob = batch["probability"].to(logp.device)
-        eps = torch.where(prob.isnan(), torch.full_like(prob, cfg.dpo.label_smoothing), 1 - prob)
-        loss, r_w, r_l = loss_of(pol_w, pol_l, ref_w, ref_l, len_w, len_l, -pol_w / len_w, eps)
-        if cfg.dpo.rpo_alpha > 0 and cfg.dpo.loss != "orpo":  # ORPO has its own NLL term
-            loss = loss + cfg.dpo.rpo_alpha * (-pol_w / len_w).mean()
-        margin = r_w - r_l
-        # log pi/ref per token of the dataset's replies: the margin's parts. Not a KL (these replies are not the
-        # policy's samples): it goes negative as DPO pushes the rejected replies down.
-        ratio_w = (pol_w - ref_w).detach().sum() / len_w.sum()
-        ratio_l = (pol_l - ref_l).detach().sum() / len_l.sum()
-        stats = {
-            "rewards/chosen": float(r_w.mean()), "rewards/rejected": float(r_l.mean()), "margin": float(margin.mean()),
-            "accuracy": float((margin > 0).float().mean()), "logratio/chosen": float(ratio_w),
-            "logratio/rejected": float(ratio_l),
-        }  # fmt: skip
-        return loss * n, stats
+        if self.free:
+            zero = torch.zeros(n, device=batch["input_ids"].device)
+            return zero, zero
+        if split in self.table:
+            ref = self.table[split][batch["index"].cpu()].to(batch["input_ids"].device)
+            return ref[:, 0], ref[:, 1]
+        ref = self.computed(batch)
+        return ref[:n], ref[n:]
 
-    sampler = EpochSampler(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
+
+def pair_loss(d: DPOArgs, pol: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
+              lengths: tuple[torch.Tensor, torch.Tensor], eps: torch.Tensor):  # fmt: skip
+    """The configured objective of losses.py -> (loss, implicit reward of chosen, of rejected). `pol`, `ref`,
+    `lengths`: (chosen, rejected) summed log-probs and reply lengths, (B,) each; `eps`: cDPO's per-pair flip
+    probability (1 - the pair's `probability` for soft labels, else dpo.label_smoothing)."""
+    (pw, pl), (rw, rl), (lw, ll) = pol, ref, lengths
+    if d.loss == "dpo":
+        return L.dpo_loss(pw, pl, rw, rl, d.beta)
+    if d.loss == "cdpo":
+        return L.dpo_loss(pw, pl, rw, rl, d.beta, eps)
+    if d.loss == "ipo":
+        return L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll)
+    if d.loss == "simpo":
+        return L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma)
+    return L.orpo_loss(pw, pl, lw, ll, -pw / lw, d.orpo_lambda)
+
+
+def score(m: GPT, batch: dict[str, torch.Tensor], split: str, ref: Reference, d: DPOArgs):
+    """(loss x pairs, stats) of one pair batch: its chosen rows first, then its rejected rows."""
+    n = batch["index"].numel()
+    logp, lengths = sequence_scores(m, batch)
+    pol_w, pol_l, len_w, len_l = logp[:n], logp[n:], lengths[:n].float(), lengths[n:].float()
+    ref_w, ref_l = ref.scores(batch, split)
+    prob = batch["probability"].to(logp.device)
+    eps = torch.where(prob.isnan(), torch.full_like(prob, d.label_smoothing), 1 - prob)
+    loss, r_w, r_l = pair_loss(d, (pol_w, pol_l), (ref_w, ref_l), (len_w, len_l), eps)
+    if d.rpo_alpha > 0 and d.loss != "orpo":  # ORPO has its own NLL term
+        loss = loss + d.rpo_alpha * (-pol_w / len_w).mean()
+    margin = r_w - r_l
+    # log pi/ref per token of the dataset's replies: the margin's parts. Not a KL (these replies are not the
+    # policy's samples): it goes negative as DPO pushes the rejected replies down.
+    stats = {
+        "rewards/chosen": float(r_w.mean()), "rewards/rejected": float(r_l.mean()), "margin": float(margin.mean()),
+        "accuracy": float((margin > 0).float().mean()),
+        "logratio/chosen": float((pol_w - ref_w).detach().sum() / len_w.sum()),
+        "logratio/rejected": float((pol_l - ref_l).detach().sum() / len_l.sum()),
+    }  # fmt: skip
+    return loss * n, stats
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate(m: GPT, s: Setup, ref: Reference, cfg: DPOConfig) -> dict[str, float]:
+    """Loss and the pair statistics over the validation pairs, weighted by pairs."""
+    if not s.val:
+        return {}
+    totals: dict[str, float] = {}
+    loss_sum = 0.0
+    for i in range(0, len(s.val), cfg.train.batch_size):
+        chunk = s.val[i : i + cfg.train.batch_size]
+        loss, stats = score(m, to_device(pair_batch(chunk, s.tokenizer.pad_id), s.device), "val", ref, cfg.dpo)
+        loss_sum += float(loss)
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v * len(chunk)
+    return {"val_loss": loss_sum / len(s.val), **{f"val_{k}": v / len(s.val) for k, v in totals.items()}}
+
+
+def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    prepare_run_dir(cfg, "dpo", s.model)
+    s.model.to(s.device)
+    ref = Reference(s, cfg)
+    sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [to_device(pair_batch([train[i] for i in sampler(step, m)], pad)) for m in range(cfg.train.grad_accum)]
+        return [to_device(pair_batch([s.train[i] for i in sampler(step, m)], s.tokenizer.pad_id), s.device)
+                for m in range(cfg.train.grad_accum)]  # fmt: skip
 
-    def evaluate(m: GPT) -> dict[str, float]:
-        if not val:
-            return {}
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
-        for s in range(0, len(val), cfg.train.batch_size):
-            chunk = val[s : s + cfg.train.batch_size]
-            loss, stats = score(m, to_device(pair_batch(chunk, pad)), "val")
-            loss_sum += float(loss)
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v * len(chunk)
-        return {"val_loss": loss_sum / len(val), **{f"val_{k}": v / len(val) for k, v in totals.items()}}
-
-    loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=next_batches, device=device,
-                loss_fn=lambda m, b: score(m, b, "train"), count_fn=lambda b: int(b["index"].numel()),
-                evaluate=evaluate,
-                monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, next_batches=next_batches, device=s.device,
+                loss_fn=lambda m, b: score(m, b, "train", ref, cfg.dpo), count_fn=lambda b: int(b["index"].numel()),
+                evaluate=lambda m: evaluate(m, s, ref, cfg), monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
-    trainable, total = trainable_parameters(model)
+    trainable, total = trainable_parameters(s.model)
     if progress:
-        if cfg.dpo.loss in REFERENCE_FREE:
-            ref = "none"
-        else:
-            ref = "precomputed" if precomputed else "adapters disabled" if frozen is None else "frozen copy"
-        print(f"dpo: {len(train)} pairs ({len(val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
-              f"reference: {ref}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
+        print(f"dpo: {len(s.train)} pairs ({len(s.val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
+              f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
+    state = loop.run_logged(resumed, lambda: {"pairs": len(s.train), **evaluate(s.model, s, ref, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
-        save_model(final, out / "final", tok)
+        save_model(final, s.out / "final", s.tokenizer)
     return {"step": state.step, **loop.last_eval}

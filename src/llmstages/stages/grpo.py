@@ -14,30 +14,54 @@ Rollouts are seeded by (seed, step), so a resumed run samples what the uninterru
 from __future__ import annotations
 
 import copy
+import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmstages import losses as L
-from llmstages.config import GRPOConfig
+from llmstages.config import GRPOArgs, GRPOConfig
 from llmstages.data.chat import prompt_ids
+from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
+from llmstages.train.rollout import (
+    RewardFn,
+    evaluate_policy,
+    prompt_sets,
+    reply_rows,
+    reward_source,
+    sample_replies,
+)
 
 
-def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
-    out = Path(cfg.out_dir)
+@dataclass
+class Setup:
+    out: Path
+    device: torch.device
+    model: GPT
+    tokenizer: Tokenizer
+    reference: GPT | None
+    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
+    reward_of: RewardFn
+    prompts: list[list[int]]
+    texts: list[str]
+    eval_ids: list[list[int]]
+    eval_texts: list[str]
+
+
+def setup(cfg: GRPOConfig) -> Setup:
+    """Check the config, load the policy, the reward and the prompts; writes nothing."""
     device, _ = start_run(cfg, "grpo")
-    g = cfg.grpo
-    if g.group_size < 2:
+    if cfg.grpo.group_size < 2:
         raise UserError(
-            f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {g.group_size}"
+            f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
@@ -48,77 +72,85 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
-    prepare_run_dir(cfg, "grpo", model)
-    encoded = [prompt_ids(m, tok) for m in train_prompts]
-    texts = [m[-1]["content"] for m in train_prompts]
-    sampler = EpochSampler(len(train_prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
-    d = distributed.current()
+    ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
+    texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
+    return Setup(Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids(train_prompts), texts(train_prompts),
+                 ids(eval_prompts), texts(eval_prompts))  # fmt: skip
 
-    def logprobs(m: GPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = m(batch["input_ids"], mask=batch["mask"])
-        return L.token_logprobs(logits / g.temperature, batch["targets"])
 
-    @torch.no_grad()
-    def reference_logprobs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if frozen is not None:
-            return logprobs(frozen, batch)
-        with disable_adapters(model):
-            return logprobs(model, batch)
+def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """log pi(target) at the sampling temperature, (B, T)."""
+    return L.token_logprobs(m(batch["input_ids"], mask=batch["mask"]) / temperature, batch["targets"])
 
-    def rollout(step: int) -> list[dict]:
-        t0 = time.perf_counter()
-        idx = [i for i in sampler(step, 0) for _ in range(g.group_size)]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
-        model.eval()
-        prompts = [encoded[i] for i in idx]
-        with distributed.gathered(model):  # fsdp: sampling runs the model's parts token by token
-            replies, responses, ended = sample_replies(model, tok, prompts, g.max_new_tokens, g.temperature, gen)
-        t_gen = time.perf_counter() - t0
-        rewards = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
-        batch = reply_rows(prompts, replies, tok.pad_id, device)
-        batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(device)
-        with torch.no_grad():
-            batch["old_logp"] = logprobs(model, batch)
-            batch["ref_logp"] = reference_logprobs(batch)
-        model.train()
-        groups = rewards.view(-1, g.group_size)
-        batch["stats"] = {
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
-            "response_length": sum(map(len, replies)) / len(replies),
-            "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
-        }  # fmt: skip
-        return [batch]
 
-    def loss_fn(m: GPT, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        tmask = (batch["targets"] != L.IGNORE_INDEX).float()
-        logp = logprobs(m, batch)
-        ratio = torch.exp(logp - batch["old_logp"])
-        a = batch["adv"][:, None]
-        pg = -torch.min(ratio * a, ratio.clamp(1 - g.clip, 1 + g.clip) * a)
-        kl = L.kl_estimate(logp, batch["ref_logp"], "k3")
-        loss = ((pg + g.kl_beta * kl) * tmask).sum()
-        stats = {**batch["stats"], "kl_k3": float(L.masked_mean(kl.detach(), tmask)),
-                 "clip_fraction": float(L.masked_mean(((ratio - 1).abs() > g.clip).float(), tmask))}  # fmt: skip
-        return loss, stats
+@torch.no_grad()
+def reference_logprobs(s: Setup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    if s.reference is not None:
+        return logprobs(s.reference, batch, temperature)
+    with disable_adapters(s.model):
+        return logprobs(s.model, batch, temperature)
 
-    eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
-    eval_texts = [m[-1]["content"] for m in eval_prompts]
+
+def rollout(s: Setup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
+    """Step `step`'s batch: group_size replies to each of its prompts, scored, with group-relative advantages and
+    the old and reference log-probs. Seeded by (seed, step, rank): a resumed run samples the same."""
+    g, d = cfg.grpo, distributed.current()
+    t0 = time.perf_counter()
+    idx = [i for i in sampler(step, 0) for _ in range(g.group_size)]
+    gen = torch.Generator(device=s.device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
+    s.model.eval()
+    prompts = [s.prompts[i] for i in idx]
+    with distributed.gathered(s.model):  # fsdp: sampling runs the model's parts token by token
+        replies, responses, ended = sample_replies(s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen)
+    t_gen = time.perf_counter() - t0
+    rewards = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
+    batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
+    batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(s.device)
+    with torch.no_grad():
+        batch["old_logp"] = logprobs(s.model, batch, g.temperature)
+        batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
+    s.model.train()
+    groups = rewards.view(-1, g.group_size)
+    batch["stats"] = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
+        "response_length": sum(map(len, replies)) / len(replies),
+        "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
+    }  # fmt: skip
+    return [batch]
+
+
+def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
+    """losses.grpo_loss on one rollout, summed over its response tokens (the loop divides by their count)."""
+    tmask = (batch["targets"] != L.IGNORE_INDEX).float()
+    logp = logprobs(m, batch, g.temperature)
+    loss, kl, clip_frac = L.grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip,
+                                      g.kl_beta)  # fmt: skip
+    return loss, {**batch["stats"], "kl_k3": float(kl), "clip_fraction": float(clip_frac)}
+
+
+def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    g = cfg.grpo
+    prepare_run_dir(cfg, "grpo", s.model)
+    sampler = EpochSampler(len(s.prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
 
     def evaluate(m: GPT) -> dict[str, float]:
-        return evaluate_policy(m, tok, eval_ids, eval_texts, reward_of, g.max_new_tokens)
+        return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens)
 
-    loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=rollout, device=device, loss_fn=loss_fn,
+    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, device=s.device,
+                next_batches=functools.partial(rollout, s, cfg, sampler),
+                loss_fn=functools.partial(grpo_step_loss, g=g), evaluate=evaluate,
+                count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()),
                 health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-                count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()), evaluate=evaluate,
                 monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
-    trainable, total = trainable_parameters(model)
+    trainable, total = trainable_parameters(s.model)
     if progress:
-        print(f"grpo: {len(train_prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
+        print(f"grpo: {len(s.prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
               f"{trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    state = loop.run_logged(resumed, lambda: evaluate(model), progress)
+    state = loop.run_logged(resumed, lambda: evaluate(s.model), progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
-        save_model(final, out / "final", tok)
+        save_model(final, s.out / "final", s.tokenizer)
     return {"step": state.step, **loop.last_eval}

@@ -18,24 +18,34 @@ parts: not the single-process run with the larger rollout, as in TRL and OpenRLH
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmstages import losses as L
-from llmstages.config import PPOConfig
+from llmstages.config import PPOArgs, PPOConfig
 from llmstages.data.chat import prompt_ids
+from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
 from llmstages.train import distributed
-from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import evaluate_policy, prompt_sets, reply_rows, reward_source, sample_replies
+from llmstages.train.loop import EpochSampler, Loop, LoopState, prepare_run_dir, start_run
+from llmstages.train.rollout import (
+    RewardFn,
+    evaluate_policy,
+    prompt_sets,
+    reply_rows,
+    reward_source,
+    sample_replies,
+)
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -66,7 +76,23 @@ def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
     return groups
 
 
-def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
+@dataclass
+class Setup:
+    out: Path
+    device: torch.device
+    ac: ActorCritic
+    tokenizer: Tokenizer
+    reference: GPT | None
+    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
+    reward_of: RewardFn
+    prompts: list[list[int]]
+    texts: list[str]
+    eval_ids: list[list[int]]
+    eval_texts: list[str]
+
+
+def setup(cfg: PPOConfig) -> Setup:
+    """Check the config, load the policy, the reward and the prompts, and build policy + critic; writes nothing."""
     out = Path(cfg.out_dir)
     device, _ = start_run(cfg, "ppo")
     p = cfg.ppo
@@ -87,133 +113,171 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
     frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     ac = ActorCritic(policy, critic).to(device)
-    prepare_run_dir(cfg, "ppo", ac)
+    ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
+    texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
+    return Setup(out, device, ac, tok, frozen, reward_of, ids(train_prompts), texts(train_prompts),
+                 ids(eval_prompts), texts(eval_prompts))  # fmt: skip
 
-    encoded = [prompt_ids(m, tok) for m in train_prompts]
-    texts = [m[-1]["content"] for m in train_prompts]
-    eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
-    eval_texts = [m[-1]["content"] for m in eval_prompts]
-    sampler = EpochSampler(len(encoded), p.rollout_size, 1, cfg.seed)  # under ddp: rollout_size prompts per rank
-    d = distributed.current()
-    updates = p.ppo_epochs * p.minibatches
-    cache: dict = {"it": -1}
 
-    def logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return L.token_logprobs(logits / p.temperature, targets)
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(target) at the sampling temperature, (B, T)."""
+    return L.token_logprobs(logits / temperature, targets)
+
+
+class Rollouts:
+    """The rollout in progress, handed to the loop as its batches.
+
+    Every `ppo_epochs x minibatches` optimizer steps a new rollout is sampled from the current policy and scored;
+    each step takes one minibatch of it (a fresh order each epoch, seeded by the rollout and epoch). The rollout
+    goes into every checkpoint (`saved` / `restore`), and the KL controller's coefficient lives in `controller`,
+    which the loop keeps in its state, so a run resumed in the middle of a rollout continues exactly.
+    """
+
+    def __init__(self, s: Setup, cfg: PPOConfig) -> None:
+        self.s, self.p, self.seed = s, cfg.ppo, cfg.seed
+        self.sampler = EpochSampler(len(s.prompts), self.p.rollout_size, 1, cfg.seed)  # under ddp: per rank
+        self.updates = self.p.ppo_epochs * self.p.minibatches
+        self.it = -1  # the rollout held (none yet)
+        self.batch: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+        self.controller: dict[str, float] = {"kl_coef": self.p.kl_coef}
+
+    def batches(self, step: int) -> list[dict]:
+        """Optimizer step `step`'s minibatch (the loop's `next_batches`)."""
+        p = self.p
+        it, j = divmod(step, self.updates)
+        if self.it != it:
+            self.sample(it)
+        epoch, mb = divmod(j, p.minibatches)
+        order = random.Random(self.seed * 1_000_003 + it * 7919 + epoch).sample(range(p.rollout_size), p.rollout_size)
+        size = p.rollout_size // p.minibatches
+        sel = torch.tensor(order[mb * size : (mb + 1) * size], device=self.s.device)
+        return [{**{k: self.batch[k][sel] for k in ROLLOUT_KEYS}, "stats": self.stats}]
 
     @torch.no_grad()
-    def make_rollout(it: int, state_extra: dict) -> dict:
+    def sample(self, it: int) -> None:
+        """Rollout `it`: replies, scores, per-token rewards with the KL penalty, values, GAE."""
+        ac = self.s.ac
         with distributed.gathered(ac):  # fsdp: sampling and scoring call the policy's parts directly
-            rollout = _make_rollout(it, state_extra)
-        if it == 0:  # fsdp: the fill inside went to the gathered copy; the shards need it too
-            ac.value_head.proj.bias.fill_(rollout.pop("value_start"))
-        return rollout
+            value_start = self._sample(it)
+        if value_start is not None:  # fsdp: the fill inside went to the gathered copy; the shards need it too
+            ac.value_head.proj.bias.fill_(value_start)
 
-    def _make_rollout(it: int, state_extra: dict) -> dict:
+    def _sample(self, it: int) -> float | None:
+        s, p, d = self.s, self.p, distributed.current()
         t0 = time.perf_counter()
-        idx = sampler(it, 0)
-        prompts = [encoded[i] for i in idx]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * d.dp_rank)
-        ac.eval()
-        replies, responses, ended = sample_replies(policy, tok, prompts, p.max_new_tokens, p.temperature, gen)
+        idx = self.sampler(it, 0)
+        prompts = [s.prompts[i] for i in idx]
+        gen = torch.Generator(device=s.device).manual_seed(self.seed * 1_000_003 + it + 7919 * d.dp_rank)
+        s.ac.eval()
+        policy = s.ac.policy
+        replies, responses, ended = sample_replies(policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen)
         t_gen = time.perf_counter() - t0
-        scores = torch.tensor(reward_of([texts[i] for i in idx], responses, ended), dtype=torch.float32)
+        scores = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
         scores = scores - p.missing_eos_penalty * (~torch.tensor(ended)).float()
+        value_start = None
         if it == 0:  # start the value head at the mean score, so early advantages are not all one sign
             value_start = d.dp_mean(float(scores.mean()))  # the same on every replica
-            ac.value_head.proj.bias.fill_(value_start)
-        batch = reply_rows(prompts, replies, tok.pad_id, device)
-        logits, values = ac(batch)
-        old_logp = logprobs_of(logits, batch["targets"])
-        if frozen is not None:
-            ref_logp = logprobs_of(frozen(batch["input_ids"], mask=batch["mask"]), batch["targets"])
-        else:
-            with disable_adapters(policy):
-                ref_logp = logprobs_of(policy(batch["input_ids"], mask=batch["mask"]), batch["targets"])
+            s.ac.value_head.proj.bias.fill_(value_start)
+        batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
+        logits, values = s.ac(batch)
+        old_logp = logprobs_of(logits, batch["targets"], p.temperature)
+        ref_logp = logprobs_of(reference_logits(s, batch), batch["targets"], p.temperature)
         tmask = (batch["targets"] != L.IGNORE_INDEX).float()
         kl = (old_logp - ref_logp) * tmask
-        kl_coef = state_extra.get("kl_coef", p.kl_coef)
+        kl_coef = self.controller.get("kl_coef", p.kl_coef)
         rewards = -kl_coef * kl
-        last = torch.tensor([len(pr) + len(r) - 2 for pr, r in zip(prompts, replies)], device=device)
-        rewards[torch.arange(len(idx), device=device), last] += scores.to(device)
+        last = torch.tensor([len(pr) + len(r) - 2 for pr, r in zip(prompts, replies)], device=s.device)
+        rewards[torch.arange(len(idx), device=s.device), last] += scores.to(s.device)
         adv, returns = L.gae(rewards, values * tmask, tmask, p.gamma, p.lam)
         batch.update(old_logp=old_logp, old_values=values * tmask, adv=L.whiten(adv, tmask), returns=returns)
         mean_kl = d.dp_mean(float(L.masked_mean(kl, tmask)))  # k1 per token of the policy's own samples
         if p.target_kl > 0:  # adaptive controller (Ziegler et al. 2019)
             err = max(-0.2, min(0.2, mean_kl / p.target_kl - 1))
-            state_extra["kl_coef"] = kl_coef * (1 + err * len(idx) * d.dp / p.kl_horizon)  # the whole rollout
+            self.controller["kl_coef"] = kl_coef * (1 + err * len(idx) * d.dp / p.kl_horizon)  # the whole rollout
         else:
-            state_extra["kl_coef"] = kl_coef
-        ac.train()
+            self.controller["kl_coef"] = kl_coef
+        s.ac.train()
         n_tokens = sum(map(len, replies))
-        stats = {
+        self.it, self.batch = it, batch
+        self.stats = {
             "reward_mean": float(scores.mean()), "reward_std": float(scores.std()), "kl_k1": mean_kl,
             "kl_coef": kl_coef, "response_length": n_tokens / len(idx),
             "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
         }  # fmt: skip
-        out = {"it": it, "batch": batch, "stats": stats}
-        return {**out, "value_start": value_start} if it == 0 else out
+        return value_start
 
-    loop_ref: dict = {}
-
-    def next_batches(step: int) -> list[dict]:
-        it, j = divmod(step, updates)
-        if cache["it"] != it:
-            cache.update(make_rollout(it, loop_ref["loop"].state.extra))
-        epoch, mb = divmod(j, p.minibatches)
-        order = random.Random(cfg.seed * 1_000_003 + it * 7919 + epoch).sample(range(p.rollout_size), p.rollout_size)
-        size = p.rollout_size // p.minibatches
-        sel = torch.tensor(order[mb * size : (mb + 1) * size], device=device)
-        return [{**{k: cache["batch"][k][sel] for k in ROLLOUT_KEYS}, "stats": cache["stats"]}]
-
-    def loss_fn(m: ActorCritic, b: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, values = m(b)
-        tmask = (b["targets"] != L.IGNORE_INDEX).float()
-        logp = logprobs_of(logits, b["targets"])
-        pg, clip_frac, approx_kl = L.ppo_policy_loss(logp, b["old_logp"], b["adv"], tmask, p.clip)
-        vloss = L.ppo_value_loss(values, b["old_values"], b["returns"], tmask, p.value_clip)
-        entropy = L.masked_mean(L.entropy_from_logits(logits.detach() / p.temperature), tmask)
-        loss = pg + p.value_coef * vloss
-        if p.entropy_coef:
-            loss = loss - p.entropy_coef * L.masked_mean(L.entropy_from_logits(logits / p.temperature), tmask)
-        resid = L.masked_mean((b["returns"] - values.detach()) ** 2, tmask)
-        var = L.masked_mean((b["returns"] - L.masked_mean(b["returns"], tmask)) ** 2, tmask)
-        stats = {
-            "policy_loss": float(pg.detach()), "value_loss": float(vloss.detach()), "entropy": float(entropy),
-            "clip_fraction": float(clip_frac), "kl_old_new_k3": float(approx_kl),
-            "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
-        }  # fmt: skip
-        return loss, {**b["stats"], **stats}
-
-    def on_save(state) -> dict[str, torch.Tensor]:
-        if cache["it"] < 0:
+    def saved(self, _state: object = None) -> dict[str, torch.Tensor]:
+        """The rollout in progress as checkpoint tensors (the loop's `on_save`)."""
+        if self.it < 0:
             return {}
-        saved = {f"rollout.{k}": cache["batch"][k] for k in ROLLOUT_KEYS}
-        saved.update({f"rollout_stats.{k}": torch.tensor([v]) for k, v in cache["stats"].items()})
-        return {"rollout_it": torch.tensor([cache["it"]]), **saved}
+        saved = {f"rollout.{k}": self.batch[k] for k in ROLLOUT_KEYS}
+        saved.update({f"rollout_stats.{k}": torch.tensor([v]) for k, v in self.stats.items()})
+        return {"rollout_it": torch.tensor([self.it]), **saved}
+
+    def restore(self, extra: dict[str, torch.Tensor]) -> None:
+        """Take back the rollout a checkpoint holds (nothing when it holds none)."""
+        if "rollout_it" not in extra:
+            return
+        self.it = int(extra["rollout_it"])
+        self.batch = {k: extra[f"rollout.{k}"].to(self.s.device) for k in ROLLOUT_KEYS}
+        self.stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
+
+
+@torch.no_grad()
+def reference_logits(s: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference policy's logits: the frozen copy, or the policy with its adapters disabled."""
+    if s.reference is not None:
+        return s.reference(batch["input_ids"], mask=batch["mask"])
+    with disable_adapters(s.ac.policy):
+        return s.ac.policy(batch["input_ids"], mask=batch["mask"])
+
+
+def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
+    """clipped policy loss + value_coef x clipped value loss - entropy_coef x entropy, on one minibatch."""
+    logits, values = m(b)
+    tmask = (b["targets"] != L.IGNORE_INDEX).float()
+    logp = logprobs_of(logits, b["targets"], p.temperature)
+    pg, clip_frac, approx_kl = L.ppo_policy_loss(logp, b["old_logp"], b["adv"], tmask, p.clip)
+    vloss = L.ppo_value_loss(values, b["old_values"], b["returns"], tmask, p.value_clip)
+    entropy = L.masked_mean(L.entropy_from_logits(logits.detach() / p.temperature), tmask)
+    loss = pg + p.value_coef * vloss
+    if p.entropy_coef:
+        loss = loss - p.entropy_coef * L.masked_mean(L.entropy_from_logits(logits / p.temperature), tmask)
+    resid = L.masked_mean((b["returns"] - values.detach()) ** 2, tmask)
+    var = L.masked_mean((b["returns"] - L.masked_mean(b["returns"], tmask)) ** 2, tmask)
+    stats = {
+        "policy_loss": float(pg.detach()), "value_loss": float(vloss.detach()), "entropy": float(entropy),
+        "clip_fraction": float(clip_frac), "kl_old_new_k3": float(approx_kl),
+        "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
+    }  # fmt: skip
+    return loss, {**b["stats"], **stats}
+
+
+def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    p = cfg.ppo
+    prepare_run_dir(cfg, "ppo", s.ac)
+    rollouts = Rollouts(s, cfg)
 
     def evaluate(m: ActorCritic) -> dict[str, float]:
-        return evaluate_policy(m.policy, tok, eval_ids, eval_texts, reward_of, p.max_new_tokens)
+        return evaluate_policy(m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens)
 
-    loop = Loop(model=ac, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
+    loop = Loop(model=s.ac, args=cfg.train, run_dir=s.out, device=s.device, next_batches=rollouts.batches,
+                loss_fn=functools.partial(ppo_loss, p=p), count_fn=lambda b: 1, evaluate=evaluate,
+                param_groups_fn=lambda m: _param_groups(m, cfg), on_save=rollouts.saved,
+                state=LoopState(extra=rollouts.controller),  # the KL coefficient, kept across resume
                 health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-                count_fn=lambda b: 1, param_groups_fn=lambda m: _param_groups(m, cfg), on_save=on_save,
-                evaluate=evaluate,
                 monitor=cfg.monitor)  # fmt: skip
-    loop_ref["loop"] = loop
     resumed = loop.resume() if cfg.resume else False
-    if resumed and "rollout_it" in loop.resumed_extra:
-        ex = loop.resumed_extra  # the rollout in progress when the checkpoint was written
-        stats = {k.split(".", 1)[1]: float(v) for k, v in ex.items() if k.startswith("rollout_stats.")}
-        cache.update(
-            it=int(ex["rollout_it"]), batch={k: ex[f"rollout.{k}"].to(device) for k in ROLLOUT_KEYS}, stats=stats
-        )
-    trainable, total = trainable_parameters(ac)
+    if resumed:
+        rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
+    trainable, total = trainable_parameters(s.ac)
     if progress:
-        print(f"ppo: {len(encoded)} prompts, rollouts of {p.rollout_size}, {updates} updates each, critic "
-              f"{p.critic}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
-    state = loop.run_logged(resumed, lambda: evaluate(ac), progress)
+        print(f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
+              f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
+    state = loop.run_logged(resumed, lambda: evaluate(s.ac), progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
-        save_model(final.policy, out / "final", tok)
+        save_model(final.policy, s.out / "final", s.tokenizer)
     return {"step": state.step, **loop.last_eval}

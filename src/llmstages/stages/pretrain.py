@@ -26,7 +26,7 @@ from llmstages.errors import UserError
 from llmstages.eval.facts import fact_recall
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
 from llmstages.train import distributed
-from llmstages.train.loop import Loop, apply_activation_checkpointing, prepare_run_dir, start_run
+from llmstages.train.loop import Loop, apply_activation_checkpointing, count_targets, prepare_run_dir, start_run
 
 SHARD_VERSION = 2
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
@@ -139,6 +139,24 @@ def _source(cfg: PretrainConfig) -> str:
     return f"builtin(world_seed={cfg.world_seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
 
 
+def to_batch(x: np.ndarray, y: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.from_numpy(x).to(device), "targets": torch.from_numpy(y).to(device)}
+
+
+def validate(m: GPT, loop: Loop, s: Setup, shards: TokenShards, recall: World | None) -> dict[str, float]:
+    """Loss and perplexity on train.eval_batches fixed validation batches, and for the built-in world (`recall`)
+    how many of its facts the model completes."""
+    args = s.cfg.train
+    total, n = 0.0, 0
+    for i in range(args.eval_batches):
+        b = to_batch(*shards.batch("val", (s.cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len), s.device)
+        total, n = total + loop.loss_sum(b), n + count_targets(b)
+    result = {"val_loss": total / n, "val_ppl": math.exp(total / n)}
+    if recall is not None:
+        result.update(fact_recall(m, s.tokenizer, recall))
+    return result
+
+
 def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
@@ -161,38 +179,19 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
         for block in model.blocks:
             block.compile()
 
-    def to_batch(x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.from_numpy(x).to(s.device), "targets": torch.from_numpy(y).to(s.device)}
-
     rows = d.rows(args.batch_size * d.dp)  # this rank's rows of each global micro-batch
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
         drawn = [shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
                  for m in range(args.grad_accum)]  # fmt: skip
-        return [to_batch(x[rows], y[rows]) for x, y in drawn]
+        return [to_batch(x[rows], y[rows], s.device) for x, y in drawn]
 
     has_val = len(shards.val) > args.seq_len
-
-    def evaluate(m: GPT) -> dict[str, float]:
-        from llmstages.train.loop import count_targets
-
-        total, n = 0.0, 0
-        for i in range(args.eval_batches):
-            b = to_batch(*shards.batch("val", (cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len))
-            total, n = total + loop.loss_sum(b), n + count_targets(b)
-        result = {"val_loss": total / n, "val_ppl": math.exp(total / n)}
-        if recall_world is not None:  # the built-in world: how many of its facts the model completes
-            result.update(fact_recall(m, s.tokenizer, recall_world))
-        return result
-
     # Fact recall needs the whole model in one process (generation); the split strategies report losses only.
-    recall_world = (
-        World(cfg.world_seed) if not cfg.data.path and d.strategy in ("none", "ddp", "zero1", "fsdp") else None
-    )
-
+    recall = World(cfg.world_seed) if not cfg.data.path and d.strategy in ("none", "ddp", "zero1", "fsdp") else None
     loop = Loop(
         monitor=cfg.monitor, model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
-        evaluate=evaluate if has_val else None,
+        evaluate=(lambda m: validate(m, loop, s, shards, recall)) if has_val else None,
         flops_per_token=flops_per_token(model.config, args.seq_len),
     )  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
@@ -202,7 +201,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
               f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}")  # fmt: skip
     state = loop.run_logged(resumed, lambda: {
         "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"), "parameters": num_params(model),
-        "train_tokens": int(len(shards.train)), **(evaluate(model) if has_val else {}),
+        "train_tokens": int(len(shards.train)), **(loop.evaluate(model) if loop.evaluate else {}),
     }, progress)  # fmt: skip
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards or stages
     if final is not None:

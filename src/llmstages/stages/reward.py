@@ -10,6 +10,7 @@ which PPO, GRPO and evaluation load with `load_reward_model`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 
 from llmstages import losses as L
 from llmstages.config import RewardConfig
-from llmstages.data.preference import pair_batch, split_pairs, tokenize_pair
+from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import load_model_and_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
@@ -38,72 +40,91 @@ def calibration(margins: np.ndarray) -> dict[str, float]:
     return out
 
 
-def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
-    out = Path(cfg.out_dir)
+@dataclass
+class Setup:
+    out: Path
+    device: torch.device
+    model: RewardModel
+    tokenizer: Tokenizer
+    train: list[Pair]
+    val: list[Pair]
+
+
+def setup(cfg: RewardConfig) -> Setup:
+    """Check the config, load the trunk, apply PEFT, build the pairs (sampled from the trunk's model and
+    oracle-labelled for the built-in world) and put a fresh scalar head on it; writes nothing."""
     device, _ = start_run(cfg, "reward")
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
     backbone, tok = load_model_and_tokenizer(cfg.model.path)
     prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
-    builtin = (
-        None
-        if cfg.data.path
-        else builtin_preference_pairs(backbone, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
-    )  # oracle-labelled
+    builtin = None
+    if not cfg.data.path:
+        builtin = builtin_preference_pairs(backbone, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
     val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
-    prepare_run_dir(cfg, "reward", model)
-    pad = tok.pad_id
-    to_device = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    return Setup(Path(cfg.out_dir), device, model, tok, train, val)
 
-    def rewards(m: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        n = batch["index"].numel()
-        r = m(batch["input_ids"], batch["mask"])
-        return r[:n], r[n:]
 
-    def loss_fn(m: RewardModel, batch: dict[str, torch.Tensor]):
-        r_w, r_l = rewards(m, batch)
-        loss = L.bradley_terry_loss(r_w, r_l, cfg.margin) * r_w.numel()
-        margin = (r_w - r_l).detach()
-        return loss, {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+def batch_of(s: Setup, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+    """A pair batch on the device, each row the whole conversation (the head reads its last token)."""
+    return {k: v.to(s.device) for k, v in pair_batch(pairs, s.tokenizer.pad_id, whole=True).items()}
 
-    def evaluate(m: RewardModel) -> dict[str, float]:
-        if not val:
-            return {}
-        margins, loss = [], 0.0
-        for s in range(0, len(val), cfg.train.batch_size):
-            r_w, r_l = rewards(m, to_device(pair_batch(val[s : s + cfg.train.batch_size], pad, whole=True)))
-            loss += float(L.bradley_terry_loss(r_w, r_l, cfg.margin)) * r_w.numel()
-            margins.append((r_w - r_l).float().cpu().numpy())
-        mg = np.concatenate(margins)
-        return {"val_loss": loss / len(val), "val_accuracy": float((mg > 0).mean()), "val_margin": float(mg.mean()),
-                **calibration(mg)}  # fmt: skip
 
-    sampler = EpochSampler(len(train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
+def rewards(m: RewardModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(x, y_w), r(x, y_l)), (B,) each: a pair batch holds its chosen rows first, then its rejected rows."""
+    n = batch["index"].numel()
+    r = m(batch["input_ids"], batch["mask"])
+    return r[:n], r[n:]
+
+
+def pair_loss(m: RewardModel, batch: dict[str, torch.Tensor], margin: float):
+    """(Bradley-Terry loss x pairs, stats) of one batch."""
+    r_w, r_l = rewards(m, batch)
+    loss = L.bradley_terry_loss(r_w, r_l, margin) * r_w.numel()
+    gap = (r_w - r_l).detach()
+    return loss, {"accuracy": float((gap > 0).float().mean()), "margin": float(gap.mean())}
+
+
+def evaluate(m: RewardModel, s: Setup, cfg: RewardConfig) -> dict[str, float]:
+    """Loss, accuracy, mean margin and calibration over the held-out pairs."""
+    if not s.val:
+        return {}
+    margins, loss = [], 0.0
+    for i in range(0, len(s.val), cfg.train.batch_size):
+        r_w, r_l = rewards(m, batch_of(s, s.val[i : i + cfg.train.batch_size]))
+        loss += float(L.bradley_terry_loss(r_w, r_l, cfg.margin)) * r_w.numel()
+        margins.append((r_w - r_l).float().cpu().numpy())
+    mg = np.concatenate(margins)
+    return {"val_loss": loss / len(s.val), "val_accuracy": float((mg > 0).mean()), "val_margin": float(mg.mean()),
+            **calibration(mg)}  # fmt: skip
+
+
+def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
+    s = setup(cfg)
+    prepare_run_dir(cfg, "reward", s.model)
+    sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [
-            to_device(pair_batch([train[i] for i in sampler(step, m)], pad, whole=True))
-            for m in range(cfg.train.grad_accum)
-        ]
+        return [batch_of(s, [s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
 
-    loop = Loop(model=model, args=cfg.train, run_dir=out, next_batches=next_batches, device=device, loss_fn=loss_fn,
-                count_fn=lambda b: int(b["index"].numel()), evaluate=evaluate,
-                monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, next_batches=next_batches, device=s.device,
+                loss_fn=lambda m, b: pair_loss(m, b, cfg.margin), count_fn=lambda b: int(b["index"].numel()),
+                evaluate=lambda m: evaluate(m, s, cfg), monitor=cfg.monitor)  # fmt: skip
     resumed = loop.resume() if cfg.resume else False
-    trainable, total = trainable_parameters(model)
+    trainable, total = trainable_parameters(s.model)
     if progress:
-        print(f"reward: {len(train)} pairs ({len(val)} held out); {trainable:,} of {total:,} parameters trainable")
-    state = loop.run_logged(resumed, lambda: {"pairs": len(train), **evaluate(model)}, progress)
+        print(f"reward: {len(s.train)} pairs ({len(s.val)} held out); {trainable:,} of {total:,} parameters trainable")
+    state = loop.run_logged(resumed, lambda: {"pairs": len(s.train), **evaluate(s.model, s, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):
             merge_lora(final.backbone)  # a reward model is used as a whole: save it merged
-        save_model(final.backbone, out / "final", tok)
-        save_head(final.head, out / "final", kind="reward")
+        save_model(final.backbone, s.out / "final", s.tokenizer)
+        save_head(final.head, s.out / "final", kind="reward")
     if progress and loop.last_eval:
         print(f"reward: done; held-out accuracy {loop.last_eval.get('val_accuracy', float('nan')):.1%}")
     return {"step": state.step, **loop.last_eval}

@@ -303,6 +303,7 @@ class LoopState:
     skipped_steps: int = 0
     best_val_loss: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """Scalars a stage keeps across resume (saved in each checkpoint's state, restored in place)."""
 
 
 @dataclass
@@ -370,10 +371,12 @@ class Loop:
             if any(k.startswith("r0.") for k in extra):  # per-rank extras of a data-parallel run
                 mine = f"r{d.dp_rank}."
                 extra = {k.removeprefix(mine): v for k, v in extra.items() if k.startswith(mine)}
+        extra_state = self.state.extra  # updated in place: a stage may hold it (PPO's KL controller)
+        extra_state.clear()
+        extra_state.update(state.get("extra", {}))
         self.state = LoopState(
             step=state["step"], tokens_seen=state.get("tokens_seen", 0),
-            skipped_steps=state.get("skipped_steps", 0), best_val_loss=state.get("best_val_loss"),
-            extra=state.get("extra", {}),
+            skipped_steps=state.get("skipped_steps", 0), best_val_loss=state.get("best_val_loss"), extra=extra_state,
         )  # fmt: skip
         saved_world = state.get("world_size", 1)
         if saved_world != d.world:  # per-rank extras (a rollout in progress) belong to the old ranks: drop them
