@@ -26,10 +26,9 @@ METHODS = ("full", "lora", "adapter")
 
 
 def child(method: str, steps: int, batch: int, seq: int, device: str) -> dict:
-    from llmstages.losses import shift_labels
+    from llmstages.losses import lm_loss, shift_labels
     from llmstages.model import GPT, preset
     from llmstages.peft import apply_adapters, apply_lora, trainable_parameters
-    from llmstages.train.loop import lm_loss
 
     base = current_rss_mib()
     torch.manual_seed(0)

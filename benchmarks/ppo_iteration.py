@@ -20,11 +20,13 @@ from common import machine, median  # noqa: E402
 from llmstages import losses as L  # noqa: E402
 from llmstages.data.builtin import builtin_corpus  # noqa: E402
 from llmstages.data.chat import prompt_ids  # noqa: E402
+from llmstages.data.prompts import builtin_prompts  # noqa: E402
 from llmstages.data.tokenizer import train_bpe  # noqa: E402
 from llmstages.model import GPT, generate, preset  # noqa: E402
+from llmstages.model.generate import sample_replies  # noqa: E402
 from llmstages.peft import apply_lora, disable_adapters  # noqa: E402
 from llmstages.stages.ppo import ActorCritic  # noqa: E402
-from llmstages.train.rollout import builtin_prompts, reply_rows, sample_replies  # noqa: E402
+from llmstages.train.rollout import reply_rows  # noqa: E402
 
 
 def main() -> None:

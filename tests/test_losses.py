@@ -155,3 +155,24 @@ def test_dpo_on_sequence_logprobs_equals_the_textbook_formula_from_logits():
     )
     assert math.isclose(float(loss), math.log1p(math.exp(-beta * h)), rel_tol=1e-5)
     assert int(L.sequence_logprobs(torch.zeros(1, 6, 64), batch(chosen)[1])[1]) == len(chosen)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_head_cross_entropy_against_full_logits(wrapped):
+    """The fused, chunked head (a plain nn.Linear) and the plain path (any other head) against F.cross_entropy on
+    the whole (N, V) logits: the summed loss and the gradients of the hidden states and the head."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Sequential(linear) if wrapped else linear
+    hidden = torch.randn(3, 700, 16, requires_grad=True)  # 2100 rows: more than one chunk of 512
+    targets = torch.randint(0, 50, (3, 700))
+    targets[0, :100] = L.IGNORE_INDEX
+    got = L.head_cross_entropy(hidden, head, targets)
+    g_h, g_w = torch.autograd.grad(got, (hidden, linear.weight))
+    want = torch.nn.functional.cross_entropy((hidden @ linear.weight.t()).reshape(-1, 50), targets.reshape(-1),
+                                             reduction="sum")  # fmt: skip
+    w_h, w_w = torch.autograd.grad(want, (hidden, linear.weight))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(g_h, w_h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_w, w_w, rtol=1e-4, atol=1e-4)
+    assert L.count_targets({"targets": targets}) == 2000

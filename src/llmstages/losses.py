@@ -1,9 +1,11 @@
-"""Losses as pure functions of tensors. Each docstring gives the formula; later stages add their own here."""
+"""Losses as pure functions of tensors (lm_loss: of a model's hidden states and head). Each docstring gives the
+formula; later stages add their own here."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -87,6 +89,27 @@ def linear_cross_entropy(
     if reduction != "mean":
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return total / (t != ignore_index).sum().clamp(min=1)
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_t log p(y_t) of the logits head(hidden): fused and chunked (linear_cross_entropy) when the head is a
+    plain nn.Linear; any other head (e.g. one carrying an adapter) through its full logits."""
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
+    logits = head(hidden).float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The language-model objective of pre-training and SFT: summed next-token cross-entropy over the targets
+    != IGNORE_INDEX (the caller divides by count_targets). The model gives `hidden_states` and `lm_head`."""
+    hidden = model.hidden_states(batch["input_ids"], mask=batch.get("mask"), position_ids=batch.get("position_ids"))
+    return head_cross_entropy(hidden, model.lm_head, batch["targets"]), {}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """The number of trained positions of a batch (targets != IGNORE_INDEX)."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import torch
 from llmstages.cli import main
 from llmstages.data.chat import prompt_ids
 from llmstages.data.oracle import oracle_reward
+from llmstages.data.prompts import builtin_prompts
 from llmstages.eval.policy import compare, pair_agreement, reply_logprob, win_rate
 from llmstages.model import generate, load_model, load_tokenizer, save_model
-from llmstages.train.rollout import builtin_prompts
 from tests.helpers import builtin_base, tiny_tokenizer
 
 

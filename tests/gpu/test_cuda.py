@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from llmstages.config import TrainArgs
+from llmstages.losses import lm_loss
 from llmstages.model import GPT, generate, preset
 from llmstages.monitor.metrics import MetricsLogger
-from llmstages.train.loop import Loop, lm_loss
+from llmstages.train.loop import Loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -116,13 +116,13 @@ def test_builtin_pairs_when_no_data_is_given(setup_dirs, tmp_path):
 
 
 def test_builtin_pairs_put_the_oracles_favourite_first(setup_dirs, monkeypatch):
+    from llmstages.data import prompts as builtin_data
     from llmstages.data.builtin import World
     from llmstages.data.oracle import parse_question
     from llmstages.model import load_model, load_tokenizer
-    from llmstages.train import rollout
 
     world = World(0)
-    prompts, _ = rollout.builtin_prompts(0, 8)
+    prompts, _ = builtin_data.builtin_prompts(0, 8)
 
     def fake_samples(model, tok, ids, max_new_tokens, temperature, generator=None):
         responses, ended = [], []
@@ -133,20 +133,20 @@ def test_builtin_pairs_put_the_oracles_favourite_first(setup_dirs, monkeypatch):
             ended += [True, True]
         return [[1]] * len(responses), responses, ended
 
-    monkeypatch.setattr(rollout, "sample_replies", fake_samples)
-    pairs = rollout.builtin_preference_pairs(load_model(setup_dirs / "base"), load_tokenizer(setup_dirs / "base"))
+    monkeypatch.setattr(builtin_data, "sample_replies", fake_samples)
+    pairs = builtin_data.builtin_preference_pairs(load_model(setup_dirs / "base"), load_tokenizer(setup_dirs / "base"))
     assert len(pairs) == len(prompts)
     assert all(" or " not in p.chosen and " or maybe" in p.rejected for p in pairs)
 
 
 def test_builtin_pairs_from_more_samples_take_every_differently_scored_pair(setup_dirs, monkeypatch):
+    from llmstages.data import prompts as builtin_data
     from llmstages.data.builtin import World
     from llmstages.data.oracle import parse_question
     from llmstages.model import load_model, load_tokenizer
-    from llmstages.train import rollout
 
     world = World(0)
-    prompts, _ = rollout.builtin_prompts(0, 8)
+    prompts, _ = builtin_data.builtin_prompts(0, 8)
 
     def fake_samples(model, tok, ids, max_new_tokens, temperature, generator=None):
         responses = []
@@ -156,9 +156,9 @@ def test_builtin_pairs_from_more_samples_take_every_differently_scored_pair(setu
             responses += [truth, f"{truth}, really", f"{truth}, very nice", truth]
         return [[1]] * len(responses), responses, [True] * len(responses)
 
-    monkeypatch.setattr(rollout, "sample_replies", fake_samples)
+    monkeypatch.setattr(builtin_data, "sample_replies", fake_samples)
     model, tok = load_model(setup_dirs / "base"), load_tokenizer(setup_dirs / "base")
-    pairs = rollout.builtin_preference_pairs(model, tok, samples=4)
+    pairs = builtin_data.builtin_preference_pairs(model, tok, samples=4)
     # per prompt: clean over each of the two tails; the tie between the tails and the repeated clean reply add none
     assert len(pairs) == 2 * len(prompts)
     assert all(p.chosen == p.chosen.split(",")[0] and "," in p.rejected for p in pairs)

@@ -7,9 +7,9 @@ import math
 import torch
 
 from llmstages.config import TrainArgs
-from llmstages.losses import IGNORE_INDEX
+from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
 from llmstages.model import GPT, preset
-from llmstages.train.loop import accumulate, count_targets, lm_loss, lr_at, param_groups
+from llmstages.train.loop import accumulate, lr_at, param_groups
 
 
 def _padded_batch(n: int, seq: int = 12, vocab: int = 256, seed: int = 0):

@@ -68,7 +68,7 @@ def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: i
 def perplexity(model: GPT, tok: Tokenizer, documents: Sequence[str], batch_size: int = 8) -> dict[str, float]:
     """Documents joined with EOS, cut into windows of the model's context; every token after the first of a
     window is predicted from the tokens before it in that window."""
-    from llmstages.train.loop import count_targets, lm_loss
+    from llmstages.losses import count_targets, lm_loss
 
     if tok.eos_id is None:
         raise UserError("perplexity: the tokenizer has no EOS token to join documents with")
@@ -118,7 +118,7 @@ def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], world_seed: 
 
 def heldout_questions(n: int, world_seed: int = 0) -> list[str]:
     """n built-in questions about the held-out people, spread over people and attributes (every 12th)."""
-    from llmstages.train.rollout import builtin_prompts
+    from llmstages.data.prompts import builtin_prompts
 
     return [m[-1]["content"] for m in builtin_prompts(world_seed, 8)[1][::12][:n]]
 

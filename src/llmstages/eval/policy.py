@@ -28,7 +28,8 @@ from llmstages.data.chat import Message, prompt_ids
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT
-from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, sample_many, with_world
+from llmstages.model.generate import sample_many
+from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, with_world
 
 
 @dataclass
@@ -162,9 +163,10 @@ def evaluate_dir(
     from llmstages.config import RewardSourceArgs
     from llmstages.data.oracle import MAX_SCORE, breaks_principles
     from llmstages.data.preference import read_prompts
+    from llmstages.data.prompts import builtin_prompts
     from llmstages.data.text import tokenizer_hash
     from llmstages.model import load_model, load_tokenizer
-    from llmstages.train.rollout import builtin_prompts, reward_source
+    from llmstages.train.rollout import reward_source
 
     model = load_model(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from llmstages.errors import UserError
+
+if TYPE_CHECKING:
+    from llmstages.data.tokenizer import Tokenizer
+    from llmstages.model.gpt import GPT
 
 
 class KVCache:
@@ -176,3 +181,39 @@ def _generated_mask(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
     is_eos = torch.isin(tokens, eos).long()
     before = is_eos.cumsum(-1) - is_eos  # EOS seen strictly before this position
     return (before == 0).long()
+
+
+def sample_replies(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[str], list[bool]]:
+    """(reply tokens, reply texts, ended with EOS) for each prompt; temperature 0 is greedy."""
+    out = generate(model, list(prompts), max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                   pad_id=tok.pad_id, generator=generator)  # fmt: skip
+    replies = [t[:n] for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+    ended = [bool(r) and r[-1] == tok.eos_id for r in replies]
+    return replies, [tok.decode(r) for r in replies], ended
+
+
+def sample_many(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int | None = None,
+    batch_size: int = 128,
+) -> tuple[list[list[int]], list[str], list[bool]]:
+    """`sample_replies` over any number of prompts, `batch_size` at a time, one generator seeded with `seed`."""
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    replies, texts, ended = [], [], []
+    for s in range(0, len(prompts), batch_size):
+        r, t, e = sample_replies(model, tok, prompts[s : s + batch_size], max_new_tokens, temperature, gen)
+        replies, texts, ended = replies + r, texts + t, ended + e
+    return replies, texts, ended

@@ -36,12 +36,13 @@ import torch
 from llmstages.config import CAIConfig, save_config
 from llmstages.data.chat import Message, prompt_ids, right_pad, tokenize_conversation
 from llmstages.data.constitution import Constitution, Principle, load_constitution
+from llmstages.data.prompts import prompt_sets
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model, load_tokenizer
+from llmstages.model.generate import sample_many
 from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.train.loop import resolve_device
-from llmstages.train.rollout import prompt_sets, sample_many
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 BATCH = 128

@@ -20,12 +20,12 @@ import torch
 from llmstages import losses as L
 from llmstages.config import DPOArgs, DPOConfig
 from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import builtin_preference_pairs
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")

@@ -24,9 +24,11 @@ import torch
 from llmstages import losses as L
 from llmstages.config import GRPOArgs, GRPOConfig
 from llmstages.data.chat import prompt_ids
+from llmstages.data.prompts import prompt_sets
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
+from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train import distributed
@@ -34,10 +36,8 @@ from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import (
     RewardFn,
     evaluate_policy,
-    prompt_sets,
     reply_rows,
     reward_source,
-    sample_replies,
 )
 
 

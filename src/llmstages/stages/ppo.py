@@ -30,9 +30,11 @@ from torch import nn
 from llmstages import losses as L
 from llmstages.config import PPOArgs, PPOConfig
 from llmstages.data.chat import prompt_ids
+from llmstages.data.prompts import prompt_sets
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
+from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
@@ -41,10 +43,8 @@ from llmstages.train.loop import EpochSampler, Loop, LoopState, prepare_run_dir,
 from llmstages.train.rollout import (
     RewardFn,
     evaluate_policy,
-    prompt_sets,
     reply_rows,
     reward_source,
-    sample_replies,
 )
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")

@@ -24,9 +24,10 @@ from llmstages.data.text import META, TokenShards, iter_documents, prepare_shard
 from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.eval.facts import fact_recall
+from llmstages.losses import count_targets
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
 from llmstages.train import distributed
-from llmstages.train.loop import Loop, apply_activation_checkpointing, count_targets, prepare_run_dir, start_run
+from llmstages.train.loop import Loop, apply_activation_checkpointing, prepare_run_dir, start_run
 
 SHARD_VERSION = 2
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key

@@ -19,13 +19,13 @@ import torch
 from llmstages import losses as L
 from llmstages.config import RewardConfig
 from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import load_model_and_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import builtin_preference_pairs
 
 # Calibration: accuracy of the predicted order within bins of |r_w - r_l|.
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, float("inf"))

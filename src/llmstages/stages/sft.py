@@ -31,15 +31,13 @@ from llmstages.data.tasks import Task, builtin_tasks
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match
-from llmstages.losses import IGNORE_INDEX
+from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
 from llmstages.model import GPT, flops_per_token, load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.peft import prepare_policy, trainable_parameters
 from llmstages.train.loop import (
     EpochSampler,
     Loop,
     apply_activation_checkpointing,
-    count_targets,
-    lm_loss,
     prepare_run_dir,
     start_run,
 )

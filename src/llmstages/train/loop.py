@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
-from llmstages.losses import IGNORE_INDEX, linear_cross_entropy
+from llmstages.losses import count_targets, lm_loss
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
 from llmstages.outputs import claim_run_dir, start_run_dir
@@ -236,27 +236,6 @@ def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> Non
     d.barrier()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Language-model loss (pre-training and SFT)
-
-
-def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Summed next-token cross-entropy over target tokens != IGNORE_INDEX (the loop divides by the count)."""
-    hidden = model.hidden_states(batch["input_ids"], mask=batch.get("mask"), position_ids=batch.get("position_ids"))
-    if type(model.lm_head) is nn.Linear:  # fused and chunked; a wrapped head (e.g. LoRA) takes the plain path
-        loss = linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"], reduction="sum")
-    else:
-        logits = model.lm_head(hidden).float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), reduction="sum"
-        )
-    return loss, {}
-
-
-def count_targets(batch: Batch) -> int:
-    return int((batch["targets"] != IGNORE_INDEX).sum())
-
-
 def accumulate(
     model: Any,
     micro_batches: Sequence[Batch],
@@ -458,18 +437,20 @@ class Loop:
 
     def _oom_message(self, batches: list[Batch]) -> str:
         """What ran out and settings that would fit (the estimate of `llmstages estimate-memory`)."""
-        from llmstages.model.gpt import GPT
+        from llmstages.model.gpt import ModelConfig
         from llmstages.train.memory import out_of_memory_advice
 
         strategy = {"fsdp+tp": "fsdp"}.get(self.dist.strategy, self.dist.strategy)
         if strategy == "fsdp" and not self.dist.args.reshard_after_forward:
             strategy = "fsdp-zero2"
-        gpt = next((m for m in self.model.modules() if isinstance(m, GPT)), None)
-        if gpt is None:
+        config = next((c for m in self.model.modules() if isinstance(c := getattr(m, "config", None), ModelConfig)),
+                      None)  # fmt: skip
+        if config is None:
             return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
-        lora = any("lora_" in n for n, _ in self.model.named_parameters())
+        sizes = [(p.numel(), p.requires_grad) for p in self.model.parameters()]
+        frozen = sum(n for n, trains in sizes if not trains) > sum(n for n, _ in sizes) / 2  # adapters on a base
         rows, seq = batches[0]["input_ids"].shape
-        return out_of_memory_advice(gpt.config, "lora" if lora else "full", strategy, self.dist.world,
+        return out_of_memory_advice(config, "lora" if frozen else "full", strategy, self.dist.world,
                                     self.args.precision, rows, seq, self.args.activation_checkpointing,
                                     self.args.grad_accum, self.device.type)  # fmt: skip
 

@@ -177,7 +177,8 @@ def high_water():  # this process's peak resident memory; ru_maxrss would includ
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 from llmstages.model.gpt import GPT, ModelConfig
 from llmstages.peft import apply_lora
-from llmstages.train.loop import apply_activation_checkpointing, build_optimizer, lm_loss, autocast
+from llmstages.losses import lm_loss
+from llmstages.train.loop import apply_activation_checkpointing, autocast, build_optimizer
 from llmstages.config import TrainArgs
 spec = json.loads(sys.argv[1])
 torch.manual_seed(0)

@@ -13,12 +13,11 @@ import torch
 
 from llmstages import losses as L
 from llmstages.config import RewardSourceArgs
-from llmstages.data.chat import Message
-from llmstages.data.tasks import QUESTIONS, split_people
 from llmstages.data.text import tokenizer_hash
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, generate, load_tokenizer
+from llmstages.model import GPT, load_tokenizer
+from llmstages.model.generate import sample_replies
 
 RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -98,67 +97,6 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
     return score
 
 
-def builtin_prompts(world_seed: int, heldout: int) -> tuple[list[list[Message]], list[list[Message]]]:
-    """Fact questions about the training people (for RL) and about held-out people (for evaluation)."""
-    from llmstages.data.builtin import World
-
-    train_people, held = split_people(World(world_seed), heldout)
-
-    def qs(people):
-        return [
-            [{"role": "user", "content": q.format(n=p.name)}] for p in people for a in QUESTIONS for q in QUESTIONS[a]
-        ]
-
-    return qs(train_people), qs(held)
-
-
-def prompt_sets(data, world_seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
-    """(training prompts, evaluation prompts) from `data` (PromptDataArgs): the user's prompt files (evaluated on
-    their first 64) or the built-in fact questions of world `world_seed` (training people / held-out people)."""
-    if data.path:
-        from llmstages.data.preference import read_prompts
-
-        prompts = [m for _, m in read_prompts(data.path)]
-        return prompts, prompts[:64]
-    return builtin_prompts(world_seed, data.heldout_people)
-
-
-def sample_replies(
-    model: GPT,
-    tok: Tokenizer,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    generator: torch.Generator | None = None,
-) -> tuple[list[list[int]], list[str], list[bool]]:
-    """(reply tokens, reply texts, ended with EOS) for each prompt; temperature 0 is greedy."""
-    out = generate(model, list(prompts), max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, generator=generator)  # fmt: skip
-    replies = [t[:n] for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
-    ended = [bool(r) and r[-1] == tok.eos_id for r in replies]
-    return replies, [tok.decode(r) for r in replies], ended
-
-
-def sample_many(
-    model: GPT,
-    tok: Tokenizer,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    seed: int | None = None,
-    batch_size: int = 128,
-) -> tuple[list[list[int]], list[str], list[bool]]:
-    """`sample_replies` over any number of prompts, `batch_size` at a time, one generator seeded with `seed`."""
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    replies, texts, ended = [], [], []
-    for s in range(0, len(prompts), batch_size):
-        r, t, e = sample_replies(model, tok, prompts[s : s + batch_size], max_new_tokens, temperature, gen)
-        replies, texts, ended = replies + r, texts + t, ended + e
-    return replies, texts, ended
-
-
 def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, device) -> dict:
     """Right-padded rows prompt + reply (last token dropped: inputs), targets = the reply tokens at the
     positions that predict them, IGNORE_INDEX elsewhere."""
@@ -173,49 +111,6 @@ def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_i
         if r:
             targets[k, len(p) - 1 : len(seq) - 1] = torch.tensor(r)
     return {"input_ids": ids.to(device), "targets": targets.to(device), "mask": mask.to(device)}
-
-
-@torch.no_grad()
-def builtin_preference_pairs(
-    model: GPT,
-    tok: Tokenizer,
-    world_seed: int = 0,
-    seed: int = 0,
-    heldout_people: int = 8,
-    samples: int = 2,
-    max_new_tokens: int = 8,
-    temperature: float = 1.0,
-) -> list:
-    """Preference pairs on built-in world `world_seed`: `samples` replies of `model` per training fact question
-    (sampled with `seed`); every two distinct replies that the oracle scores differently become (chosen,
-    rejected); ties are skipped."""
-    from llmstages.data.chat import prompt_ids
-    from llmstages.data.oracle import oracle_reward
-    from llmstages.data.preference import PreferencePair
-
-    prompts, _ = builtin_prompts(world_seed, heldout_people)
-    ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + 17)
-    was_training = model.training
-    model.eval()
-    _, responses, ended = sample_replies(model, tok, ids, max_new_tokens, temperature, gen)
-    model.train(was_training)
-    texts = [m[-1]["content"] for m in prompts for _ in range(samples)]
-    scores = oracle_reward(texts, responses, ended, world_seed)
-    pairs = []
-    for k, m in enumerate(prompts):
-        seen = set()
-        for i in range(k * samples, (k + 1) * samples):
-            for j in range(k * samples, (k + 1) * samples):
-                hi, lo = responses[i].strip(), responses[j].strip()
-                if scores[i] > scores[j] and hi != lo and lo and (hi, lo) not in seen:
-                    seen.add((hi, lo))
-                    pairs.append(PreferencePair(tuple(m), hi, lo, f"builtin:{k}"))
-    if not pairs:
-        raise UserError(
-            "the model's replies to the built-in questions all tie under the oracle: no pairs to learn from"
-        )
-    return pairs
 
 
 @torch.no_grad()
