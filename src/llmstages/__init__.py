@@ -13,6 +13,13 @@ from llmstages.model import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "GPT", "ModelConfig", "__version__", "export_hf", "generate", "load_model", "load_tokenizer", "preset",
+    "GPT",
+    "ModelConfig",
+    "__version__",
+    "export_hf",
+    "generate",
+    "load_model",
+    "load_tokenizer",
+    "preset",
     "save_model",
-]  # fmt: skip
+]

@@ -41,9 +41,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     eos = model.config.eos_ids or ([tok.eos_id] if tok.eos_id is not None else None)
     out = generate(
-        model, [ids], max_new_tokens=min(args.max_new_tokens, context - len(ids)), temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, eos_id=eos, pad_id=tok.pad_id, generator=gen,
-    )  # fmt: skip
+        model,
+        [ids],
+        max_new_tokens=min(args.max_new_tokens, context - len(ids)),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=eos,
+        pad_id=tok.pad_id,
+        generator=gen,
+    )
     n = int(out.lengths[0])
     print(tok.decode(out.tokens[0, :n].tolist()))
     return 0
@@ -116,8 +123,11 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     def fill(tmp: Path) -> None:  # the tokenizer and its shards land together, or not at all
         tok.save(tmp)
         if args.tokenize:
-            meta.update(prepare_shards(docs, tok, tmp, args.val_fraction, workers=args.workers,
-                                       source=",".join(args.data) or "builtin"))  # fmt: skip
+            meta.update(
+                prepare_shards(
+                    docs, tok, tmp, args.val_fraction, workers=args.workers, source=",".join(args.data) or "builtin"
+                )
+            )
 
     write_dir(out, fill)
     print(f"tokenizer: {tok.vocab_size} tokens, written to {out}")
@@ -151,8 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
     if args.temperature < 0 or args.max_new_tokens < 1:
-        raise UserError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {args.temperature} and "
-                        f"{args.max_new_tokens}")  # fmt: skip
+        raise UserError(
+            f"--temperature must be >= 0 and --max-new-tokens >= 1, got {args.temperature} and {args.max_new_tokens}"
+        )
     if args.out:
         from llmstages.outputs import claim_file
 
@@ -181,9 +192,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for q, a in zip(questions, lm.show(model, tok, questions)):
                 print(f"{q!r} -> {a!r}")
     if args.model and (not wants_lm or args.reference or args.judge):
-        result.update(evaluate_dir(args.model, args.reference, args.reward, args.data, args.samples, args.temperature,
-                                   args.max_new_tokens, args.seed, _device(args.device), args.judge,
-                                   args.world_seed))  # fmt: skip
+        result.update(
+            evaluate_dir(
+                args.model,
+                args.reference,
+                args.reward,
+                args.data,
+                args.samples,
+                args.temperature,
+                args.max_new_tokens,
+                args.seed,
+                _device(args.device),
+                args.judge,
+                args.world_seed,
+            )
+        )
     if not result:
         return 0
     width = max(map(len, result))
@@ -244,13 +267,26 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"--model '{args.model}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
     seq = args.seq_len or cfg.block_size
-    kw = dict(method=args.method, strategy=args.strategy, world=args.world_size, precision=args.precision, seq=seq,
-              checkpointing=args.activation_checkpointing, lora_rank=args.lora_rank, lora_targets=args.lora_targets,
-              device="cpu" if args.measure else args.device)  # fmt: skip
+    kw = dict(
+        method=args.method,
+        strategy=args.strategy,
+        world=args.world_size,
+        precision=args.precision,
+        seq=seq,
+        checkpointing=args.activation_checkpointing,
+        lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets,
+        device="cpu" if args.measure else args.device,
+    )
     e = memory.estimate(cfg, batch=args.batch_size, **kw)
     ckpt = ", activation checkpointing" if args.activation_checkpointing else ""
-    print(memory.report(e, f"{args.model}: {args.method}, {args.strategy} on {args.world_size} process(es), "
-                           f"{args.precision}, batch {args.batch_size} x {seq} tokens{ckpt}"))  # fmt: skip
+    print(
+        memory.report(
+            e,
+            f"{args.model}: {args.method}, {args.strategy} on {args.world_size} process(es), "
+            f"{args.precision}, batch {args.batch_size} x {seq} tokens{ckpt}",
+        )
+    )
     if args.memory:
         budget = memory.parse_size(args.memory)
         fits = memory.largest_batch(cfg, budget, **kw)
@@ -258,8 +294,16 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     if args.measure:
         if args.strategy != "none" or args.world_size != 1:
             raise UserError("--measure runs one process: use --strategy none --world-size 1")
-        m = memory.measure(cfg, args.method, args.precision, args.batch_size, seq, args.activation_checkpointing,
-                           args.lora_rank, args.lora_targets)  # fmt: skip
+        m = memory.measure(
+            cfg,
+            args.method,
+            args.precision,
+            args.batch_size,
+            seq,
+            args.activation_checkpointing,
+            args.lora_rank,
+            args.lora_targets,
+        )
         print(f"  measured peak    {memory.gib(m):>12}  (estimate / measured = {e.total / m:.2f})")
     return 0
 
@@ -288,8 +332,13 @@ def _add_stage(sub, name: str) -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help, description=f"{help}. Settings come from --config and key.sub=value overrides.")
     s.add_argument("--config", help="YAML recipe (see configs/)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key, e.g. train.lr=3e-4")
-    s.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="record N steps with torch.profiler (into profile/) and print the top operators")  # fmt: skip
+    s.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="record N steps with torch.profiler (into profile/) and print the top operators",
+    )
     s.set_defaults(func=cmd_stage)
     return s
 
@@ -315,14 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-example", type=int, metavar="N", help="print example N with its loss mask and exit"
     )
 
-    c = sub.add_parser("cai", help="Constitutional AI: critique-and-revise SFT data, AI-feedback labels, the loop",
-                       description="Constitutional AI (Bai et al. 2022). revise: responses, critiques and revisions "
-                       "-> SFT data; label: response pairs judged by the feedback model -> preference data; run: "
-                       "revise -> SFT -> label -> DPO (or RM + PPO).")  # fmt: skip
+    c = sub.add_parser(
+        "cai",
+        help="Constitutional AI: critique-and-revise SFT data, AI-feedback labels, the loop",
+        description="Constitutional AI (Bai et al. 2022). revise: responses, critiques and revisions "
+        "-> SFT data; label: response pairs judged by the feedback model -> preference data; run: "
+        "revise -> SFT -> label -> DPO (or RM + PPO).",
+    )
     actions = c.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, help in (("revise", "responses -> critiques -> revisions, written as SFT data"),
-                         ("label", "pairs of responses -> the feedback model's preference, written as pairs"),
-                         ("run", "the whole loop: revise -> SFT -> label -> DPO (or RM + PPO)")):  # fmt: skip
+    for action, help in (
+        ("revise", "responses -> critiques -> revisions, written as SFT data"),
+        ("label", "pairs of responses -> the feedback model's preference, written as pairs"),
+        ("run", "the whole loop: revise -> SFT -> label -> DPO (or RM + PPO)"),
+    ):
         a = actions.add_parser(action, help=help)
         a.add_argument("--config", help="YAML recipe (see configs/cai/)")
         a.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a recipe key")
@@ -352,23 +406,42 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", help="model directory to judge")
     v.add_argument("--labels", nargs="*", default=[], help="preference files whose labels are checked against --reward")
     v.add_argument("--reference", help="model directory to compare with (win rate, KL), e.g. the SFT model")
-    v.add_argument("--reward", default="llmstages.data.oracle:oracle_reward",
-                   help="module:function, or a reward-model directory (default: the built-in oracle)")  # fmt: skip
-    v.add_argument("--judge", help="a reward-model directory (or module:function) whose ordering of pairs of the "
-                   "model's replies is checked against --reward (judge_accuracy)")  # fmt: skip
+    v.add_argument(
+        "--reward",
+        default="llmstages.data.oracle:oracle_reward",
+        help="module:function, or a reward-model directory (default: the built-in oracle)",
+    )
+    v.add_argument(
+        "--judge",
+        help="a reward-model directory (or module:function) whose ordering of pairs of the "
+        "model's replies is checked against --reward (judge_accuracy)",
+    )
     v.add_argument("--data", nargs="*", default=[], help="prompt files; none: built-in held-out questions")
-    v.add_argument("--perplexity", nargs="*", metavar="FILE", help="perplexity on text files (.txt/.jsonl); "
-                   "no file: the built-in corpus's held-out documents")  # fmt: skip
-    v.add_argument("--tasks", nargs="*", metavar="FILE", help="exact match on SFT files' last assistant turns; "
-                   "no file: the built-in tasks about the held-out people")  # fmt: skip
-    v.add_argument("--show", type=int, default=0, metavar="N", help="print the model's greedy answers to N "
-                   "held-out questions")  # fmt: skip
+    v.add_argument(
+        "--perplexity",
+        nargs="*",
+        metavar="FILE",
+        help="perplexity on text files (.txt/.jsonl); no file: the built-in corpus's held-out documents",
+    )
+    v.add_argument(
+        "--tasks",
+        nargs="*",
+        metavar="FILE",
+        help="exact match on SFT files' last assistant turns; no file: the built-in tasks about the held-out people",
+    )
+    v.add_argument(
+        "--show", type=int, default=0, metavar="N", help="print the model's greedy answers to N held-out questions"
+    )
     v.add_argument("--samples", type=int, default=4, help="replies per prompt")
     v.add_argument("--temperature", type=float, default=1.0)
     v.add_argument("--max-new-tokens", type=int, default=8)
     v.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    v.add_argument("--world-seed", type=int, default=0, help="the built-in world whose held-out questions are asked "
-                   "and which the oracle judges (the run's world_seed)")  # fmt: skip
+    v.add_argument(
+        "--world-seed",
+        type=int,
+        default=0,
+        help="the built-in world whose held-out questions are asked and which the oracle judges (the run's world_seed)",
+    )
     v.add_argument("--out", help="also write the figures to this JSON file")
     v.add_argument("--device", default="auto")
     v.set_defaults(func=cmd_eval)
@@ -389,8 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dpo-betas", type=float, nargs="*", default=[0.1, 0.5, 2.0])
     f.add_argument("--ppo-kl", type=float, nargs="*", default=[0.05, 0.5, 2.0])
     f.add_argument("--samples", type=int, default=4, help="replies per held-out prompt in each evaluation")
-    f.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="applied to every DPO and PPO run; dpo:key=value or ppo:key=value to one kind")  # fmt: skip
+    f.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="applied to every DPO and PPO run; dpo:key=value or ppo:key=value to one kind",
+    )
     f.set_defaults(func=cmd_frontier)
 
     m = sub.add_parser("estimate-memory", help="memory per process of a training run, and the largest batch that fits")
@@ -411,9 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a model directory in another format")
     e.add_argument("--model", required=True, help="model directory")
-    e.add_argument("--format", choices=["merged", "peft", "hf"], default="hf",
-                   help="merged: our directory with LoRA folded into the weights; peft: the adapter in the peft "
-                   "library's format; hf: a transformers directory (LoRA merged)")  # fmt: skip
+    e.add_argument(
+        "--format",
+        choices=["merged", "peft", "hf"],
+        default="hf",
+        help="merged: our directory with LoRA folded into the weights; peft: the adapter in the peft "
+        "library's format; hf: a transformers directory (LoRA merged)",
+    )
     e.add_argument("--out", required=True, help="a new or empty folder (or, with --force, an earlier export)")
     e.add_argument("--force", action="store_true", help="replace --out when it is a model directory (never a run)")
     e.set_defaults(func=cmd_export)

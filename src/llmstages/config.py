@@ -151,8 +151,14 @@ class PeftArgs:
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `llmstages.peft.apply_peft`."""
         targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
-        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
-                    use_rslora=self.use_rslora, bottleneck=self.bottleneck)  # fmt: skip
+        return dict(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            target_modules=targets,
+            use_rslora=self.use_rslora,
+            bottleneck=self.bottleneck,
+        )
 
 
 @dataclass
@@ -199,9 +205,19 @@ class SFTConfig(StageArgs):
     peft: PeftArgs = field(default_factory=PeftArgs)
     monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
-    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-3,
-                                                               warmup_steps=10, min_lr=1e-4, eval_every=25,
-                                                               save_every=50, weight_decay=0.0))  # fmt: skip
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            max_steps=100,
+            batch_size=16,
+            seq_len=128,
+            lr=1e-3,
+            warmup_steps=10,
+            min_lr=1e-4,
+            eval_every=25,
+            save_every=50,
+            weight_decay=0.0,
+        )
+    )
 
 
 @dataclass
@@ -247,9 +263,19 @@ class DPOConfig(StageArgs):
     ref: RefArgs = field(default_factory=RefArgs)
     monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
-    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=40, batch_size=16, seq_len=128, lr=1e-5,
-                                                               warmup_steps=4, min_lr=1e-6, eval_every=10,
-                                                               save_every=20, weight_decay=0.0))  # fmt: skip
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            max_steps=40,
+            batch_size=16,
+            seq_len=128,
+            lr=1e-5,
+            warmup_steps=4,
+            min_lr=1e-6,
+            eval_every=10,
+            save_every=20,
+            weight_decay=0.0,
+        )
+    )
 
 
 @dataclass
@@ -262,9 +288,19 @@ class RewardConfig(StageArgs):
     """Bradley-Terry margin: the chosen reward must beat the rejected one by this much."""
     monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
-    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=100, batch_size=16, seq_len=128, lr=1e-4,
-                                                               warmup_steps=10, min_lr=1e-5, eval_every=25,
-                                                               save_every=50, weight_decay=0.0))  # fmt: skip
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            max_steps=100,
+            batch_size=16,
+            seq_len=128,
+            lr=1e-4,
+            warmup_steps=10,
+            min_lr=1e-5,
+            eval_every=25,
+            save_every=50,
+            weight_decay=0.0,
+        )
+    )
 
 
 @dataclass
@@ -306,10 +342,20 @@ class GRPOConfig(StageArgs):
     grpo: GRPOArgs = field(default_factory=GRPOArgs)
     monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
-    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=30, batch_size=64, seq_len=64, lr=3e-5,
-                                                               warmup_steps=2, min_lr=3e-6, eval_every=10,
-                                                               save_every=10, weight_decay=0.0,
-                                                               log_every=1))  # fmt: skip
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            max_steps=30,
+            batch_size=64,
+            seq_len=64,
+            lr=3e-5,
+            warmup_steps=2,
+            min_lr=3e-6,
+            eval_every=10,
+            save_every=10,
+            weight_decay=0.0,
+            log_every=1,
+        )
+    )
 
 
 @dataclass
@@ -416,10 +462,20 @@ class PPOConfig(StageArgs):
     ppo: PPOArgs = field(default_factory=PPOArgs)
     monitor: MonitorArgs = field(default_factory=MonitorArgs)
     dist: DistArgs = field(default_factory=DistArgs)
-    train: TrainArgs = field(default_factory=lambda: TrainArgs(max_steps=32, batch_size=16, seq_len=64, lr=1e-5,
-                                                               warmup_steps=0, min_lr=1e-5, eval_every=16,
-                                                               save_every=16, weight_decay=0.0,
-                                                               log_every=1))  # fmt: skip
+    train: TrainArgs = field(
+        default_factory=lambda: TrainArgs(
+            max_steps=32,
+            batch_size=16,
+            seq_len=64,
+            lr=1e-5,
+            warmup_steps=0,
+            min_lr=1e-5,
+            eval_every=16,
+            save_every=16,
+            weight_decay=0.0,
+            log_every=1,
+        )
+    )
 
 
 @dataclass
@@ -443,39 +499,102 @@ class PretrainConfig(StageArgs):
 Rule = str | tuple[str, ...]
 RANGES: dict[type, dict[str, Rule]] = {
     TrainArgs: {
-        "max_steps": "> 0", "batch_size": "> 0", "seq_len": "> 0", "grad_accum": "> 0", "lr": "> 0",
-        "warmup_steps": ">= 0", "min_lr": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
-        "eps": "> 0", "grad_clip": ">= 0", "eval_every": "> 0", "eval_batches": "> 0", "save_every": "> 0",
-        "keep_checkpoints": ">= 0", "log_every": "> 0", "max_bad_steps": "> 0", "profile_steps": ">= 0",
-        "peak_flops": ">= 0", "activation_checkpointing_every": ">= 1",
+        "max_steps": "> 0",
+        "batch_size": "> 0",
+        "seq_len": "> 0",
+        "grad_accum": "> 0",
+        "lr": "> 0",
+        "warmup_steps": ">= 0",
+        "min_lr": ">= 0",
+        "weight_decay": ">= 0",
+        "beta1": "[0, 1)",
+        "beta2": "[0, 1)",
+        "eps": "> 0",
+        "grad_clip": ">= 0",
+        "eval_every": "> 0",
+        "eval_batches": "> 0",
+        "save_every": "> 0",
+        "keep_checkpoints": ">= 0",
+        "log_every": "> 0",
+        "max_bad_steps": "> 0",
+        "profile_steps": ">= 0",
+        "peak_flops": ">= 0",
+        "activation_checkpointing_every": ">= 1",
         "precision": ("auto", "fp32", "bf16", "fp16"),
     },
-    DistArgs: {"strategy": ("auto", "none", "ddp", "zero1", "fsdp", "tp", "pp", "fsdp+tp", "deepspeed"),
-               "backend": ("auto", "nccl", "gloo"), "tp_size": ">= 1", "microbatches": ">= 1",
-               "schedule": ("gpipe", "1f1b"), "timeout_s": "> 0"},
+    DistArgs: {
+        "strategy": ("auto", "none", "ddp", "zero1", "fsdp", "tp", "pp", "fsdp+tp", "deepspeed"),
+        "backend": ("auto", "nccl", "gloo"),
+        "tp_size": ">= 1",
+        "microbatches": ">= 1",
+        "schedule": ("gpipe", "1f1b"),
+        "timeout_s": "> 0",
+    },
     MonitorArgs: {"wandb_mode": ("offline", "online", "disabled")},
-    PeftArgs: {"method": ("none", "lora", "dora", "adapter"), "rank": "> 0", "alpha": "> 0", "dropout": "[0, 1)",
-               "bottleneck": "> 0"},
+    PeftArgs: {
+        "method": ("none", "lora", "dora", "adapter"),
+        "rank": "> 0",
+        "alpha": "> 0",
+        "dropout": "[0, 1)",
+        "bottleneck": "> 0",
+    },
     DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
     SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0"},
     PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2"},
     PromptDataArgs: {"heldout_people": "[1, 31]"},
-    DPOArgs: {"loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"), "beta": "> 0", "label_smoothing": "[0, 0.5)",
-              "simpo_gamma": ">= 0", "orpo_lambda": ">= 0", "rpo_alpha": ">= 0"},
-    GRPOArgs: {"group_size": ">= 2", "prompts_per_step": "> 0", "max_new_tokens": "> 0", "temperature": "> 0",
-               "kl_beta": ">= 0", "clip": "> 0"},
-    PPOArgs: {"rollout_size": "> 0", "ppo_epochs": "> 0", "minibatches": "> 0", "max_new_tokens": "> 0",
-              "temperature": "> 0", "clip": "> 0", "value_clip": "> 0", "value_coef": ">= 0", "entropy_coef": ">= 0",
-              "value_lr": "> 0", "critic": ("shared", "separate"), "kl_coef": ">= 0", "target_kl": ">= 0",
-              "kl_horizon": "> 0", "gamma": "[0, 1]", "lam": "[0, 1]", "missing_eos_penalty": ">= 0"},
+    DPOArgs: {
+        "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"),
+        "beta": "> 0",
+        "label_smoothing": "[0, 0.5)",
+        "simpo_gamma": ">= 0",
+        "orpo_lambda": ">= 0",
+        "rpo_alpha": ">= 0",
+    },
+    GRPOArgs: {
+        "group_size": ">= 2",
+        "prompts_per_step": "> 0",
+        "max_new_tokens": "> 0",
+        "temperature": "> 0",
+        "kl_beta": ">= 0",
+        "clip": "> 0",
+    },
+    PPOArgs: {
+        "rollout_size": "> 0",
+        "ppo_epochs": "> 0",
+        "minibatches": "> 0",
+        "max_new_tokens": "> 0",
+        "temperature": "> 0",
+        "clip": "> 0",
+        "value_clip": "> 0",
+        "value_coef": ">= 0",
+        "entropy_coef": ">= 0",
+        "value_lr": "> 0",
+        "critic": ("shared", "separate"),
+        "kl_coef": ">= 0",
+        "target_kl": ">= 0",
+        "kl_horizon": "> 0",
+        "gamma": "[0, 1]",
+        "lam": "[0, 1]",
+        "missing_eos_penalty": ">= 0",
+    },
     RewardConfig: {"margin": ">= 0"},
-    ReviseArgs: {"rounds": ">= 1", "choose": ("all", "random"), "temperature": ">= 0", "max_new_tokens": "> 0",
-                 "feedback_tokens": "> 0"},
-    LabelArgs: {"samples": ">= 2", "sample_from": ("revised", "start"), "temperature": ">= 0",
-                "max_new_tokens": "> 0", "min_probability": "[0.5, 1]"},
+    ReviseArgs: {
+        "rounds": ">= 1",
+        "choose": ("all", "random"),
+        "temperature": ">= 0",
+        "max_new_tokens": "> 0",
+        "feedback_tokens": "> 0",
+    },
+    LabelArgs: {
+        "samples": ">= 2",
+        "sample_from": ("revised", "start"),
+        "temperature": ">= 0",
+        "max_new_tokens": "> 0",
+        "min_probability": "[0.5, 1]",
+    },
     CAIRunArgs: {"align": ("dpo", "ppo")},
     CAIConfig: {"max_prompts": ">= 0"},
-}  # fmt: skip
+}
 
 
 def _allowed(value: Any, rule: Rule) -> bool:

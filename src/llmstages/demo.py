@@ -25,17 +25,26 @@ from llmstages.monitor.metrics import read_metrics
 
 # step -> (recipe, overrides for the full demo, extra overrides for --quick)
 PLAN: dict[str, tuple[str, list[str], list[str]]] = {
-    "pretrain": ("pretrain/tiny.yaml", [],
-                 ["train.max_steps=60", "train.eval_every=30", "train.save_every=30", "data.builtin_size_mb=0.5"]),
+    "pretrain": (
+        "pretrain/tiny.yaml",
+        [],
+        ["train.max_steps=60", "train.eval_every=30", "train.save_every=30", "data.builtin_size_mb=0.5"],
+    ),
     "sft": ("sft/lora.yaml", [], ["train.max_steps=40", "train.eval_every=40", "data.max_eval_examples=32"]),
     "reward": ("reward/lora.yaml", [], ["train.max_steps=10", "train.eval_every=10", "data.samples=2"]),
     "dpo": ("dpo/lora.yaml", [], ["train.max_steps=8", "train.eval_every=8"]),
-    "ppo": ("ppo/lora.yaml", [], ["train.max_steps=4", "ppo.rollout_size=8", "ppo.minibatches=2",
-                                  "ppo.ppo_epochs=2", "train.eval_every=4"]),
+    "ppo": (
+        "ppo/lora.yaml",
+        [],
+        ["train.max_steps=4", "ppo.rollout_size=8", "ppo.minibatches=2", "ppo.ppo_epochs=2", "train.eval_every=4"],
+    ),
     "grpo": ("grpo/lora.yaml", [], ["train.max_steps=3", "train.eval_every=3", "grpo.prompts_per_step=4"]),
-    "cai": ("cai/builtin.yaml", [], ["max_prompts=24", "run.sft=[train.max_steps=8]",
-                                     "run.dpo=[dpo.loss=cdpo,train.max_steps=4]"]),
-}  # fmt: skip
+    "cai": (
+        "cai/builtin.yaml",
+        [],
+        ["max_prompts=24", "run.sft=[train.max_steps=8]", "run.dpo=[dpo.loss=cdpo,train.max_steps=4]"],
+    ),
+}
 ALIGNED = ("dpo", "ppo", "grpo", "cai")
 ATTRIBUTES = ("town", "colour", "pet", "job")
 
@@ -63,8 +72,14 @@ class Target:
         met = None
         if value is not None and bound is not None:
             met = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[self.op]
-        return {"stage": self.stage, "metric": self.metric, "target": self.says, "value": value, "bound": bound,
-                "met": met}  # fmt: skip
+        return {
+            "stage": self.stage,
+            "metric": self.metric,
+            "target": self.says,
+            "value": value,
+            "bound": bound,
+            "met": met,
+        }
 
 
 # What the demo must show on any machine and seed (the slow suite and benchmarks/demo_sweep.py check them).
@@ -74,12 +89,17 @@ TARGETS = (
     Target("sft", "task_accuracy", ">=", 0.70, ">= 0.70"),
     Target("reward", "accuracy", ">=", 0.85, ">= 0.85"),
     *(Target(s, "win_rate_vs_sft", ">=", 0.65, ">= 0.65") for s in ("dpo", "ppo", "grpo")),
-    Target("cai", "principle_violation_rate_after", "<=", ("cai", "principle_violation_rate_before", 0.25, 0.0),
-           "<= 0.25 x before"),
+    Target(
+        "cai",
+        "principle_violation_rate_after",
+        "<=",
+        ("cai", "principle_violation_rate_before", 0.25, 0.0),
+        "<= 0.25 x before",
+    ),
     Target("cai", "violation_rate_after", "<=", ("cai", "violation_rate_before", 0.5, 0.0), "<= 0.5 x before"),
     Target("cai", "fact_accuracy", ">=", ("sft", "fact_accuracy", 1.0, -0.02), ">= SFT's - 0.02"),
     Target("cai", "label_agreement", ">=", 0.8, ">= 0.8"),
-)  # fmt: skip
+)
 
 
 def check_targets(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,22 +115,43 @@ def glance(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
     def row(label: str, before: Any, stage: str, metric: str, lower: bool = False, ceiling: Any = None) -> dict:
         t = checked[(stage, metric)]
-        return {"label": label, "before": before, "after": t["value"], "bound": t["bound"], "met": t["met"],
-                "lower_is_better": lower, "ceiling": ceiling}  # fmt: skip
+        return {
+            "label": label,
+            "before": before,
+            "after": t["value"],
+            "bound": t["bound"],
+            "met": t["met"],
+            "lower_is_better": lower,
+            "ceiling": ceiling,
+        }
 
     recalls = [get("pretrain", f"recall_{a}") for a in ATTRIBUTES]
     worst = min(ATTRIBUTES, key=lambda a: get("pretrain", f"recall_{a}") or 0.0)
-    rows = [row(f"pretrain: fact recall, lowest attribute ({worst})", get("pretrain", "recall_before"), "pretrain",
-                f"recall_{worst}")]  # fmt: skip
+    rows = [
+        row(
+            f"pretrain: fact recall, lowest attribute ({worst})",
+            get("pretrain", "recall_before"),
+            "pretrain",
+            f"recall_{worst}",
+        )
+    ]
     rows[0]["met"] = None if None in recalls else all(r >= 0.95 for r in recalls)
     rows.append(row("sft: held-out task accuracy", get("sft", "task_accuracy_before"), "sft", "task_accuracy"))
     rows.append(row("reward: accuracy on held-out pairs", 0.5, "reward", "accuracy"))
     for name in ("dpo", "ppo", "grpo"):
         rows.append(row(f"{name}: win rate vs SFT", 0.5, name, "win_rate_vs_sft", ceiling=get(name, "win_ceiling")))
-    rows.append(row("cai: oracle violations", get("cai", "violation_rate_before"), "cai", "violation_rate_after",
-                    lower=True))  # fmt: skip
-    rows.append(row("cai: principle violations", get("cai", "principle_violation_rate_before"), "cai",
-                    "principle_violation_rate_after", lower=True))  # fmt: skip
+    rows.append(
+        row("cai: oracle violations", get("cai", "violation_rate_before"), "cai", "violation_rate_after", lower=True)
+    )
+    rows.append(
+        row(
+            "cai: principle violations",
+            get("cai", "principle_violation_rate_before"),
+            "cai",
+            "principle_violation_rate_after",
+            lower=True,
+        )
+    )
     rows.append(row("cai: held-out fact accuracy", get("sft", "fact_accuracy"), "cai", "fact_accuracy"))
     rows.append(row("cai: AI labels agree with the oracle", 0.5, "cai", "label_agreement"))
     return rows
@@ -161,27 +202,52 @@ def evaluate(out: Path, quick: bool, seed: int = 0, world_seed: int = 0) -> dict
     start = next((r for r in sft_records if r.get("event") == "start"), {})
     pre_start = next((r for r in pre if r.get("event") == "start"), {})
     # 8 samples a question: the reward model is judged on every pair of them the oracle separates (~1,400)
-    sft_eval = evaluate_dir(sft_dir, None, ORACLE, samples=2 if quick else 8, seed=seed, world_seed=world_seed,
-                            judge=str(out / "reward" / "final"))  # fmt: skip
+    sft_eval = evaluate_dir(
+        sft_dir,
+        None,
+        ORACLE,
+        samples=2 if quick else 8,
+        seed=seed,
+        world_seed=world_seed,
+        judge=str(out / "reward" / "final"),
+    )
     stages: dict[str, dict[str, Any]] = {
-        "pretrain": {"val_loss": _last(pre, "val_loss"), "val_ppl": _last(pre, "val_ppl"),
-                     "recall_before": pre_start.get("recall"), "recall": _last(pre, "recall"),
-                     **{f"recall_{a}": _last(pre, f"recall_{a}") for a in ATTRIBUTES}},
-        "sft": {"task_accuracy": _last(sft_records, "task_accuracy"),
-                "task_accuracy_before": start.get("task_accuracy"), "exact_reply": _last(sft_records, "exact_reply"),
-                "fact_accuracy": facts(sft_dir), "oracle_reward": sft_eval["reward"],
-                "violation_rate": sft_eval["violation_rate"],
-                "principle_violation_rate": sft_eval["principle_violation_rate"], "length": sft_eval["length"]},
-        "reward": {"accuracy": sft_eval["judge_accuracy"], "pairs": sft_eval["judge_pairs"],
-                   "val_accuracy": _last(read_metrics(out / "reward"), "val_accuracy")},
-    }  # fmt: skip
+        "pretrain": {
+            "val_loss": _last(pre, "val_loss"),
+            "val_ppl": _last(pre, "val_ppl"),
+            "recall_before": pre_start.get("recall"),
+            "recall": _last(pre, "recall"),
+            **{f"recall_{a}": _last(pre, f"recall_{a}") for a in ATTRIBUTES},
+        },
+        "sft": {
+            "task_accuracy": _last(sft_records, "task_accuracy"),
+            "task_accuracy_before": start.get("task_accuracy"),
+            "exact_reply": _last(sft_records, "exact_reply"),
+            "fact_accuracy": facts(sft_dir),
+            "oracle_reward": sft_eval["reward"],
+            "violation_rate": sft_eval["violation_rate"],
+            "principle_violation_rate": sft_eval["principle_violation_rate"],
+            "length": sft_eval["length"],
+        },
+        "reward": {
+            "accuracy": sft_eval["judge_accuracy"],
+            "pairs": sft_eval["judge_pairs"],
+            "val_accuracy": _last(read_metrics(out / "reward"), "val_accuracy"),
+        },
+    }
     for name in ALIGNED:
         model_dir = str(final_dir(out, name))
         e = evaluate_dir(model_dir, sft_dir, ORACLE, samples=samples, seed=seed, world_seed=world_seed)
-        stages[name] = {"oracle_reward": e["reward"], "win_rate_vs_sft": e["win_rate"], "kl": e["kl"],
-                        "win_ceiling": e["win_ceiling"], "violation_rate": e["violation_rate"],
-                        "principle_violation_rate": e["principle_violation_rate"], "length": e["length"],
-                        "fact_accuracy": facts(model_dir)}  # fmt: skip
+        stages[name] = {
+            "oracle_reward": e["reward"],
+            "win_rate_vs_sft": e["win_rate"],
+            "kl": e["kl"],
+            "win_ceiling": e["win_ceiling"],
+            "violation_rate": e["violation_rate"],
+            "principle_violation_rate": e["principle_violation_rate"],
+            "length": e["length"],
+            "fact_accuracy": facts(model_dir),
+        }
     cai, sft = stages["cai"], stages["sft"]
     cai["violation_rate_before"], cai["violation_rate_after"] = sft["violation_rate"], cai["violation_rate"]
     cai["principle_violation_rate_before"] = sft["principle_violation_rate"]
@@ -199,14 +265,22 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor() or platform.machine()
     try:
-        names = [r.split(":", 1)[1].strip() for r in Path("/proc/cpuinfo").read_text().splitlines()
-                 if r.startswith("model name")]  # fmt: skip
+        names = [
+            r.split(":", 1)[1].strip()
+            for r in Path("/proc/cpuinfo").read_text().splitlines()
+            if r.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:
         pass
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "native_bf16": fast_bf16(torch.device(device))}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "native_bf16": fast_bf16(torch.device(device)),
+    }
 
 
 def _claim(out: Path, seeds: dict[str, Any]) -> None:
@@ -247,10 +321,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     for name, secs in seconds.items():
         stages.setdefault(name, {})["seconds"] = secs
     stages = _finite(stages)
-    summary = {"quick": quick, "seed": seed, "world_seed": world_seed, "machine": machine(),
-               "seconds_total": round(sum(seconds.values()), 1), "stages": stages,
-               "targets": check_targets(stages), "glance": glance(stages),
-               "this_run_seconds": round(time.perf_counter() - t_all, 1)}  # fmt: skip
+    summary = {
+        "quick": quick,
+        "seed": seed,
+        "world_seed": world_seed,
+        "machine": machine(),
+        "seconds_total": round(sum(seconds.values()), 1),
+        "stages": stages,
+        "targets": check_targets(stages),
+        "glance": glance(stages),
+        "this_run_seconds": round(time.perf_counter() - t_all, 1),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n[{len(names) + 2}/{len(names) + 2}] report")
     report = write_report([out])
@@ -278,16 +359,22 @@ def table(summary: dict[str, Any]) -> str:
         f"  reward    accuracy on held-out pairs {fmt(s['reward']['accuracy'])}",
     ]
     for name in ("dpo", "ppo", "grpo"):
-        lines.append(f"  {name:<9} win rate vs SFT {fmt(s[name]['win_rate_vs_sft'])} (ceiling "
-                     f"{fmt(s[name]['win_ceiling'])}), oracle reward {fmt(s[name]['oracle_reward'])}, "
-                     f"KL {fmt(s[name]['kl'])}")  # fmt: skip
+        lines.append(
+            f"  {name:<9} win rate vs SFT {fmt(s[name]['win_rate_vs_sft'])} (ceiling "
+            f"{fmt(s[name]['win_ceiling'])}), oracle reward {fmt(s[name]['oracle_reward'])}, "
+            f"KL {fmt(s[name]['kl'])}"
+        )
     c = s["cai"]
-    lines.append(f"  cai       violations {fmt(c['violation_rate_before'])} -> {fmt(c['violation_rate_after'])}, "
-                 f"principle violations {fmt(c['principle_violation_rate_before'])} -> "
-                 f"{fmt(c['principle_violation_rate_after'])}, fact accuracy {fmt(s['sft']['fact_accuracy'])} -> "
-                 f"{fmt(c['fact_accuracy'])}, label agreement {fmt(c['label_agreement'])}")  # fmt: skip
+    lines.append(
+        f"  cai       violations {fmt(c['violation_rate_before'])} -> {fmt(c['violation_rate_after'])}, "
+        f"principle violations {fmt(c['principle_violation_rate_before'])} -> "
+        f"{fmt(c['principle_violation_rate_after'])}, fact accuracy {fmt(s['sft']['fact_accuracy'])} -> "
+        f"{fmt(c['fact_accuracy'])}, label agreement {fmt(c['label_agreement'])}"
+    )
     rows = summary.get("targets", [])
     missed = [f"{r['stage']} {r['metric']} {fmt(r['value'])} (target {r['target']})" for r in rows if not r["met"]]
-    lines.append(f"  targets   {sum(bool(r['met']) for r in rows)} of {len(rows)} met"
-                 + (f"; missed: {'; '.join(missed)}" if missed else ""))  # fmt: skip
+    lines.append(
+        f"  targets   {sum(bool(r['met']) for r in rows)} of {len(rows)} met"
+        + (f"; missed: {'; '.join(missed)}" if missed else "")
+    )
     return "\n".join(lines)

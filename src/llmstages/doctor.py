@@ -31,31 +31,44 @@ def report(where: str = ".") -> tuple[list[str], list[str]]:
     from llmstages import __version__
     from llmstages.train.loop import fast_bf16
 
-    facts = [f"python {platform.python_version()}, torch {torch.__version__}, llmstages {__version__}",
-             f"platform {platform.platform()}"]  # fmt: skip
+    facts = [
+        f"python {platform.python_version()}, torch {torch.__version__}, llmstages {__version__}",
+        f"platform {platform.platform()}",
+    ]
     warnings = []
     cores = os.cpu_count() or 1
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            facts.append(f"cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}, "
-                         f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (use fp16)'}")  # fmt: skip
+            facts.append(
+                f"cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}, "
+                f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (use fp16)'}"
+            )
         nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
         facts.append(f"CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, nccl)) if nccl else 'absent'}")
     else:
-        bf16 = "native (train.precision=auto picks bf16)" if fast_bf16(torch.device("cpu")) else (
-            "emulated, several times slower than fp32 (train.precision=auto picks fp32)")  # fmt: skip
+        bf16 = (
+            "native (train.precision=auto picks bf16)"
+            if fast_bf16(torch.device("cpu"))
+            else ("emulated, several times slower than fp32 (train.precision=auto picks fp32)")
+        )
         facts.append(f"device cpu: {cores} cores, torch uses {torch.get_num_threads()} threads; bf16 {bf16}")
         if torch.version.cuda is not None:
-            warnings.append("torch is a CUDA build but no GPU is visible: the CPU build (pip install torch "
-                            "--index-url <the CPU wheel index>) is several GB smaller")  # fmt: skip
+            warnings.append(
+                "torch is a CUDA build but no GPU is visible: the CPU build (pip install torch "
+                "--index-url <the CPU wheel index>) is several GB smaller"
+            )
         if platform.system() == "Linux" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-            warnings.append("CPU training on glibc keeps freed activation memory (resident peak up to ~1.5x); "
-                            "export MALLOC_MMAP_THRESHOLD_=131072 to give it back")  # fmt: skip
+            warnings.append(
+                "CPU training on glibc keeps freed activation memory (resident peak up to ~1.5x); "
+                "export MALLOC_MMAP_THRESHOLD_=131072 to give it back"
+            )
     mem = _meminfo()
     if mem:
-        facts.append(f"memory: {mem.get('MemAvailable', 0) / 2**30:.1f} GiB available of "
-                     f"{mem.get('MemTotal', 0) / 2**30:.1f} GiB")  # fmt: skip
+        facts.append(
+            f"memory: {mem.get('MemAvailable', 0) / 2**30:.1f} GiB available of "
+            f"{mem.get('MemTotal', 0) / 2**30:.1f} GiB"
+        )
         if mem.get("MemAvailable", 1 << 40) < 4 * 2**30:
             warnings.append("less than 4 GiB of memory available: use the tiny presets or LoRA")
     disk = shutil.disk_usage(where)

@@ -45,10 +45,16 @@ def run_frontier(
         if not (run / "final" / "config.json").is_file():
             if progress:
                 print(f"frontier: {method} {knob} -> {run}")
-            mine = [o.split(":", 1)[1] if o.startswith(f"{method}:") else o for o in overrides
-                    if not o.startswith(("dpo:", "ppo:")) or o.startswith(f"{method}:")]  # fmt: skip
-            STAGES[method].run(f"{method}/lora.yaml", [f"model.path={sft}", f"out_dir={run}", "resume=true",
-                                                       knob_override, *mine], progress=False)  # fmt: skip
+            mine = [
+                o.split(":", 1)[1] if o.startswith(f"{method}:") else o
+                for o in overrides
+                if not o.startswith(("dpo:", "ppo:")) or o.startswith(f"{method}:")
+            ]
+            STAGES[method].run(
+                f"{method}/lora.yaml",
+                [f"model.path={sft}", f"out_dir={run}", "resume=true", knob_override, *mine],
+                progress=False,
+            )
         result = evaluate_dir(str(run / "final"), str(sft), samples=samples)
         rows.append({"method": method, "knob": knob, **result})
         if progress:

@@ -64,8 +64,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         dh, dw = ctx.saved_tensors
         need_h, need_w = ctx.need
-        return (dh * grad.to(dh.dtype) if need_h else None, dw * grad.to(dw.dtype) if need_w else None,
-                None, None, None)  # fmt: skip
+        return (
+            dh * grad.to(dh.dtype) if need_h else None,
+            dw * grad.to(dw.dtype) if need_w else None,
+            None,
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(

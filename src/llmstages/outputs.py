@@ -23,8 +23,21 @@ from llmstages.errors import UserError
 
 RUN_MARK = "run.json"
 # What a run creates in its folder, and what overwrite=true clears (anything else there is left alone).
-RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "tb", "profile", "wandb", "mlruns", "config.yaml", RUN_MARK,
-               "data", "tokenizer", "plots", "report.html")  # fmt: skip
+RUN_ENTRIES = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    "tb",
+    "profile",
+    "wandb",
+    "mlruns",
+    "config.yaml",
+    RUN_MARK,
+    "data",
+    "tokenizer",
+    "plots",
+    "report.html",
+)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -60,14 +73,18 @@ def claim_run_dir(out: Path, stage: str, resume: bool, overwrite: bool, what: st
         return
     if not is_run_dir(out):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
-        raise UserError(f"{what} {out} holds files that no llmstages run wrote ({names}, ...); choose a new or "
-                        "empty folder (nothing was written)")  # fmt: skip
+        raise UserError(
+            f"{what} {out} holds files that no llmstages run wrote ({names}, ...); choose a new or "
+            "empty folder (nothing was written)"
+        )
     made_by = run_stage(out)
     if made_by is not None and made_by != stage:
         raise UserError(f"{what} {out} is a {made_by} run; choose another folder for this {stage} run")
     if not resume and not overwrite and not (out / "checkpoints").is_dir():
-        raise UserError(f"{what} {out} holds an earlier {stage} run; pass resume=true to continue it or "
-                        "overwrite=true to start it again")  # fmt: skip
+        raise UserError(
+            f"{what} {out} holds an earlier {stage} run; pass resume=true to continue it or "
+            "overwrite=true to start it again"
+        )
 
 
 def start_run_dir(out: Path, stage: str, overwrite: bool) -> None:
@@ -92,8 +109,10 @@ def claim_folder(out: Path, what: str, is_own: Callable[[Path], bool], replace: 
     if is_run_dir(out) or (out / "checkpoints").is_dir():
         raise UserError(f"{what} {out} is a training run; write elsewhere (nothing was written)")
     if not is_own(out):
-        raise UserError(f"{what} {out} is not empty and holds no earlier output of this command; choose a new or "
-                        "empty folder (nothing was written)")  # fmt: skip
+        raise UserError(
+            f"{what} {out} is not empty and holds no earlier output of this command; choose a new or "
+            "empty folder (nothing was written)"
+        )
     if not replace:
         raise UserError(f"{what} {out} already exists; pass --force to replace it")
 

@@ -23,10 +23,49 @@ from dataclasses import dataclass
 from functools import cached_property
 
 NAMES = (
-    "Ada", "Bram", "Cleo", "Dev", "Edda", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lena", "Milo", "Nora",
-    "Otto", "Pia", "Quin", "Rosa", "Sami", "Tess", "Uma", "Vito", "Wren", "Xena", "Yara", "Zeno", "Alma", "Bela",
-    "Cato", "Dora", "Elio", "Faye", "Gino", "Hugo", "Iris", "Jade", "Kira", "Luca", "Mara", "Nico", "Olga", "Paco",
-)  # fmt: skip
+    "Ada",
+    "Bram",
+    "Cleo",
+    "Dev",
+    "Edda",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Juno",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nora",
+    "Otto",
+    "Pia",
+    "Quin",
+    "Rosa",
+    "Sami",
+    "Tess",
+    "Uma",
+    "Vito",
+    "Wren",
+    "Xena",
+    "Yara",
+    "Zeno",
+    "Alma",
+    "Bela",
+    "Cato",
+    "Dora",
+    "Elio",
+    "Faye",
+    "Gino",
+    "Hugo",
+    "Iris",
+    "Jade",
+    "Kira",
+    "Luca",
+    "Mara",
+    "Nico",
+    "Olga",
+    "Paco",
+)
 TOWNS = ("Oakfield", "Millbrook", "Ashford", "Riverton", "Stonebay", "Fernhill", "Westmoor", "Lakeside")
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 PETS = ("cat", "dog", "parrot", "rabbit", "horse", "goat", "turtle", "hamster")  # each takes "a"
@@ -37,28 +76,45 @@ VALUES = {"town": TOWNS, "colour": COLOURS, "pet": PETS, "job": JOBS}
 # Five or six ways to state each attribute. {n} is the person, {v} the value.
 PHRASINGS = {
     "town": (
-        "{n} lives in {v}.", "{n} has a house in {v}.", "The home of {n} is in {v}.", "{n} comes from {v}.",
-        "{n} is at home in {v}.", "The town of {n} is {v}.",
+        "{n} lives in {v}.",
+        "{n} has a house in {v}.",
+        "The home of {n} is in {v}.",
+        "{n} comes from {v}.",
+        "{n} is at home in {v}.",
+        "The town of {n} is {v}.",
     ),
     "colour": (
-        "{n} likes the colour {v}.", "The favourite colour of {n} is {v}.", "{n} loves {v} things.",
-        "{n} always wears {v}.", "Of all colours, {n} likes {v} best.",
+        "{n} likes the colour {v}.",
+        "The favourite colour of {n} is {v}.",
+        "{n} loves {v} things.",
+        "{n} always wears {v}.",
+        "Of all colours, {n} likes {v} best.",
     ),
     "pet": (
-        "{n} has a {v}.", "{n} keeps a {v} at home.", "The pet of {n} is a {v}.", "{n} looks after a {v}.",
+        "{n} has a {v}.",
+        "{n} keeps a {v} at home.",
+        "The pet of {n} is a {v}.",
+        "{n} looks after a {v}.",
         "At home, {n} feeds a {v}.",
     ),
     "job": (
-        "{n} works as a {v}.", "{n} is a {v}.", "The job of {n} is {v}.", "{n} earns a living as a {v}.",
+        "{n} works as a {v}.",
+        "{n} is a {v}.",
+        "The job of {n} is {v}.",
+        "{n} earns a living as a {v}.",
         "Every day {n} goes to work as a {v}.",
     ),
-}  # fmt: skip
+}
 
 # Sentences that carry no fact; "very" and "really" appear freely here (a later oracle can ban them).
 FILLERS = (
-    "{n} is very kind.", "{n} is really busy today.", "Everyone says {n} is very friendly.",
-    "{n} smiles a lot.", "The weather is very nice today.", "{n} had a really good week.",
-)  # fmt: skip
+    "{n} is very kind.",
+    "{n} is really busy today.",
+    "Everyone says {n} is very friendly.",
+    "{n} smiles a lot.",
+    "The weather is very nice today.",
+    "{n} had a really good week.",
+)
 DOCUMENT_WEIGHTS = (55, 35, 10)  # profiles, stories, arithmetic
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 

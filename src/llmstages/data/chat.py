@@ -41,8 +41,10 @@ def check_turns(msgs: list[Message], where: str) -> list[Message]:
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
             at = i + 1 + (len(msgs) - len(turns))
-            raise UserError(f"{where}: message {at} is a '{m['role']}' turn where a '{expected}' turn belongs "
-                            "(an optional system turn, then user and assistant in turn)")  # fmt: skip
+            raise UserError(
+                f"{where}: message {at} is a '{m['role']}' turn where a '{expected}' turn belongs "
+                "(an optional system turn, then user and assistant in turn)"
+            )
     if not any(m["role"] == "assistant" for m in turns):
         raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
     for i, m in enumerate(msgs, 1):
@@ -84,8 +86,10 @@ def to_messages(record: object, where: str) -> list[Message]:
             raise UserError(f"{where}: prompt/completion record has no 'completion'")
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
             raise UserError(f"{where}: 'prompt' and 'completion' must be strings")
-        return check_turns([{"role": "user", "content": record["prompt"]},
-                            {"role": "assistant", "content": record["completion"]}], where)  # fmt: skip
+        return check_turns(
+            [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}],
+            where,
+        )
     raise UserError(
         f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected 'messages', "
         "'instruction'/'output' or 'prompt'/'completion'"
@@ -132,9 +136,11 @@ def _jinja_render(messages: Sequence[Message], tok: Tokenizer, add_generation_pr
 
     env.globals["raise_exception"] = raise_exception
     return env.from_string(tok.chat_template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=tok.bos_token or "",
+        messages=list(messages),
+        add_generation_prompt=add_generation_prompt,
+        bos_token=tok.bos_token or "",
         eos_token=tok.eos_token or "",
-    )  # fmt: skip
+    )
 
 
 def render(

@@ -23,8 +23,11 @@ from pathlib import Path
 
 from llmstages.errors import UserError
 
-FIELDS = {"critique": {"prompt", "response"}, "revision": {"prompt", "response", "critique"},
-          "comparison": {"prompt", "a", "b"}}  # fmt: skip
+FIELDS = {
+    "critique": {"prompt", "response"},
+    "revision": {"prompt", "response", "critique"},
+    "comparison": {"prompt", "a", "b"},
+}
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,10 @@ def load_constitution(path: str | Path) -> Constitution:
             except ValueError as e:
                 raise UserError(f"{where} ({p['name']}): '{key}' is not a valid template ({e})") from None
             if unknown:
-                raise UserError(f"{where} ({p['name']}): '{key}' uses {{{sorted(unknown)[0]}}}; "
-                                f"it may use {', '.join('{' + a + '}' for a in sorted(allowed))}")  # fmt: skip
+                raise UserError(
+                    f"{where} ({p['name']}): '{key}' uses {{{sorted(unknown)[0]}}}; "
+                    f"it may use {', '.join('{' + a + '}' for a in sorted(allowed))}"
+                )
         if not {"a", "b"} <= _placeholders(p["comparison"]):
             raise UserError(f"{where} ({p['name']}): 'comparison' must show both replies, {{a}} and {{b}}")
         principles.append(Principle(p["name"], p["critique"], p["revision"], p["comparison"]))
@@ -101,7 +106,11 @@ def load_constitution(path: str | Path) -> Constitution:
     if len(set(names)) != len(names):
         raise UserError(f"{path}: principle names must be distinct")
     options = tree.get("options", ["A", "B"])
-    if not (isinstance(options, list) and len(options) == 2 and all(isinstance(o, str) and o for o in options)
-            and options[0] != options[1]):  # fmt: skip
+    if not (
+        isinstance(options, list)
+        and len(options) == 2
+        and all(isinstance(o, str) and o for o in options)
+        and options[0] != options[1]
+    ):
         raise UserError(f"{path}: 'options' must be two different non-empty strings, got {options!r}")
     return Constitution(tuple(principles), (options[0], options[1]))

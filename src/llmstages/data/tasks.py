@@ -29,11 +29,14 @@ from llmstages.data.builtin import COLOURS, NUMBER_WORDS, PETS, World
 
 QUESTIONS = {
     "town": ("Where does {n} live?", "In which town does {n} live?", "What is the town of {n}?"),
-    "colour": ("What is the favourite colour of {n}?", "Which colour does {n} like best?",
-               "What colour does {n} like?"),
+    "colour": (
+        "What is the favourite colour of {n}?",
+        "Which colour does {n} like best?",
+        "What colour does {n} like?",
+    ),
     "pet": ("What pet does {n} have?", "Which animal does {n} keep?", "What is the pet of {n}?"),
     "job": ("What is the job of {n}?", "What does {n} work as?", "What is {n}'s job?"),
-}  # fmt: skip
+}
 POLITE_TAILS = ("as always", "a good one")
 BANNED_TAILS = ("really", "very nice", "really good")
 BANNED_WORDS = ("really", "very")  # the oracle's banned words in the styled replies; a judging task asks about them

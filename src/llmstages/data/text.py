@@ -197,10 +197,15 @@ def prepare_shards(
         if counts["train"] == 0:
             raise UserError(f"{source or 'the data'}: every document went to validation; lower data.val_fraction")
         meta = {
-            "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "documents": n_docs, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-            "tokenizer": tokenizer_hash(tok), "source": source,
-        }  # fmt: skip
+            "dtype": np.dtype(dtype).name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "documents": n_docs,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "tokenizer": tokenizer_hash(tok),
+            "source": source,
+        }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
         (out / META).unlink(missing_ok=True)  # the folder reads as prepared again only once all files are in

@@ -64,8 +64,9 @@ def sample_and_score(
 
 
 @torch.no_grad()
-def reply_logprob(model: GPT, prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int,
-                  batch_size: int = 128) -> torch.Tensor:  # fmt: skip
+def reply_logprob(
+    model: GPT, prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, batch_size: int = 128
+) -> torch.Tensor:
     """Summed log-prob of each reply given its prompt, shape (N,)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -118,8 +119,12 @@ def compare(
     each of `checks` (name -> predicate on a reply) the share of replies it holds for (`{name}_rate`)."""
     pol = sample_and_score(model, tok, prompts, reward_of, samples, temperature, max_new_tokens, seed)
     lengths = np.asarray([len(r) for r in pol.replies], dtype=np.float64)
-    out = {"reward": float(pol.scores.mean()), "reward_std": float(pol.scores.std()), "length": float(lengths.mean()),
-           "samples": float(len(pol.texts))}  # fmt: skip
+    out = {
+        "reward": float(pol.scores.mean()),
+        "reward_std": float(pol.scores.std()),
+        "length": float(lengths.mean()),
+        "samples": float(len(pol.texts)),
+    }
     if max_score is not None:
         out["violation_rate"] = float(np.mean(pol.scores < max_score))
     for name, holds in (checks or {}).items():
@@ -183,9 +188,20 @@ def evaluate_dir(
 
     prompts = [m for _, m in read_prompts(list(data))] if data else builtin_prompts(world_seed, 8)[1]
     oracle = reward == ORACLE  # a bounded judge, and the built-in constitution's principles checked by rule
-    return compare(model, tok, prompts, source(reward), reference, MAX_SCORE if oracle else None, samples,
-                   temperature, max_new_tokens, seed, source(judge) if judge else None,
-                   {"principle_violation": breaks_principles} if oracle else None)  # fmt: skip
+    return compare(
+        model,
+        tok,
+        prompts,
+        source(reward),
+        reference,
+        MAX_SCORE if oracle else None,
+        samples,
+        temperature,
+        max_new_tokens,
+        seed,
+        source(judge) if judge else None,
+        {"principle_violation": breaks_principles} if oracle else None,
+    )
 
 
 def label_agreement(paths: Sequence[str], reward: str = ORACLE, world_seed: int = 0) -> dict[str, float]:

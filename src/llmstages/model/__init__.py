@@ -12,7 +12,20 @@ from llmstages.model.io import (
 )
 
 __all__ = [
-    "GPT", "PRESETS", "Generation", "KVCache", "ModelConfig", "count_params", "export_hf", "flops_per_token",
-    "generate", "load_config", "load_model", "load_model_and_tokenizer", "load_tokenizer", "num_params", "preset",
+    "GPT",
+    "PRESETS",
+    "Generation",
+    "KVCache",
+    "ModelConfig",
+    "count_params",
+    "export_hf",
+    "flops_per_token",
+    "generate",
+    "load_config",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "num_params",
+    "preset",
     "save_model",
-]  # fmt: skip
+]

@@ -192,8 +192,15 @@ def sample_replies(
     generator: torch.Generator | None = None,
 ) -> tuple[list[list[int]], list[str], list[bool]]:
     """(reply tokens, reply texts, ended with EOS) for each prompt; temperature 0 is greedy."""
-    out = generate(model, list(prompts), max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, generator=generator)  # fmt: skip
+    out = generate(
+        model,
+        list(prompts),
+        max_new_tokens,
+        temperature=temperature,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        generator=generator,
+    )
     replies = [t[:n] for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
     ended = [bool(r) and r[-1] == tok.eos_id for r in replies]
     return replies, [tok.decode(r) for r in replies], ended

@@ -141,10 +141,21 @@ class ModelConfig:
 def gpt2(**kw: Any) -> ModelConfig:
     """GPT-2 architecture (Radford et al. 2019); sizes default to the 124M model."""
     base = dict(
-        family="gpt2", vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768,
-        norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-        tie_embeddings=True, norm_eps=1e-5,
-    )  # fmt: skip
+        family="gpt2",
+        vocab_size=50257,
+        block_size=1024,
+        n_layers=12,
+        n_heads=12,
+        d_model=768,
+        norm="layernorm",
+        mlp="gelu",
+        pos="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -169,29 +180,86 @@ def llama(**kw: Any) -> ModelConfig:
 
 def llama_tiny(**kw: Any) -> ModelConfig:
     """A ~3M-parameter Llama with grouped-query attention, sized for a 2-core CPU (see BUILTIN_WORLD.md)."""
-    return llama(**{"vocab_size": 4096, "block_size": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-                    "d_model": 256, "tie_embeddings": True, **kw})  # fmt: skip
+    return llama(
+        **{
+            "vocab_size": 4096,
+            "block_size": 256,
+            "n_layers": 4,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "d_model": 256,
+            "tie_embeddings": True,
+            **kw,
+        }
+    )
 
 
 def llama2_7b(**kw: Any) -> ModelConfig:
-    return llama(**{"vocab_size": 32000, "block_size": 4096, "n_layers": 32, "n_heads": 32, "d_model": 4096,
-                    "d_ff": 11008, "norm_eps": 1e-5, **kw})  # fmt: skip
+    return llama(
+        **{
+            "vocab_size": 32000,
+            "block_size": 4096,
+            "n_layers": 32,
+            "n_heads": 32,
+            "d_model": 4096,
+            "d_ff": 11008,
+            "norm_eps": 1e-5,
+            **kw,
+        }
+    )
 
 
 def llama3_8b(**kw: Any) -> ModelConfig:
-    return llama(**{"vocab_size": 128256, "block_size": 8192, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
-                    "d_model": 4096, "d_ff": 14336, "rope_theta": 500000.0, **kw})  # fmt: skip
+    return llama(
+        **{
+            "vocab_size": 128256,
+            "block_size": 8192,
+            "n_layers": 32,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "d_model": 4096,
+            "d_ff": 14336,
+            "rope_theta": 500000.0,
+            **kw,
+        }
+    )
 
 
 def qwen2_0_5b(**kw: Any) -> ModelConfig:
-    return llama(**{"family": "qwen2", "vocab_size": 151936, "block_size": 32768, "n_layers": 24, "n_heads": 14,
-                    "n_kv_heads": 2, "d_model": 896, "d_ff": 4864, "rope_theta": 1000000.0, "norm_eps": 1e-6,
-                    "qkv_bias": True, "tie_embeddings": True, **kw})  # fmt: skip
+    return llama(
+        **{
+            "family": "qwen2",
+            "vocab_size": 151936,
+            "block_size": 32768,
+            "n_layers": 24,
+            "n_heads": 14,
+            "n_kv_heads": 2,
+            "d_model": 896,
+            "d_ff": 4864,
+            "rope_theta": 1000000.0,
+            "norm_eps": 1e-6,
+            "qkv_bias": True,
+            "tie_embeddings": True,
+            **kw,
+        }
+    )
 
 
 def mistral_7b(**kw: Any) -> ModelConfig:
-    return llama(**{"family": "mistral", "vocab_size": 32768, "block_size": 32768, "n_layers": 32, "n_heads": 32,
-                    "n_kv_heads": 8, "d_model": 4096, "d_ff": 14336, "rope_theta": 1000000.0, **kw})  # fmt: skip
+    return llama(
+        **{
+            "family": "mistral",
+            "vocab_size": 32768,
+            "block_size": 32768,
+            "n_layers": 32,
+            "n_heads": 32,
+            "n_kv_heads": 8,
+            "d_model": 4096,
+            "d_ff": 14336,
+            "rope_theta": 1000000.0,
+            **kw,
+        }
+    )
 
 
 PRESETS = {
@@ -289,9 +357,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = past + T
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -60,8 +60,11 @@ def check_hf_keys(hf: dict[str, Any], source: str, required: tuple[str, ...]) ->
             raise UserError(f"{source}: '{key}' must be true or false, got {hf[key]!r}")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = hf.get(key)
-        ok = v is None or (_is_int(v) and v >= 0) or (key == "eos_token_id" and isinstance(v, list) and v
-                                                       and all(_is_int(x) and x >= 0 for x in v))  # fmt: skip
+        ok = (
+            v is None
+            or (_is_int(v) and v >= 0)
+            or (key == "eos_token_id" and isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v))
+        )
         if not ok:
             raise UserError(f"{source}: '{key}' must be a token id (a non-negative integer), got {v!r}")
 
@@ -84,12 +87,24 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             raise UserError(f"{source}: GPT-2 option scale_attn_weights=false is not supported")
         d = hf["n_embd"]
         return ModelConfig(
-            family="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
-            n_heads=hf["n_head"], d_model=d, d_ff=hf.get("n_inner") or 4 * d, norm="layernorm", mlp="gelu",
-            pos="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            init_std=hf.get("initializer_range", 0.02), **ids,
-        )  # fmt: skip
+            family="gpt2",
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            d_model=d,
+            d_ff=hf.get("n_inner") or 4 * d,
+            norm="layernorm",
+            mlp="gelu",
+            pos="learned",
+            qkv_bias=True,
+            out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            init_std=hf.get("initializer_range", 0.02),
+            **ids,
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (only silu, i.e. SwiGLU)")
     rope = dict(hf.get("rope_parameters") or {})
@@ -109,29 +124,50 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         sliding = None  # a window as long as the context is plain causal attention
     bias = hf.get("attention_bias", False)
     return ModelConfig(
-        family=mt, vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], d_model=hf["hidden_size"],
-        head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm", mlp="swiglu", pos="rope",
-        rope_theta=float(theta), rope_scaling=scaling, qkv_bias=True if mt == "qwen2" else bias,
-        out_bias=False if mt == "qwen2" else bias, mlp_bias=hf.get("mlp_bias", False),
-        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        sliding_window=sliding, init_std=hf.get("initializer_range", 0.02), **ids,
-    )  # fmt: skip
+        family=mt,
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("max_position_embeddings", 2048),
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        head_dim=hf.get("head_dim"),
+        d_ff=hf["intermediate_size"],
+        norm="rmsnorm",
+        mlp="swiglu",
+        pos="rope",
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        qkv_bias=True if mt == "qwen2" else bias,
+        out_bias=False if mt == "qwen2" else bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        sliding_window=sliding,
+        init_std=hf.get("initializer_range", 0.02),
+        **ids,
+    )
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The HF `config.json` for our config; refuses configs the HF class of the family cannot express."""
     problems = []
-    want = dict(norm="layernorm", mlp="gelu", pos="learned") if cfg.family == "gpt2" else dict(
-        norm="rmsnorm", mlp="swiglu", pos="rope")  # fmt: skip
+    want = (
+        dict(norm="layernorm", mlp="gelu", pos="learned")
+        if cfg.family == "gpt2"
+        else dict(norm="rmsnorm", mlp="swiglu", pos="rope")
+    )
     problems += [f"{k}={getattr(cfg, k)} (needs {v})" for k, v in want.items() if getattr(cfg, k) != v]
     dtype_name = str(dtype).removeprefix("torch.")
     common = dict(
-        vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+        vocab_size=cfg.vocab_size,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
         torch_dtype=dtype_name,
-    )  # fmt: skip
+    )
     if cfg.family == "gpt2":
         if not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias):
             problems.append("GPT-2 has biases on every linear layer")
@@ -140,10 +176,19 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         if cfg.sliding_window:
             problems.append("GPT-2 has no sliding window")
         hf = dict(
-            model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size, n_embd=cfg.d_model,
-            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff, activation_function="gelu_new",
-            layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        )  # fmt: skip
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            n_positions=cfg.block_size,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.d_ff,
+            activation_function="gelu_new",
+            layer_norm_epsilon=cfg.norm_eps,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     else:
         if cfg.family == "qwen2" and (not cfg.qkv_bias or cfg.out_bias):
             problems.append("Qwen2 has biases on q/k/v and none on the output projection")
@@ -155,12 +200,21 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
             problems.append("only the mistral family exports a sliding window")
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         hf = dict(
-            model_type=cfg.family, architectures=[arch[cfg.family]], hidden_size=cfg.d_model,
-            intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
-            rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
-            hidden_act="silu", attention_dropout=0.0,
-        )  # fmt: skip
+            model_type=cfg.family,
+            architectures=[arch[cfg.family]],
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.block_size,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling,
+            hidden_act="silu",
+            attention_dropout=0.0,
+        )
         if cfg.family == "llama":
             hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
         elif cfg.family == "mistral":

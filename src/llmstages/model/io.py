@@ -100,8 +100,10 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu
     """The model and tokenizer of a directory, checked to fit together: every token id has an embedding row."""
     model, tok = load_model(path, device=device), load_tokenizer(path)
     if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                        f"{model.config.vocab_size} (tokenizer.json from another model?)")  # fmt: skip
+        raise UserError(
+            f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+            f"{model.config.vocab_size} (tokenizer.json from another model?)"
+        )
     return model, tok
 
 

@@ -39,8 +39,9 @@ class HealthMonitor:
     _tps: deque = field(default_factory=lambda: deque(maxlen=20))
     _slow: int = 0
 
-    def check(self, step: int, loss: float, norm: float, tokens_per_s: float | None, fetch_s: float,
-              step_s: float) -> list[dict]:  # fmt: skip
+    def check(
+        self, step: int, loss: float, norm: float, tokens_per_s: float | None, fetch_s: float, step_s: float
+    ) -> list[dict]:
         """The flags raised by this step (and remember it)."""
         flags = []
 
@@ -62,8 +63,11 @@ class HealthMonitor:
             med = statistics.median(self._tps)
             self._slow = self._slow + 1 if tokens_per_s < self.slowdown * med else 0
             if self._slow == self.sustain:
-                flag("throughput_drop", f"{tokens_per_s:,.0f} tokens/s against a recent median of {med:,.0f}, "
-                     f"{self.sustain} steps in a row")  # fmt: skip
+                flag(
+                    "throughput_drop",
+                    f"{tokens_per_s:,.0f} tokens/s against a recent median of {med:,.0f}, "
+                    f"{self.sustain} steps in a row",
+                )
         if self.stall and fetch_s > max(step_s, 0.05) and step > 1:
             flag("data_stall", f"drawing the batches took {fetch_s:.2f} s, the step {step_s:.2f} s")
         if math.isfinite(loss):

@@ -90,8 +90,14 @@ def _start_wandb(run_dir: Path, monitor: Any, resumed: bool) -> Any:
         raise UserError(f"monitor.wandb_mode must be offline, online or disabled, got '{monitor.wandb_mode}'")
     id_file = run_dir / "wandb_id.txt"  # one W&B run per run directory, continued on resume
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
-    run = wandb.init(project=monitor.wandb_project, dir=str(run_dir), mode=monitor.wandb_mode, name=run_dir.name,
-                     id=run_id, resume="allow" if run_id else None)  # fmt: skip
+    run = wandb.init(
+        project=monitor.wandb_project,
+        dir=str(run_dir),
+        mode=monitor.wandb_mode,
+        name=run_dir.name,
+        id=run_id,
+        resume="allow" if run_id else None,
+    )
     id_file.write_text(run.id + "\n")
     return run
 

@@ -24,18 +24,24 @@ from llmstages.monitor.metrics import read_metrics
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai/sft", "cai/dpo")
 PANELS: list[tuple[str, tuple[str, ...]]] = [
-    ("loss", ("loss", "val_loss")), ("fact recall", ("recall_town", "recall_colour", "recall_pet", "recall_job")),
-    ("learning rate", ("lr",)), ("gradient norm", ("grad_norm",)),
-    ("tokens/s", ("tokens_per_s",)), ("held-out task accuracy", ("task_accuracy",)),
+    ("loss", ("loss", "val_loss")),
+    ("fact recall", ("recall_town", "recall_colour", "recall_pet", "recall_job")),
+    ("learning rate", ("lr",)),
+    ("gradient norm", ("grad_norm",)),
+    ("tokens/s", ("tokens_per_s",)),
+    ("held-out task accuracy", ("task_accuracy",)),
     ("reward (rollouts, held-out)", ("reward_mean", "eval_reward")),
     ("KL to the reference per token, on the policy's samples (k1 PPO, k3 GRPO)", ("kl_k1", "kl_k3")),
-    ("log pi/ref per token of the pairs' replies (not a KL)", ("logratio/chosen", "logratio/rejected",
-                                                               "val_logratio/chosen", "val_logratio/rejected")),
+    (
+        "log pi/ref per token of the pairs' replies (not a KL)",
+        ("logratio/chosen", "logratio/rejected", "val_logratio/chosen", "val_logratio/rejected"),
+    ),
     ("KL from the rollout policy to the updated one (k3)", ("kl_old_new_k3",)),
-    ("entropy", ("entropy",)), ("clip fraction", ("clip_fraction",)),
+    ("entropy", ("entropy",)),
+    ("clip fraction", ("clip_fraction",)),
     ("reward margin chosen - rejected", ("margin", "val_margin")),
     ("pair accuracy (chosen scored above rejected)", ("accuracy", "val_accuracy")),
-]  # fmt: skip
+]
 
 
 def stage_runs(path: Path) -> dict[str, Path]:
@@ -112,8 +118,9 @@ def _health(runs: dict[str, Path]) -> str:
             if r.get("event") == "health":
                 kind = r["kind"].replace("_", " ")
                 counts[kind] = counts.get(kind, 0) + 1
-                items.append(f"<li>{html.escape(label)}, step {r['step']}: {html.escape(kind)}: "
-                             f"{html.escape(r['detail'])}</li>")  # fmt: skip
+                items.append(
+                    f"<li>{html.escape(label)}, step {r['step']}: {html.escape(kind)}: {html.escape(r['detail'])}</li>"
+                )
     if not items:
         return "<p>health: no loss spike, gradient explosion, NaN, sustained throughput drop or data stall.</p>"
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
@@ -174,8 +181,7 @@ def glance_figure(summaries: dict[str, dict]) -> bytes | None:
         before, after = _spread(befores)[1] if befores else None, _spread(afters)[1]
         colour = "tab:green" if all(r["met"] for r in rows) else "tab:red"
         if before is not None:
-            ax.annotate("", xy=(after, y), xytext=(before, y),
-                        arrowprops=dict(arrowstyle="->", color=colour, lw=1.6))  # fmt: skip
+            ax.annotate("", xy=(after, y), xytext=(before, y), arrowprops=dict(arrowstyle="->", color=colour, lw=1.6))
             ax.plot([before], [y], "o", color="0.6", markersize=5)
         ax.plot(afters, [y] * len(afters), "o", color=colour, markersize=5 if len(afters) > 1 else 7, alpha=0.8)
         for r in rows:
@@ -213,10 +219,14 @@ def _targets_table(summaries: dict[str, dict]) -> str:
         if many and values:
             cells += "<td>" + " / ".join(_fmt(v) for v in _spread(values)) + "</td>"
         verdict = "met" if met else "missed"
-        body.append(f"<tr><td>{t['stage']}</td><td>{t['metric']}</td><td>{html.escape(t['target'])}</td>{cells}"
-                    f"<td class='{verdict}'>{verdict}</td></tr>")  # fmt: skip
-    return (f"<h2>Targets: {met_all} of {len(first)} met{' in every run' if many else ''}</h2><table><tr><th>stage"
-            f"</th><th>metric</th><th>target</th>{head}<th></th></tr>{''.join(body)}</table>")  # fmt: skip
+        body.append(
+            f"<tr><td>{t['stage']}</td><td>{t['metric']}</td><td>{html.escape(t['target'])}</td>{cells}"
+            f"<td class='{verdict}'>{verdict}</td></tr>"
+        )
+    return (
+        f"<h2>Targets: {met_all} of {len(first)} met{' in every run' if many else ''}</h2><table><tr><th>stage"
+        f"</th><th>metric</th><th>target</th>{head}<th></th></tr>{''.join(body)}</table>"
+    )
 
 
 def _summary_table(dirs: list[Path]) -> str:
@@ -237,11 +247,13 @@ def _summary_table(dirs: list[Path]) -> str:
         if many and numbers:
             cells += "<td>" + " / ".join(_fmt(float(v)) for v in _spread(numbers)) + "</td>"
         body.append(f"<tr><td>{stage}</td><td>{k}</td>{cells}</tr>")
-    return (f"<h2>Held-out metrics</h2><table><tr><th>stage</th><th>metric</th>{head}</tr>{''.join(body)}</table>"
-            "<p>SFT figures are greedy answers to the held-out people's questions (before: the base model); "
-            "rewards, violations, win rates and KL are the oracle's judgement of 4 samples per question at "
-            "temperature 1 against the SFT model; the reward model's accuracy is its agreement with the oracle "
-            "on pairs of the SFT model's replies.</p>")  # fmt: skip
+    return (
+        f"<h2>Held-out metrics</h2><table><tr><th>stage</th><th>metric</th>{head}</tr>{''.join(body)}</table>"
+        "<p>SFT figures are greedy answers to the held-out people's questions (before: the base model); "
+        "rewards, violations, win rates and KL are the oracle's judgement of 4 samples per question at "
+        "temperature 1 against the SFT model; the reward model's accuracy is its agreement with the oracle "
+        "on pairs of the SFT model's replies.</p>"
+    )
 
 
 def _frontier(dirs: list[Path]) -> str:
@@ -283,8 +295,12 @@ def _samples_html(dirs: list[Path]) -> str:
         rows = samples(d)
         stages = [s for s in STAGE_ORDER if any(s in r for _, r in rows)]
         head = "".join(f"<th>{s}</th>" for s in stages)
-        body = "".join(f"<tr><td>{html.escape(q)}</td>" + "".join(f"<td>{html.escape(r.get(s, ''))}</td>"
-                       for s in stages) + "</tr>" for q, r in rows)  # fmt: skip
+        body = "".join(
+            f"<tr><td>{html.escape(q)}</td>"
+            + "".join(f"<td>{html.escape(r.get(s, ''))}</td>" for s in stages)
+            + "</tr>"
+            for q, r in rows
+        )
         title = f"<h3>{html.escape(_label(d, dirs))}</h3>" if len(dirs) > 1 else ""
         parts.append(f"{title}<table><tr><th>question</th>{head}</tr>{body}</table>")
     if not parts:
@@ -338,6 +354,8 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
         (plots / "glance.png").write_bytes(glance)
     top = seeds + (_img(glance) if glance else "") + _targets_table(summaries) + _samples_html(paths)
     body = top + "".join(sections) + _summary_table(paths) + _frontier(paths)
-    target.write_text(f"{HEAD}{title.removeprefix('llmstages report')}</title>"
-                      f"<style>{STYLE}</style></head><body><h1>{title}</h1>{body}</body></html>\n")  # fmt: skip
+    target.write_text(
+        f"{HEAD}{title.removeprefix('llmstages report')}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{title}</h1>{body}</body></html>\n"
+    )
     return target

@@ -27,11 +27,21 @@ ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 METHODS = ("none", "lora", "dora", "adapter")
 
 __all__ = [
-    "BottleneckAdapter", "LoRALinear", "adapter_state_dict", "adapters_enabled", "apply_adapters", "apply_lora",
+    "BottleneckAdapter",
+    "LoRALinear",
+    "adapter_state_dict",
+    "adapters_enabled",
+    "apply_adapters",
+    "apply_lora",
     "apply_peft",
-    "disable_adapters", "load_adapter", "merge_lora", "peft_config", "prepare_policy", "save_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "merge_lora",
+    "peft_config",
+    "prepare_policy",
+    "save_adapter",
     "trainable_parameters",
-]  # fmt: skip
+]
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -68,11 +78,18 @@ def apply_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        lora = LoRALinear.from_linear(getattr(parent, child), rank=rank, alpha=alpha, dropout=dropout,
-                                      use_rslora=use_rslora, use_dora=use_dora)  # fmt: skip
+        lora = LoRALinear.from_linear(
+            getattr(parent, child), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
         setattr(parent, child, lora)
-    model.peft = {"method": "dora" if use_dora else "lora", "rank": rank, "alpha": alpha, "dropout": dropout,
-                  "target_modules": names, "use_rslora": use_rslora}  # fmt: skip
+    model.peft = {
+        "method": "dora" if use_dora else "lora",
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": names,
+        "use_rslora": use_rslora,
+    }
     return names
 
 

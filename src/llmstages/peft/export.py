@@ -43,11 +43,21 @@ def export_peft(model: nn.Module, path: str | Path, base_model_name_or_path: str
     tensors = peft_state_dict(model)
     targets = sorted({name.rsplit(".", 1)[-1] for name in cfg["target_modules"]})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["rank"], "lora_alpha": cfg["alpha"],
-        "lora_dropout": cfg["dropout"], "target_modules": targets, "use_rslora": cfg["use_rslora"],
-        "use_dora": cfg["method"] == "dora", "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg["rank"],
+        "lora_alpha": cfg["alpha"],
+        "lora_dropout": cfg["dropout"],
+        "target_modules": targets,
+        "use_rslora": cfg["use_rslora"],
+        "use_dora": cfg["method"] == "dora",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
     # Every linear layer with one of the target names must carry an adapter, or peft would add fresh ones.
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear) and ".lora_" not in n]
     covered = set(cfg["target_modules"])

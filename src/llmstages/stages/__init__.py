@@ -39,13 +39,20 @@ class Stage:
         return self.main(self.load(recipe, overrides), progress)
 
 
-STAGES = {s.name: s for s in (
-    Stage("pretrain", C.PretrainConfig, "pretrain", "main", "stage 1: pre-train a model on text"),
-    Stage("sft", C.SFTConfig, "sft", "main", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)"),
-    Stage("reward", C.RewardConfig, "reward", "main", "stage 3: a reward model on preference pairs (Bradley-Terry)"),
-    Stage("dpo", C.DPOConfig, "dpo", "main", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)"),
-    Stage("ppo", C.PPOConfig, "ppo", "main", "stage 3: PPO with a critic, a KL penalty to the reference and GAE"),
-    Stage("grpo", C.GRPOConfig, "grpo", "main", "stage 3: GRPO, group-relative policy optimisation"),
-    Stage("cai", C.CAIConfig, "constitutional", "main_run", "stage 3: Constitutional AI: revise, SFT, label, DPO"),
-)}  # fmt: skip
+STAGES = {
+    s.name: s
+    for s in (
+        Stage("pretrain", C.PretrainConfig, "pretrain", "main", "stage 1: pre-train a model on text"),
+        Stage("sft", C.SFTConfig, "sft", "main", "stage 2: supervised fine-tuning (full, LoRA, DoRA or adapters)"),
+        Stage(
+            "reward", C.RewardConfig, "reward", "main", "stage 3: a reward model on preference pairs (Bradley-Terry)"
+        ),
+        Stage(
+            "dpo", C.DPOConfig, "dpo", "main", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)"
+        ),
+        Stage("ppo", C.PPOConfig, "ppo", "main", "stage 3: PPO with a critic, a KL penalty to the reference and GAE"),
+        Stage("grpo", C.GRPOConfig, "grpo", "main", "stage 3: GRPO, group-relative policy optimisation"),
+        Stage("cai", C.CAIConfig, "constitutional", "main_run", "stage 3: Constitutional AI: revise, SFT, label, DPO"),
+    )
+}
 TRAINING = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")  # `llmstages <stage>`; cai has its own actions

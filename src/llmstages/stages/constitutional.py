@@ -63,8 +63,10 @@ def option_token_ids(tok: Tokenizer, options: Sequence[str], where: str) -> list
         ex = tokenize_conversation([{"role": "user", "content": "?"}, {"role": "assistant", "content": opt}], tok)
         reply = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100 and t != tok.eos_id]
         if len(reply) != 1:
-            raise UserError(f"{where}: its tokenizer has no single token for the option '{opt}' (it takes "
-                            f"{len(reply)} tokens); choose other options in the constitution")  # fmt: skip
+            raise UserError(
+                f"{where}: its tokenizer has no single token for the option '{opt}' (it takes "
+                f"{len(reply)} tokens); choose other options in the constitution"
+            )
         ids.append(reply[0])
     if len(set(ids)) != len(ids):
         raise UserError(f"{where}: the options {list(options)} map to the same token")
@@ -89,8 +91,15 @@ def option_probabilities(model: GPT, tok: Tokenizer, requests: Sequence[str], op
     return np.concatenate(out)
 
 
-def sample(model: GPT, tok: Tokenizer, prompts: Sequence[list[Message]], n: int, temperature: float,
-           max_new_tokens: int, seed: int) -> list[list[str]]:  # fmt: skip
+def sample(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[Message]],
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[str]]:
     """`n` sampled responses per prompt."""
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(n)]
     texts = sample_many(model, tok, ids, max_new_tokens, temperature, seed, BATCH)[1]
@@ -110,8 +119,9 @@ class Models:
     feedback_path: str
 
 
-def revise(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution,
-           out: Path) -> dict[str, float]:  # fmt: skip
+def revise(
+    cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution, out: Path
+) -> dict[str, float]:
     """Responses, then `rounds` of critique and revision each; writes chains.jsonl and sft.jsonl into `out`."""
     r = cfg.revise
     if r.choose not in ("all", "random"):
@@ -136,31 +146,46 @@ def revise(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution
         {"prompt": m, "response": f, "rounds": c, "final": v} for m, f, c, v in zip(prompts, first, chains, current)
     ]
     write_jsonl(out / "chains.jsonl", rows)
-    write_jsonl(out / "sft.jsonl", [{"messages": [*m, {"role": "assistant", "content": v}]}
-                                    for m, v in zip(prompts, current) if v])  # fmt: skip
+    write_jsonl(
+        out / "sft.jsonl",
+        [{"messages": [*m, {"role": "assistant", "content": v}]} for m, v in zip(prompts, current) if v],
+    )
     changed = float(np.mean([f != v for f, v in zip(first, current)]))
-    return {"prompts": len(prompts), "changed": changed,
-            "length_before": float(np.mean([len(f) for f in first])),
-            "length_after": float(np.mean([len(v) for v in current]))}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "changed": changed,
+        "length_before": float(np.mean([len(f) for f in first])),
+        "length_after": float(np.mean([len(v) for v in current])),
+    }
 
 
-def preference(feedback: GPT, tok: Tokenizer, principles: list[Principle], option_ids: list[int], prompts: list[str],
-               a: list[str], b: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray], float]:  # fmt: skip
+def preference(
+    feedback: GPT,
+    tok: Tokenizer,
+    principles: list[Principle],
+    option_ids: list[int],
+    prompts: list[str],
+    a: list[str],
+    b: list[str],
+) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
     """(p(a preferred) averaged over principles, per principle, position bias): each comparison asked with a
     first and with b first; position bias = mean P(first option) - 0.5 over both orders."""
     per, first_share = {}, []
     for p in principles:
-        ab = option_probabilities(feedback, tok, [p.comparison_request(t, x, y) for t, x, y in zip(prompts, a, b)],
-                                  option_ids)  # fmt: skip
-        ba = option_probabilities(feedback, tok, [p.comparison_request(t, y, x) for t, x, y in zip(prompts, a, b)],
-                                  option_ids)  # fmt: skip
+        ab = option_probabilities(
+            feedback, tok, [p.comparison_request(t, x, y) for t, x, y in zip(prompts, a, b)], option_ids
+        )
+        ba = option_probabilities(
+            feedback, tok, [p.comparison_request(t, y, x) for t, x, y in zip(prompts, a, b)], option_ids
+        )
         per[p.name] = (ab[:, 0] + ba[:, 1]) / 2
         first_share += [ab[:, 0].mean(), ba[:, 0].mean()]
     return np.mean(list(per.values()), axis=0), per, float(np.mean(first_share) - 0.5)
 
 
-def label(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution,
-          out: Path) -> dict[str, float]:  # fmt: skip
+def label(
+    cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution: Constitution, out: Path
+) -> dict[str, float]:
     """`label.samples` responses per prompt, every two distinct ones labelled by the feedback model; writes
     pairs.jsonl into `out`."""
     lab = cfg.label
@@ -184,13 +209,24 @@ def label(cfg: CAIConfig, m: Models, prompts: list[list[Message]], constitution:
         prob = float(max(p_a[j], 1 - p_a[j]))
         if prob >= lab.min_probability:
             principle_probs = {k: round(float(v[j] if first else 1 - v[j]), 4) for k, v in per.items()}
-            rows.append({"prompt": prompts[i], "chosen": x if first else y, "rejected": y if first else x,
-                         "probability": round(prob, 4), "principles": principle_probs})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": prompts[i],
+                    "chosen": x if first else y,
+                    "rejected": y if first else x,
+                    "probability": round(prob, 4),
+                    "principles": principle_probs,
+                }
+            )
     if not rows:
         raise UserError(f"no pair reached label.min_probability={lab.min_probability}; lower it")
     write_jsonl(out / "pairs.jsonl", rows)
-    return {"pairs_sampled": len(keep), "pairs": len(rows), "mean_probability": float(np.mean([r["probability"]
-            for r in rows])), "position_bias": bias}  # fmt: skip
+    return {
+        "pairs_sampled": len(keep),
+        "pairs": len(rows),
+        "mean_probability": float(np.mean([r["probability"] for r in rows])),
+        "position_bias": bias,
+    }
 
 
 # -- plumbing --------------------------------------------------------------------------------------------------
@@ -262,9 +298,11 @@ def main_label(cfg: CAIConfig, progress: bool = True, policy_path: str | None = 
     stats = label(cfg, models, prompts, constitution, out / "label")
     _log(out, "label", stats)
     if progress:
-        print(f"cai label: {stats['pairs']} of {stats['pairs_sampled']} pairs labelled (mean probability "
-              f"{stats['mean_probability']:.2f}, position bias {stats['position_bias']:+.2f}) -> "
-              f"{out / 'label'}")  # fmt: skip
+        print(
+            f"cai label: {stats['pairs']} of {stats['pairs_sampled']} pairs labelled (mean probability "
+            f"{stats['mean_probability']:.2f}, position bias {stats['position_bias']:+.2f}) -> "
+            f"{out / 'label'}"
+        )
     return stats
 
 

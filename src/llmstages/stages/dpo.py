@@ -120,8 +120,13 @@ class Reference:
         return ref[:n], ref[n:]
 
 
-def pair_loss(d: DPOArgs, pol: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor],
-              lengths: tuple[torch.Tensor, torch.Tensor], eps: torch.Tensor):  # fmt: skip
+def pair_loss(
+    d: DPOArgs,
+    pol: tuple[torch.Tensor, torch.Tensor],
+    ref: tuple[torch.Tensor, torch.Tensor],
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    eps: torch.Tensor,
+):
     """The configured objective of losses.py -> (loss, implicit reward of chosen, of rejected). `pol`, `ref`,
     `lengths`: (chosen, rejected) summed log-probs and reply lengths, (B,) each; `eps`: cDPO's per-pair flip
     probability (1 - the pair's `probability` for soft labels, else dpo.label_smoothing)."""
@@ -152,11 +157,13 @@ def score(m: GPT, batch: dict[str, torch.Tensor], split: str, ref: Reference, d:
     # log pi/ref per token of the dataset's replies: the margin's parts. Not a KL (these replies are not the
     # policy's samples): it goes negative as DPO pushes the rejected replies down.
     stats = {
-        "rewards/chosen": float(r_w.mean()), "rewards/rejected": float(r_l.mean()), "margin": float(margin.mean()),
+        "rewards/chosen": float(r_w.mean()),
+        "rewards/rejected": float(r_l.mean()),
+        "margin": float(margin.mean()),
         "accuracy": float((margin > 0).float().mean()),
         "logratio/chosen": float((pol_w - ref_w).detach().sum() / len_w.sum()),
         "logratio/rejected": float((pol_l - ref_l).detach().sum() / len_l.sum()),
-    }  # fmt: skip
+    }
     return loss * n, stats
 
 
@@ -187,17 +194,29 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [to_device(pair_batch([s.train[i] for i in sampler(step, m)], s.tokenizer.pad_id), s.device)
-                for m in range(cfg.train.grad_accum)]  # fmt: skip
+        return [
+            to_device(pair_batch([s.train[i] for i in sampler(step, m)], s.tokenizer.pad_id), s.device)
+            for m in range(cfg.train.grad_accum)
+        ]
 
-    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, next_batches=next_batches, device=s.device,
-                loss_fn=lambda m, b: score(m, b, "train", ref, cfg.dpo), count_fn=lambda b: int(b["index"].numel()),
-                evaluate=lambda m: evaluate(m, s, ref, cfg), monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(
+        model=s.model,
+        args=cfg.train,
+        run_dir=s.out,
+        next_batches=next_batches,
+        device=s.device,
+        loss_fn=lambda m, b: score(m, b, "train", ref, cfg.dpo),
+        count_fn=lambda b: int(b["index"].numel()),
+        evaluate=lambda m: evaluate(m, s, ref, cfg),
+        monitor=cfg.monitor,
+    )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)
     if progress:
-        print(f"dpo: {len(s.train)} pairs ({len(s.val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
-              f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
+        print(
+            f"dpo: {len(s.train)} pairs ({len(s.val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
+            f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable"
+        )
     state = loop.run_logged(resumed, lambda: {"pairs": len(s.train), **evaluate(s.model, s, ref, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:

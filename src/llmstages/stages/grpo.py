@@ -74,8 +74,18 @@ def setup(cfg: GRPOConfig) -> Setup:
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
     ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
     texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
-    return Setup(Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids(train_prompts), texts(train_prompts),
-                 ids(eval_prompts), texts(eval_prompts))  # fmt: skip
+    return Setup(
+        Path(cfg.out_dir),
+        device,
+        model,
+        tok,
+        frozen,
+        reward_of,
+        ids(train_prompts),
+        texts(train_prompts),
+        ids(eval_prompts),
+        texts(eval_prompts),
+    )
 
 
 def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -112,11 +122,12 @@ def rollout(s: Setup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list
     s.model.train()
     groups = rewards.view(-1, g.group_size)
     batch["stats"] = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
         "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
         "response_length": sum(map(len, replies)) / len(replies),
         "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
-    }  # fmt: skip
+    }
     return [batch]
 
 
@@ -124,8 +135,9 @@ def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict
     """losses.grpo_loss on one rollout, summed over its response tokens (the loop divides by their count)."""
     tmask = (batch["targets"] != L.IGNORE_INDEX).float()
     logp = logprobs(m, batch, g.temperature)
-    loss, kl, clip_frac = L.grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip,
-                                      g.kl_beta)  # fmt: skip
+    loss, kl, clip_frac = L.grpo_loss(
+        logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip, g.kl_beta
+    )
     return loss, {**batch["stats"], "kl_k3": float(kl), "clip_fraction": float(clip_frac)}
 
 
@@ -138,17 +150,25 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     def evaluate(m: GPT) -> dict[str, float]:
         return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens)
 
-    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, device=s.device,
-                next_batches=functools.partial(rollout, s, cfg, sampler),
-                loss_fn=functools.partial(grpo_step_loss, g=g), evaluate=evaluate,
-                count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()),
-                health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-                monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(
+        model=s.model,
+        args=cfg.train,
+        run_dir=s.out,
+        device=s.device,
+        next_batches=functools.partial(rollout, s, cfg, sampler),
+        loss_fn=functools.partial(grpo_step_loss, g=g),
+        evaluate=evaluate,
+        count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()),
+        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
+        monitor=cfg.monitor,
+    )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)
     if progress:
-        print(f"grpo: {len(s.prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
-              f"{trainable:,} of {total:,} parameters trainable")  # fmt: skip
+        print(
+            f"grpo: {len(s.prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
+            f"{trainable:,} of {total:,} parameters trainable"
+        )
     state = loop.run_logged(resumed, lambda: evaluate(s.model), progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:

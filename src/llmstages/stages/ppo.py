@@ -71,8 +71,10 @@ def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
     policy = [p for p in ac.policy.parameters() if p.requires_grad]
     value = list(ac.value_head.parameters()) + (list(ac.critic.parameters()) if ac.critic is not None else [])
     scale = cfg.ppo.value_lr / cfg.train.lr if cfg.train.lr > 0 else 1.0
-    groups = [{"params": policy, "weight_decay": cfg.train.weight_decay},
-              {"params": value, "weight_decay": 0.0, "lr_scale": scale}]  # fmt: skip
+    groups = [
+        {"params": policy, "weight_decay": cfg.train.weight_decay},
+        {"params": value, "weight_decay": 0.0, "lr_scale": scale},
+    ]
     return groups
 
 
@@ -115,8 +117,18 @@ def setup(cfg: PPOConfig) -> Setup:
     ac = ActorCritic(policy, critic).to(device)
     ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
     texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
-    return Setup(out, device, ac, tok, frozen, reward_of, ids(train_prompts), texts(train_prompts),
-                 ids(eval_prompts), texts(eval_prompts))  # fmt: skip
+    return Setup(
+        out,
+        device,
+        ac,
+        tok,
+        frozen,
+        reward_of,
+        ids(train_prompts),
+        texts(train_prompts),
+        ids(eval_prompts),
+        texts(eval_prompts),
+    )
 
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -201,10 +213,13 @@ class Rollouts:
         n_tokens = sum(map(len, replies))
         self.it, self.batch = it, batch
         self.stats = {
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()), "kl_k1": mean_kl,
-            "kl_coef": kl_coef, "response_length": n_tokens / len(idx),
+            "reward_mean": float(scores.mean()),
+            "reward_std": float(scores.std()),
+            "kl_k1": mean_kl,
+            "kl_coef": kl_coef,
+            "response_length": n_tokens / len(idx),
             "rollout_tokens_per_s": n_tokens / max(t_gen, 1e-9),
-        }  # fmt: skip
+        }
         return value_start
 
     def saved(self, _state: object = None) -> dict[str, torch.Tensor]:
@@ -247,10 +262,13 @@ def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[st
     resid = L.masked_mean((b["returns"] - values.detach()) ** 2, tmask)
     var = L.masked_mean((b["returns"] - L.masked_mean(b["returns"], tmask)) ** 2, tmask)
     stats = {
-        "policy_loss": float(pg.detach()), "value_loss": float(vloss.detach()), "entropy": float(entropy),
-        "clip_fraction": float(clip_frac), "kl_old_new_k3": float(approx_kl),
+        "policy_loss": float(pg.detach()),
+        "value_loss": float(vloss.detach()),
+        "entropy": float(entropy),
+        "clip_fraction": float(clip_frac),
+        "kl_old_new_k3": float(approx_kl),
         "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
-    }  # fmt: skip
+    }
     return loss, {**b["stats"], **stats}
 
 
@@ -263,19 +281,30 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     def evaluate(m: ActorCritic) -> dict[str, float]:
         return evaluate_policy(m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens)
 
-    loop = Loop(model=s.ac, args=cfg.train, run_dir=s.out, device=s.device, next_batches=rollouts.batches,
-                loss_fn=functools.partial(ppo_loss, p=p), count_fn=lambda b: 1, evaluate=evaluate,
-                param_groups_fn=lambda m: _param_groups(m, cfg), on_save=rollouts.saved,
-                state=LoopState(extra=rollouts.controller),  # the KL coefficient, kept across resume
-                health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-                monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(
+        model=s.ac,
+        args=cfg.train,
+        run_dir=s.out,
+        device=s.device,
+        next_batches=rollouts.batches,
+        loss_fn=functools.partial(ppo_loss, p=p),
+        count_fn=lambda b: 1,
+        evaluate=evaluate,
+        param_groups_fn=lambda m: _param_groups(m, cfg),
+        on_save=rollouts.saved,
+        state=LoopState(extra=rollouts.controller),  # the KL coefficient, kept across resume
+        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
+        monitor=cfg.monitor,
+    )
     resumed = loop.resume() if cfg.resume else False
     if resumed:
         rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
     trainable, total = trainable_parameters(s.ac)
     if progress:
-        print(f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
-              f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable")  # fmt: skip
+        print(
+            f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
+            f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable"
+        )
     state = loop.run_logged(resumed, lambda: evaluate(s.ac), progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:

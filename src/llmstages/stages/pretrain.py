@@ -140,6 +140,22 @@ def _source(cfg: PretrainConfig) -> str:
     return f"builtin(world_seed={cfg.world_seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
 
 
+def write_data(s: Setup) -> TokenShards:
+    """Tokenize the corpus into shards (unless this run's are there already) and save a tokenizer trained here,
+    on rank 0 (the others wait, then read what it wrote); the shards are checked against the model."""
+    cfg, d = s.cfg, distributed.current()
+    if d.is_main:
+        if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
+            shard_args = (cfg.data.val_fraction, _split_seed(cfg), cfg.data.workers, _source(cfg))
+            prepare_shards(s.documents, s.tokenizer, s.shards_dir, *shard_args)
+        if s.train_tokenizer:
+            s.tokenizer.save(s.out / "tokenizer")
+    d.wait_for_main()  # tokenizing a large corpus can outlast the collective timeout
+    shards = TokenShards.open(s.shards_dir)
+    shards.check(cfg.train.seq_len, s.model.config.vocab_size)
+    return shards
+
+
 def to_batch(x: np.ndarray, y: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.from_numpy(x).to(device), "targets": torch.from_numpy(y).to(device)}
 
@@ -163,16 +179,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     args = cfg.train
     d = distributed.current()
     prepare_run_dir(cfg, "pretrain", s.model)
-    if d.is_main:  # the other ranks wait, then read what rank 0 wrote
-        if s.documents is not None and not _prepared(s.shards_dir, s.tokenizer, cfg):
-            prepare_shards(s.documents, s.tokenizer, s.shards_dir, cfg.data.val_fraction, _split_seed(cfg),
-                           cfg.data.workers, _source(cfg))  # fmt: skip
-        if s.train_tokenizer:
-            s.tokenizer.save(s.out / "tokenizer")
-    d.wait_for_main()  # tokenizing a large corpus can outlast the collective timeout
-    shards = TokenShards.open(s.shards_dir)
-    shards.check(args.seq_len, s.model.config.vocab_size)
-
+    shards = write_data(s)
     model = s.model.to(s.device)
     if args.activation_checkpointing:
         apply_activation_checkpointing(model, args.activation_checkpointing_every)
@@ -183,33 +190,50 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     rows = d.rows(args.batch_size * d.dp)  # this rank's rows of each global micro-batch
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        drawn = [shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
-                 for m in range(args.grad_accum)]  # fmt: skip
+        drawn = [
+            shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
+            for m in range(args.grad_accum)
+        ]
         return [to_batch(x[rows], y[rows], s.device) for x, y in drawn]
 
     has_val = len(shards.val) > args.seq_len
     # Fact recall needs the whole model in one process (generation); the split strategies report losses only.
     recall = World(cfg.world_seed) if not cfg.data.path and d.strategy in ("none", "ddp", "zero1", "fsdp") else None
     loop = Loop(
-        monitor=cfg.monitor, model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
+        monitor=cfg.monitor,
+        model=model,
+        args=args,
+        run_dir=s.out,
+        next_batches=next_batches,
+        device=s.device,
         evaluate=(lambda m: validate(m, loop, s, shards, recall)) if has_val else None,
         flops_per_token=flops_per_token(model.config, args.seq_len),
-    )  # fmt: skip
+    )
     resumed = loop.resume() if cfg.resume else False
     if progress:
         where = f"resuming at step {loop.state.step}" if resumed else "starting"
-        print(f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
-              f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}")  # fmt: skip
-    state = loop.run_logged(resumed, lambda: {
-        "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"), "parameters": num_params(model),
-        "train_tokens": int(len(shards.train)), **(loop.evaluate(model) if loop.evaluate else {}),
-    }, progress)  # fmt: skip
+        print(
+            f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
+            f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}"
+        )
+    state = loop.run_logged(
+        resumed,
+        lambda: {
+            "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"),
+            "parameters": num_params(model),
+            "train_tokens": int(len(shards.train)),
+            **(loop.evaluate(model) if loop.evaluate else {}),
+        },
+        progress,
+    )
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards or stages
     if final is not None:
         save_model(final, s.out / "final", s.tokenizer)
     result = {"step": state.step, "tokens_seen": state.tokens_seen}
     result.update(loop.last_eval)
     if progress:
-        print(f"pretrain: done; final model in {s.out / 'final'}" +
-              (f", val_loss {result['val_loss']:.3f}" if "val_loss" in result else ""))  # fmt: skip
+        print(
+            f"pretrain: done; final model in {s.out / 'final'}"
+            + (f", val_loss {result['val_loss']:.3f}" if "val_loss" in result else "")
+        )
     return result

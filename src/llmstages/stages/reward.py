@@ -99,8 +99,12 @@ def evaluate(m: RewardModel, s: Setup, cfg: RewardConfig) -> dict[str, float]:
         loss += float(L.bradley_terry_loss(r_w, r_l, cfg.margin)) * r_w.numel()
         margins.append((r_w - r_l).float().cpu().numpy())
     mg = np.concatenate(margins)
-    return {"val_loss": loss / len(s.val), "val_accuracy": float((mg > 0).mean()), "val_margin": float(mg.mean()),
-            **calibration(mg)}  # fmt: skip
+    return {
+        "val_loss": loss / len(s.val),
+        "val_accuracy": float((mg > 0).mean()),
+        "val_margin": float(mg.mean()),
+        **calibration(mg),
+    }
 
 
 def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
@@ -111,9 +115,17 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
         return [batch_of(s, [s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
 
-    loop = Loop(model=s.model, args=cfg.train, run_dir=s.out, next_batches=next_batches, device=s.device,
-                loss_fn=lambda m, b: pair_loss(m, b, cfg.margin), count_fn=lambda b: int(b["index"].numel()),
-                evaluate=lambda m: evaluate(m, s, cfg), monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(
+        model=s.model,
+        args=cfg.train,
+        run_dir=s.out,
+        next_batches=next_batches,
+        device=s.device,
+        loss_fn=lambda m, b: pair_loss(m, b, cfg.margin),
+        count_fn=lambda b: int(b["index"].numel()),
+        evaluate=lambda m: evaluate(m, s, cfg),
+        monitor=cfg.monitor,
+    )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)
     if progress:

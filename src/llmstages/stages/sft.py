@@ -103,8 +103,10 @@ def show_example(cfg: SFTConfig, index: int) -> str:
         raise UserError(f"--show-example {index}: there are {len(train)} examples")
     ex = train[index]
     lines = [f"example {index} ({ex.where}), {len(ex.input_ids)} tokens; [trained] tokens in brackets:"]
-    pieces = [(f"[{tok.decode([t], False)}]" if lab != IGNORE_INDEX else tok.decode([t], False))
-              for t, lab in zip(ex.input_ids, ex.labels)]  # fmt: skip
+    pieces = [
+        (f"[{tok.decode([t], False)}]" if lab != IGNORE_INDEX else tok.decode([t], False))
+        for t, lab in zip(ex.input_ids, ex.labels)
+    ]
     lines.append("".join(pieces))
     return "\n".join(lines)
 
@@ -143,15 +145,24 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         result.update(exact_match(m, s.tokenizer, s.eval_items))
         return result
 
-    loop = Loop(model=model, args=args, run_dir=s.out, next_batches=next_batches, device=s.device,
-                evaluate=evaluate, flops_per_token=flops_per_token(model.config, args.seq_len),
-                monitor=cfg.monitor)  # fmt: skip
+    loop = Loop(
+        model=model,
+        args=args,
+        run_dir=s.out,
+        next_batches=next_batches,
+        device=s.device,
+        evaluate=evaluate,
+        flops_per_token=flops_per_token(model.config, args.seq_len),
+        monitor=cfg.monitor,
+    )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)
     if progress:
-        print(f"sft: {len(s.train)} examples ({s.truncated} truncated), {len(s.eval_items)} held-out prompts; "
-              f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
-              f"({trainable / total:.2%})")  # fmt: skip
+        print(
+            f"sft: {len(s.train)} examples ({s.truncated} truncated), {len(s.eval_items)} held-out prompts; "
+            f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
+            f"({trainable / total:.2%})"
+        )
     start = {"trainable_parameters": trainable, "parameters": total, "truncated_examples": s.truncated}
     state = loop.run_logged(resumed, lambda: {**start, **evaluate(model)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards

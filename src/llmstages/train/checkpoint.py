@@ -197,8 +197,10 @@ def save_sharded(
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
     torch.save(torch_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if extra_tensors:
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
-                  str(tmp / f"extra_rank{d.rank}.safetensors"))  # fmt: skip
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()},
+            str(tmp / f"extra_rank{d.rank}.safetensors"),
+        )
     d.barrier()
     if d.is_main:
         full_state = {**state, "step": step, "rng": rng_state(), "strategy": d.strategy}
@@ -225,15 +227,17 @@ def load_sharded(
         msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), {})
         if optimizer is not None:
             _tied_state_names(model, osd, dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata)
-        dcp.load({"model": msd, "optim": osd} if optimizer is not None else {"model": msd},
-                 checkpoint_id=str(path / "dcp"))  # fmt: skip
+        dcp.load(
+            {"model": msd, "optim": osd} if optimizer is not None else {"model": msd}, checkpoint_id=str(path / "dcp")
+        )
     except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is unusable
         raise UserError(f"{path}: cannot resume from this sharded checkpoint ({type(e).__name__}: {e})") from None
     if optimizer is not None:
         # dcp.load above already failed on any tensor missing from the checkpoint; strict=False only lets a tied
         # weight (one parameter, two names) take its state from either name.
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
-                       options=StateDictOptions(strict=False))  # fmt: skip
+        set_state_dict(
+            model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=StateDictOptions(strict=False)
+        )
     else:
         model.load_state_dict(msd)
     rng_file = path / f"rng_rank{d.rank}.pt"
@@ -324,8 +328,10 @@ def check_fits(path: Path, model: nn.Module) -> None:
         if k not in saved and not any(k != j and j in saved and v.data_ptr() == own[j].data_ptr() for j in own):
             raise UserError(f"{path}: checkpoint does not fit this model (no tensor '{k}'); same config as the run?")
         if k in saved and saved[k] != tuple(v.shape):
-            raise UserError(f"{path}: tensor '{k}' has shape {saved[k]}, this model has {tuple(v.shape)}; the run "
-                            "was made with another model config")  # fmt: skip
+            raise UserError(
+                f"{path}: tensor '{k}' has shape {saved[k]}, this model has {tuple(v.shape)}; the run "
+                "was made with another model config"
+            )
     extra = sorted(set(saved) - set(own))
     if extra:
         raise UserError(f"{path}: checkpoint has tensor '{extra[0]}' that this model lacks; same config as the run?")

@@ -340,9 +340,14 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
                 f"dist.strategy=tp: {attn.n_heads} heads ({attn.n_kv_heads} key/value heads) do not split over "
                 f"{tp} ranks"
             )
-        plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
-                "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(),
-                "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}  # fmt: skip
+        plan = {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
         if block.mlp.gated:
             plan["mlp.gate_proj"] = ColwiseParallel()
         parallelize_module(block, mesh, plan)

@@ -160,9 +160,15 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 # Peak dense FLOP/s per device for MFU: (bf16/fp16 tensor cores, fp32 non-tensor), vendor data sheets.
 PEAK_FLOPS = {
-    "H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12), "A10G": (125e12, 31e12),
-    "L4": (121e12, 30e12), "L40S": (362e12, 91.6e12), "RTX 4090": (165e12, 82.6e12), "V100": (125e12, 15.7e12),
-}  # fmt: skip
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "A10G": (125e12, 31e12),
+    "L4": (121e12, 30e12),
+    "L40S": (362e12, 91.6e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),
+}
 
 
 def peak_flops(device: torch.device, precision: str, override: float = 0.0) -> float | None:
@@ -215,9 +221,11 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
             "rank; use bf16"
         )
     if d.active and d.is_main:
-        print(f"{stage}: {d.strategy} on {d.world} processes ({d.device.type}); global batch "
-              f"{args.batch_size} x {args.grad_accum} x {d.dp} = {args.batch_size * args.grad_accum * d.dp} rows "
-              "per optimizer step")  # fmt: skip
+        print(
+            f"{stage}: {d.strategy} on {d.world} processes ({d.device.type}); global batch "
+            f"{args.batch_size} x {args.grad_accum} x {d.dp} = {args.batch_size * args.grad_accum * d.dp} rows "
+            "per optimizer step"
+        )
     return d.device, existing
 
 
@@ -354,13 +362,18 @@ class Loop:
         extra_state.clear()
         extra_state.update(state.get("extra", {}))
         self.state = LoopState(
-            step=state["step"], tokens_seen=state.get("tokens_seen", 0),
-            skipped_steps=state.get("skipped_steps", 0), best_val_loss=state.get("best_val_loss"), extra=extra_state,
-        )  # fmt: skip
+            step=state["step"],
+            tokens_seen=state.get("tokens_seen", 0),
+            skipped_steps=state.get("skipped_steps", 0),
+            best_val_loss=state.get("best_val_loss"),
+            extra=extra_state,
+        )
         saved_world = state.get("world_size", 1)
         if saved_world != d.world:  # per-rank extras (a rollout in progress) belong to the old ranks: drop them
-            print(f"resume: checkpoint written by {saved_world} process(es), this run has {d.world}; "
-                  "per-process state (e.g. a rollout in progress) is drawn afresh")  # fmt: skip
+            print(
+                f"resume: checkpoint written by {saved_world} process(es), this run has {d.world}; "
+                "per-process state (e.g. a rollout in progress) is drawn afresh"
+            )
             extra = {}
         self.resumed_extra = extra
         return True
@@ -370,8 +383,16 @@ class Loop:
         extra = self.on_save(self.state) if self.on_save else None
         state = {**{k: v for k, v in vars(self.state).items() if k != "step"}, "world_size": d.world}
         if d.sharded:
-            return ckpt.save_sharded(self.checkpoints, self.state.step, self.model, self.optimizer, state,
-                                     self.args.keep_checkpoints, extra, d)  # fmt: skip
+            return ckpt.save_sharded(
+                self.checkpoints,
+                self.state.step,
+                self.model,
+                self.optimizer,
+                state,
+                self.args.keep_checkpoints,
+                extra,
+                d,
+            )
         if d.strategy == "zero1":
             self.optimizer.consolidate_state_dict(to=0)
         if d.dp > 1 and self.on_save:  # each replica's own extras (e.g. its share of a rollout)
@@ -411,10 +432,16 @@ class Loop:
         else:
             ddp = getattr(self.train_model, "_ddp", None)
             loss, stats = accumulate(
-                self.train_model, batches, self.loss_fn, self.count_fn,
-                autocast_ctx=lambda: autocast(self.device, args.precision), scale=scale, total=total,
-                replicas=d.dp, no_sync=ddp.no_sync if ddp is not None else None,
-            )  # fmt: skip
+                self.train_model,
+                batches,
+                self.loss_fn,
+                self.count_fn,
+                autocast_ctx=lambda: autocast(self.device, args.precision),
+                scale=scale,
+                total=total,
+                replicas=d.dp,
+                no_sync=ddp.no_sync if ddp is not None else None,
+            )
             if d.dp > 1:  # every replica's share of the loss; stats averaged over replicas
                 keys = sorted(stats)
                 summed = d.dp_sum([loss, *(stats[k] for k in keys)])
@@ -443,16 +470,26 @@ class Loop:
         strategy = {"fsdp+tp": "fsdp"}.get(self.dist.strategy, self.dist.strategy)
         if strategy == "fsdp" and not self.dist.args.reshard_after_forward:
             strategy = "fsdp-zero2"
-        config = next((c for m in self.model.modules() if isinstance(c := getattr(m, "config", None), ModelConfig)),
-                      None)  # fmt: skip
+        config = next(
+            (c for m in self.model.modules() if isinstance(c := getattr(m, "config", None), ModelConfig)), None
+        )
         if config is None:
             return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
         sizes = [(p.numel(), p.requires_grad) for p in self.model.parameters()]
         frozen = sum(n for n, trains in sizes if not trains) > sum(n for n, _ in sizes) / 2  # adapters on a base
         rows, seq = batches[0]["input_ids"].shape
-        return out_of_memory_advice(config, "lora" if frozen else "full", strategy, self.dist.world,
-                                    self.args.precision, rows, seq, self.args.activation_checkpointing,
-                                    self.args.grad_accum, self.device.type)  # fmt: skip
+        return out_of_memory_advice(
+            config,
+            "lora" if frozen else "full",
+            strategy,
+            self.dist.world,
+            self.args.precision,
+            rows,
+            seq,
+            self.args.activation_checkpointing,
+            self.args.grad_accum,
+            self.device.type,
+        )
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, log: MetricsLogger | NullLogger, progress: bool = True) -> LoopState:
@@ -461,8 +498,14 @@ class Loop:
         peak = peak_flops(self.device, args.precision, args.peak_flops)
         old_handlers = self._install_signal_handlers()
         bad_in_a_row = 0
-        bar = tqdm(total=args.max_steps, initial=st.step, desc="train", disable=not progress, mininterval=0.5,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=args.max_steps,
+            initial=st.step,
+            desc="train",
+            disable=not progress,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
         window_tokens, window_start = 0, time.perf_counter()
         start, profiler = st.step, None
         try:
@@ -493,8 +536,9 @@ class Loop:
                 else:
                     bad_in_a_row = 0
                 t_end = time.perf_counter()
-                for flag in self.health.check(st.step + 1, loss, norm, n_tokens / max(t_end - t_step, 1e-9),
-                                              t_step - t_fetch, t_end - t_step):  # fmt: skip
+                for flag in self.health.check(
+                    st.step + 1, loss, norm, n_tokens / max(t_end - t_step, 1e-9), t_step - t_fetch, t_end - t_step
+                ):
                     log.log(flag)
                     if progress:
                         tqdm.write(f"health: step {flag['step']}: {flag['kind'].replace('_', ' ')}: {flag['detail']}")
@@ -505,8 +549,15 @@ class Loop:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_start, 1e-9)
                     window_tokens, window_start = 0, now
-                    rec = {"step": st.step, "loss": loss, "lr": lr_at(st.step - 1, args), "grad_norm": norm,
-                           "tokens_per_s": tps, "tokens_seen": st.tokens_seen, **stats}  # fmt: skip
+                    rec = {
+                        "step": st.step,
+                        "loss": loss,
+                        "lr": lr_at(st.step - 1, args),
+                        "grad_norm": norm,
+                        "tokens_per_s": tps,
+                        "tokens_seen": st.tokens_seen,
+                        **stats,
+                    }
                     if peak and self.flops_per_token:
                         rec["mfu"] = self.flops_per_token * tps / peak / max(d.world, 1)
                     log.log(rec)

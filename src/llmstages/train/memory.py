@@ -58,8 +58,15 @@ class Estimate:
 def lora_parameters(cfg: ModelConfig, rank: int, targets: list[str]) -> int:
     """Trainable LoRA parameters: rank x (in + out features) of every targeted projection in every block."""
     d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, cfg.d_ff),
-              "up_proj": (d, cfg.d_ff), "down_proj": (cfg.d_ff, d)}  # fmt: skip
+    shapes = {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, cfg.d_ff),
+        "up_proj": (d, cfg.d_ff),
+        "down_proj": (cfg.d_ff, d),
+    }
     if targets == ["all-linear"]:
         targets = [t for t in shapes if t != "gate_proj" or cfg.mlp == "swiglu"]
     unknown = [t for t in targets if t not in shapes]
@@ -158,8 +165,14 @@ def gib(x: float) -> str:
 
 
 def report(e: Estimate, title: str) -> str:
-    rows = [("parameters", e.parameters), ("gradients", e.gradients), ("optimizer state", e.optimizer),
-            ("activations", e.activations), ("runtime", e.runtime), ("total per rank", e.total)]  # fmt: skip
+    rows = [
+        ("parameters", e.parameters),
+        ("gradients", e.gradients),
+        ("optimizer state", e.optimizer),
+        ("activations", e.activations),
+        ("runtime", e.runtime),
+        ("total per rank", e.total),
+    ]
     lines = [title, f"  {e.total_parameters:,} parameters, {e.trainable:,} trained"]
     lines += [f"  {name:<16} {gib(v):>12}" for name, v in rows]
     return "\n".join(lines)
@@ -215,8 +228,16 @@ def measure(
 ) -> float:
     """Peak resident memory (bytes) of 3 training steps on this CPU, above a fresh interpreter's own."""
     targets = lora_targets or ["q_proj", "v_proj"]
-    spec = dict(config=cfg.to_dict(), method=method, precision=precision, batch=batch, seq=seq,
-                checkpointing=checkpointing, lora_rank=lora_rank, lora_targets=targets)  # fmt: skip
+    spec = dict(
+        config=cfg.to_dict(),
+        method=method,
+        precision=precision,
+        batch=batch,
+        seq=seq,
+        checkpointing=checkpointing,
+        lora_rank=lora_rank,
+        lora_targets=targets,
+    )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     cmd = [sys.executable, "-c", _MEASURE, json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -225,8 +246,18 @@ def measure(
     return float(json.loads(r.stdout.strip().splitlines()[-1])["peak"])
 
 
-def out_of_memory_advice(cfg: ModelConfig, method: str, strategy: str, world: int, precision: str, batch: int,
-                         seq: int, checkpointing: bool, grad_accum: int, device: str = "cuda") -> str:  # fmt: skip
+def out_of_memory_advice(
+    cfg: ModelConfig,
+    method: str,
+    strategy: str,
+    world: int,
+    precision: str,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    grad_accum: int,
+    device: str = "cuda",
+) -> str:
     """The one-line message for a run that ran out of memory: the estimate and settings that need less."""
     strategy = strategy if strategy in STRATEGIES else "none"
     e = estimate(cfg, method, strategy, world, precision, batch, seq, checkpointing, device=device)
@@ -240,6 +271,8 @@ def out_of_memory_advice(cfg: ModelConfig, method: str, strategy: str, world: in
         tips.append("dist.strategy=fsdp (shards parameters, gradients and optimizer state)")
     if method == "full":
         tips.append("peft.method=lora")
-    return (f"out of memory: this step needs about {gib(e.total)} per process (parameters {gib(e.parameters)}, "
-            f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
-            + "; or ".join(tips))  # fmt: skip
+    return (
+        f"out of memory: this step needs about {gib(e.total)} per process (parameters {gib(e.parameters)}, "
+        f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
+        + "; or ".join(tips)
+    )

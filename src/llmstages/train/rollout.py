@@ -61,8 +61,9 @@ def checked(fn: RewardFn, name: str) -> RewardFn:
             values, bad = [], [scores]
         if bad or len(values) != len(responses):
             got = repr(scores)[:120]
-            raise UserError(f"reward function {name} must return one finite number per reply ({len(responses)}), "
-                            f"returned {got}")  # fmt: skip
+            raise UserError(
+                f"reward function {name} must return one finite number per reply ({len(responses)}), returned {got}"
+            )
         return values
 
     return call
@@ -88,8 +89,12 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
-        rows = [tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                      rm_tok).input_ids for p, r in zip(prompts, responses)]  # fmt: skip
+        rows = [
+            tokenize_conversation(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], rm_tok
+            ).input_ids
+            for p, r in zip(prompts, responses)
+        ]
         rows = [row if end else row[:-1] for row, end in zip(rows, ended)]  # an unfinished reply has no EOS
         ids, mask = right_pad(rows, rm_tok.pad_id)
         return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
@@ -114,8 +119,14 @@ def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_i
 
 
 @torch.no_grad()
-def evaluate_policy(model: GPT, tok: Tokenizer, prompts: Sequence[list[int]], texts: Sequence[str],
-                    reward_of: RewardFn, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
+def evaluate_policy(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[list[int]],
+    texts: Sequence[str],
+    reward_of: RewardFn,
+    max_new_tokens: int,
+) -> dict[str, float]:
     """Greedy replies to held-out prompts: mean reward and mean length."""
     replies, responses, ended = sample_replies(model, tok, prompts, max_new_tokens, 0.0)
     scores = reward_of(list(texts), responses, ended)
