@@ -13,79 +13,31 @@ Rollouts are seeded by (seed, step), so a resumed run samples what the uninterru
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from llmstages import losses as L
 from llmstages.config import GRPOArgs, GRPOConfig
-from llmstages.data.chat import prompt_ids
-from llmstages.data.prompts import prompt_sets
-from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model_and_tokenizer, save_model
+from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
+from llmstages.peft import disable_adapters, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import (
-    RewardFn,
-    evaluate_policy,
-    reply_rows,
-    reward_source,
-)
+from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reply_rows
 
 
-@dataclass
-class Setup:
-    out: Path
-    device: torch.device
-    model: GPT
-    tokenizer: Tokenizer
-    reference: GPT | None
-    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
-    reward_of: RewardFn
-    prompts: list[list[int]]
-    texts: list[str]
-    eval_ids: list[list[int]]
-    eval_texts: list[str]
-
-
-def setup(cfg: GRPOConfig) -> Setup:
+def setup(cfg: GRPOConfig) -> PolicySetup:
     """Check the config, load the policy, the reward and the prompts; writes nothing."""
     device, _ = start_run(cfg, "grpo")
     if cfg.grpo.group_size < 2:
         raise UserError(
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
-    if not cfg.model.path:
-        raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
-    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
-    by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    model = model.to(device)
-    frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
-    ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
-    texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
-    return Setup(
-        Path(cfg.out_dir),
-        device,
-        model,
-        tok,
-        frozen,
-        reward_of,
-        ids(train_prompts),
-        texts(train_prompts),
-        ids(eval_prompts),
-        texts(eval_prompts),
-    )
+    return load_policy(cfg, device)
 
 
 def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
@@ -94,14 +46,14 @@ def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torc
 
 
 @torch.no_grad()
-def reference_logprobs(s: Setup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
     if s.reference is not None:
         return logprobs(s.reference, batch, temperature)
     with disable_adapters(s.model):
         return logprobs(s.model, batch, temperature)
 
 
-def rollout(s: Setup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
+def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
     """Step `step`'s batch: group_size replies to each of its prompts, scored, with group-relative advantages and
     the old and reference log-probs. Seeded by (seed, step, rank): a resumed run samples the same."""
     g, d = cfg.grpo, distributed.current()

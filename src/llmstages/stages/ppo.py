@@ -21,31 +21,21 @@ import copy
 import functools
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmstages import losses as L
 from llmstages.config import PPOArgs, PPOConfig
-from llmstages.data.chat import prompt_ids
-from llmstages.data.prompts import prompt_sets
-from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model_and_tokenizer, save_model
+from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import disable_adapters, merge_lora, prepare_policy, trainable_parameters
+from llmstages.peft import disable_adapters, merge_lora, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, LoopState, prepare_run_dir, start_run
-from llmstages.train.rollout import (
-    RewardFn,
-    evaluate_policy,
-    reply_rows,
-    reward_source,
-)
+from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reply_rows
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -78,24 +68,8 @@ def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
     return groups
 
 
-@dataclass
-class Setup:
-    out: Path
-    device: torch.device
-    ac: ActorCritic
-    tokenizer: Tokenizer
-    reference: GPT | None
-    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
-    reward_of: RewardFn
-    prompts: list[list[int]]
-    texts: list[str]
-    eval_ids: list[list[int]]
-    eval_texts: list[str]
-
-
-def setup(cfg: PPOConfig) -> Setup:
+def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic]:
     """Check the config, load the policy, the reward and the prompts, and build policy + critic; writes nothing."""
-    out = Path(cfg.out_dir)
     device, _ = start_run(cfg, "ppo")
     p = cfg.ppo
     if p.critic not in ("shared", "separate"):
@@ -104,31 +78,10 @@ def setup(cfg: PPOConfig) -> Setup:
         raise UserError(f"ppo.rollout_size={p.rollout_size} is not divisible by ppo.minibatches={p.minibatches}")
     if cfg.train.grad_accum != 1:
         raise UserError("PPO splits each rollout into ppo.minibatches; leave train.grad_accum at 1")
-    if not cfg.model.path:
-        raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
-    torch.manual_seed(cfg.seed)
-    policy, tok = load_model_and_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
-    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
-    by_disabling = prepare_policy(policy, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
+    s = load_policy(cfg, device)
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
-    critic = merge_lora(copy.deepcopy(policy)).requires_grad_(True) if p.critic == "separate" else None
-    frozen = None if by_disabling else copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    ac = ActorCritic(policy, critic).to(device)
-    ids = lambda prompts: [prompt_ids(m, tok) for m in prompts]  # noqa: E731
-    texts = lambda prompts: [m[-1]["content"] for m in prompts]  # noqa: E731
-    return Setup(
-        out,
-        device,
-        ac,
-        tok,
-        frozen,
-        reward_of,
-        ids(train_prompts),
-        texts(train_prompts),
-        ids(eval_prompts),
-        texts(eval_prompts),
-    )
+    critic = merge_lora(copy.deepcopy(s.model)).requires_grad_(True) if p.critic == "separate" else None
+    return s, ActorCritic(s.model, critic).to(device)
 
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -145,8 +98,8 @@ class Rollouts:
     which the loop keeps in its state, so a run resumed in the middle of a rollout continues exactly.
     """
 
-    def __init__(self, s: Setup, cfg: PPOConfig) -> None:
-        self.s, self.p, self.seed = s, cfg.ppo, cfg.seed
+    def __init__(self, s: PolicySetup, ac: ActorCritic, cfg: PPOConfig) -> None:
+        self.s, self.ac, self.p, self.seed = s, ac, cfg.ppo, cfg.seed
         self.sampler = EpochSampler(len(s.prompts), self.p.rollout_size, 1, cfg.seed)  # under ddp: per rank
         self.updates = self.p.ppo_epochs * self.p.minibatches
         self.it = -1  # the rollout held (none yet)
@@ -169,20 +122,20 @@ class Rollouts:
     @torch.no_grad()
     def sample(self, it: int) -> None:
         """Rollout `it`: replies, scores, per-token rewards with the KL penalty, values, GAE."""
-        ac = self.s.ac
+        ac = self.ac
         with distributed.gathered(ac):  # fsdp: sampling and scoring call the policy's parts directly
             value_start = self._sample(it)
         if value_start is not None:  # fsdp: the fill inside went to the gathered copy; the shards need it too
             ac.value_head.proj.bias.fill_(value_start)
 
     def _sample(self, it: int) -> float | None:
-        s, p, d = self.s, self.p, distributed.current()
+        s, ac, p, d = self.s, self.ac, self.p, distributed.current()
         t0 = time.perf_counter()
         idx = self.sampler(it, 0)
         prompts = [s.prompts[i] for i in idx]
         gen = torch.Generator(device=s.device).manual_seed(self.seed * 1_000_003 + it + 7919 * d.dp_rank)
-        s.ac.eval()
-        policy = s.ac.policy
+        ac.eval()
+        policy = s.model
         replies, responses, ended = sample_replies(policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen)
         t_gen = time.perf_counter() - t0
         scores = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
@@ -190,9 +143,9 @@ class Rollouts:
         value_start = None
         if it == 0:  # start the value head at the mean score, so early advantages are not all one sign
             value_start = d.dp_mean(float(scores.mean()))  # the same on every replica
-            s.ac.value_head.proj.bias.fill_(value_start)
+            ac.value_head.proj.bias.fill_(value_start)
         batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
-        logits, values = s.ac(batch)
+        logits, values = ac(batch)
         old_logp = logprobs_of(logits, batch["targets"], p.temperature)
         ref_logp = logprobs_of(reference_logits(s, batch), batch["targets"], p.temperature)
         tmask = (batch["targets"] != L.IGNORE_INDEX).float()
@@ -209,7 +162,7 @@ class Rollouts:
             self.controller["kl_coef"] = kl_coef * (1 + err * len(idx) * d.dp / p.kl_horizon)  # the whole rollout
         else:
             self.controller["kl_coef"] = kl_coef
-        s.ac.train()
+        ac.train()
         n_tokens = sum(map(len, replies))
         self.it, self.batch = it, batch
         self.stats = {
@@ -240,12 +193,12 @@ class Rollouts:
 
 
 @torch.no_grad()
-def reference_logits(s: Setup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def reference_logits(s: PolicySetup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference policy's logits: the frozen copy, or the policy with its adapters disabled."""
     if s.reference is not None:
         return s.reference(batch["input_ids"], mask=batch["mask"])
-    with disable_adapters(s.ac.policy):
-        return s.ac.policy(batch["input_ids"], mask=batch["mask"])
+    with disable_adapters(s.model):
+        return s.model(batch["input_ids"], mask=batch["mask"])
 
 
 def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -273,16 +226,16 @@ def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[st
 
 
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
-    s = setup(cfg)
+    s, ac = setup(cfg)
     p = cfg.ppo
-    prepare_run_dir(cfg, "ppo", s.ac)
-    rollouts = Rollouts(s, cfg)
+    prepare_run_dir(cfg, "ppo", ac)
+    rollouts = Rollouts(s, ac, cfg)
 
     def evaluate(m: ActorCritic) -> dict[str, float]:
         return evaluate_policy(m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens)
 
     loop = Loop(
-        model=s.ac,
+        model=ac,
         args=cfg.train,
         run_dir=s.out,
         device=s.device,
@@ -299,13 +252,13 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     resumed = loop.resume() if cfg.resume else False
     if resumed:
         rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
-    trainable, total = trainable_parameters(s.ac)
+    trainable, total = trainable_parameters(ac)
     if progress:
         print(
             f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
             f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: evaluate(s.ac), progress)
+    state = loop.run_logged(resumed, lambda: evaluate(ac), progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         save_model(final.policy, s.out / "final", s.tokenizer)

@@ -1,23 +1,30 @@
-"""Plumbing shared by the RL stages (GRPO, PPO): reward sources, prompt sets, sampling replies, and turning
+"""Plumbing shared by the RL stages (GRPO, PPO): the policy they start from, reward sources, and turning
 (prompt, reply) pairs into training rows whose targets are the reply tokens only."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from llmstages import losses as L
 from llmstages.config import RewardSourceArgs
+from llmstages.data.chat import prompt_ids
+from llmstages.data.prompts import prompt_sets
 from llmstages.data.text import tokenizer_hash
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_tokenizer
+from llmstages.model import GPT, load_model_and_tokenizer, load_tokenizer
 from llmstages.model.generate import sample_replies
+from llmstages.peft import prepare_policy
 
 RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -131,3 +138,39 @@ def evaluate_policy(
     replies, responses, ended = sample_replies(model, tok, prompts, max_new_tokens, 0.0)
     scores = reward_of(list(texts), responses, ended)
     return {"eval_reward": float(sum(scores) / len(scores)), "eval_length": sum(map(len, replies)) / len(replies)}
+
+
+@dataclass
+class PolicySetup:
+    """What PPO and GRPO start from, loaded and checked (nothing written)."""
+
+    out: Path
+    device: torch.device
+    model: GPT
+    """The policy, PEFT applied (a LoRA it carried merged first)."""
+    tokenizer: Tokenizer
+    reference: GPT | None
+    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
+    reward_of: RewardFn
+    prompts: list[list[int]]
+    texts: list[str]
+    eval_ids: list[list[int]]
+    eval_texts: list[str]
+
+
+def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
+    """The policy of an RL stage config (model, peft, reward, data, seed, world_seed) on `device`, its reference,
+    its reward (called once on a sample) and its training and evaluation prompts."""
+    if not cfg.model.path:
+        raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model_and_tokenizer(cfg.model.path)
+    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
+    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
+    by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())
+    model = model.to(device)
+    frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
+    ids = [prompt_ids(m, tok) for m in train_prompts]
+    eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
+    texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]
+    return PolicySetup(Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts)
