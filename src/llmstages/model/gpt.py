@@ -138,6 +138,12 @@ class ModelConfig:
 # Presets: plain functions, each a call to ModelConfig with the published sizes.
 
 
+GPT2_BLOCK: dict[str, Any] = dict(
+    norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, out_bias=True, mlp_bias=True
+)
+"""What makes a GPT-2 block: LayerNorm, GELU MLP, learned positions, biases on every linear layer."""
+
+
 def gpt2(**kw: Any) -> ModelConfig:
     """GPT-2 architecture (Radford et al. 2019); sizes default to the 124M model."""
     base = dict(
@@ -147,14 +153,9 @@ def gpt2(**kw: Any) -> ModelConfig:
         n_layers=12,
         n_heads=12,
         d_model=768,
-        norm="layernorm",
-        mlp="gelu",
-        pos="learned",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
         tie_embeddings=True,
         norm_eps=1e-5,
+        **GPT2_BLOCK,
     )
     return ModelConfig(**{**base, **kw})
 

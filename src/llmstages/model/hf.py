@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from llmstages.errors import UserError
-from llmstages.model.gpt import ModelConfig
+from llmstages.model.gpt import GPT2_BLOCK, ModelConfig
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
@@ -94,12 +94,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             n_heads=hf["n_head"],
             d_model=d,
             d_ff=hf.get("n_inner") or 4 * d,
-            norm="layernorm",
-            mlp="gelu",
-            pos="learned",
-            qkv_bias=True,
-            out_bias=True,
-            mlp_bias=True,
+            **GPT2_BLOCK,
             tie_embeddings=hf.get("tie_word_embeddings", True),
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             init_std=hf.get("initializer_range", 0.02),
