@@ -79,3 +79,31 @@ def test_too_long_input_and_bad_config():
 def test_tied_embeddings_share_storage():
     model = GPT(preset("llama_tiny"))
     assert model.lm_head.weight is model.tok_emb.weight
+
+
+# The published config.json values of each checkpoint (the Hugging Face model pages), built by transformers itself.
+PUBLISHED = {
+    "smollm2_135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)),
+    "smollm2_360m": ("llama", dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                   num_attention_heads=15, num_key_value_heads=5, tie_word_embeddings=True)),
+    "qwen2_5_0_5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3_2_1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_real_shape_presets_have_the_published_parameter_counts(name):
+    """Each real-shape preset against transformers' own model built (on the meta device) from the published config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, fields = PUBLISHED[name]
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields))
+    cfg = preset(name)
+    assert (cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.n_layers) == (fields["vocab_size"], fields["hidden_size"],
+                                                                     fields["intermediate_size"],
+                                                                     fields["num_hidden_layers"])  # fmt: skip
+    assert count_params(cfg) == sum(p.numel() for p in hf.parameters())

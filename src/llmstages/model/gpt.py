@@ -246,6 +246,36 @@ def qwen2_0_5b(**kw: Any) -> ModelConfig:
     )
 
 
+def smollm2_135m(**kw: Any) -> ModelConfig:
+    """SmolLM2-135M (Hugging Face 2024): a Llama with 30 layers, d=576, 9 heads / 3 KV heads, tied embeddings."""
+    base = dict(vocab_size=49152, block_size=8192, n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_ff=1536)
+    return llama(**{**base, "rope_theta": 100000.0, "tie_embeddings": True, **kw})
+
+
+def smollm2_360m(**kw: Any) -> ModelConfig:
+    """SmolLM2-360M: 32 layers, d=960, 15 heads / 5 KV heads, tied embeddings."""
+    base = dict(vocab_size=49152, block_size=8192, n_layers=32, n_heads=15, n_kv_heads=5, d_model=960, d_ff=2560)
+    return llama(**{**base, "rope_theta": 100000.0, "tie_embeddings": True, **kw})
+
+
+def qwen2_5_0_5b(**kw: Any) -> ModelConfig:
+    """Qwen2.5-0.5B: the Qwen2 0.5B shape (24 layers, d=896, 14 heads / 2 KV heads, q/k/v biases, tied)."""
+    return qwen2_0_5b(**kw)
+
+
+def llama3_2_1b(**kw: Any) -> ModelConfig:
+    """Llama 3.2 1B: 16 layers, d=2048, 32 heads / 8 KV heads, tied embeddings, llama3 RoPE scaling (factor 32)."""
+    scaling = dict(
+        rope_type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    base = dict(vocab_size=128256, block_size=131072, n_layers=16, n_heads=32, n_kv_heads=8, d_model=2048, d_ff=8192)
+    return llama(**{**base, "rope_theta": 500000.0, "rope_scaling": scaling, "tie_embeddings": True, **kw})
+
+
 def mistral_7b(**kw: Any) -> ModelConfig:
     return llama(
         **{
@@ -264,7 +294,21 @@ def mistral_7b(**kw: Any) -> ModelConfig:
 
 
 PRESETS = {
-    f.__name__: f for f in (gpt2_124m, gpt2_350m, gpt2_tiny, llama_tiny, llama2_7b, llama3_8b, qwen2_0_5b, mistral_7b)
+    f.__name__: f
+    for f in (
+        gpt2_124m,
+        gpt2_350m,
+        gpt2_tiny,
+        llama_tiny,
+        llama2_7b,
+        llama3_8b,
+        qwen2_0_5b,
+        mistral_7b,
+        smollm2_135m,
+        smollm2_360m,
+        qwen2_5_0_5b,
+        llama3_2_1b,
+    )
 }
 
 
