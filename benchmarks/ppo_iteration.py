@@ -58,8 +58,7 @@ def main() -> None:
         batch = reply_rows(prompts, replies, tok.pad_id, "cpu")
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits, values = ac(batch)
-            old = L.token_logprobs(logits, batch["targets"])
+            old, _, values = ac(batch)
         times["policy_value"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with torch.no_grad(), disable_adapters(policy):
@@ -74,8 +73,7 @@ def main() -> None:
             for m in range(args.minibatches):
                 sel = slice(m * size, (m + 1) * size)
                 mb = {k: v[sel] for k, v in batch.items()}
-                lg, val = ac(mb)
-                lp = L.token_logprobs(lg, mb["targets"])
+                lp, _, val = ac(mb)
                 pg, _, _ = L.ppo_policy_loss(lp, old[sel], adv[sel], tmask[sel])
                 vl = L.ppo_value_loss(val, values[sel], adv[sel], tmask[sel])
                 (pg + 0.1 * vl).backward()

@@ -176,3 +176,29 @@ def test_head_cross_entropy_against_full_logits(wrapped):
     torch.testing.assert_close(g_h, w_h, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_w, w_w, rtol=1e-4, atol=1e-4)
     assert L.count_targets({"targets": targets}) == 2000
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_logprobs_equal_the_plain_ones_with_gradients(wrapped, temperature):
+    """Chunked log-probs and entropies (what DPO, GRPO and PPO train on) against token_logprobs and
+    entropy_from_logits of the full logits: values and the gradients of hidden states and head, fp32, 1e-5."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 300, bias=False)
+    head = torch.nn.Sequential(linear) if wrapped else linear
+    hidden = torch.randn(3, 400, 16, requires_grad=True)  # 1200 positions: several chunks of 512
+    targets = torch.randint(0, 300, (3, 400))
+    targets[:, :150] = L.IGNORE_INDEX  # prompt positions
+    a, b = torch.randn(3, 400), torch.randn(3, 400)  # an arbitrary upstream gradient for each output
+    mask = (targets != L.IGNORE_INDEX).float()
+
+    def grads(logp, ent):
+        return torch.autograd.grad((logp * a).sum() + (ent * b * mask).sum(), (hidden, linear.weight))
+
+    logp, ent = L.head_logprobs(hidden, head, targets, temperature)
+    logits = (hidden @ linear.weight.t()) / temperature
+    want_logp, want_ent = L.token_logprobs(logits, targets), L.entropy_from_logits(logits) * mask
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent * mask, want_ent, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads(logp, ent), grads(want_logp, want_ent)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -284,6 +284,78 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, 
     return centred.reshape(-1)
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """Per-row log p(target) and entropy of softmax((h @ W^T) / T), in row chunks without keeping the logits.
+
+    With z = W h / T, lse = logsumexp(z), p = softmax(z): log p_y = z_y - lse and H = lse - sum_j p_j z_j, so
+    d log p_y / dz = e_y - p and dH / dz = -p * (log p + H). Backward recomputes each chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, inv_t: float, chunk: int):  # type: ignore[override]
+        wc = w.to(h.dtype)
+        logp = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        ent = torch.empty_like(logp)
+        lse_all = torch.empty_like(logp)
+        for s in range(0, h.size(0), chunk):
+            z = (h[s : s + chunk] @ wc.t()).float().mul_(inv_t)  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)
+            logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
+            ent[s : s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+            lse_all[s : s + chunk] = lse
+        ctx.save_for_backward(h, w, targets, lse_all, ent)
+        ctx.inv_t, ctx.chunk = inv_t, chunk
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):  # type: ignore[override]
+        h, w, targets, lse_all, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wc = w.to(h.dtype)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        for s in range(0, h.size(0), ctx.chunk):
+            hc, sl = h[s : s + ctx.chunk], slice(s, s + ctx.chunk)
+            logq = (hc @ wc.t()).float().mul_(ctx.inv_t).sub_(lse_all[sl, None])  # log p, (c, V)
+            p = logq.exp()
+            dz = (logq + ent[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # dH/dz * g_ent
+            dz.sub_(p * g_logp[sl, None])
+            dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl]
+            dz.mul_(ctx.inv_t)
+            if need_h:
+                dh[sl] = dz.to(h.dtype) @ wc
+            if need_w:
+                dw.addmm_(dz.t(), hc.float())
+        return dh, dw.to(w.dtype) if need_w else None, None, None, None
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target_t), entropy_t) of softmax(head(hidden) / temperature) at each position, both 0 where the
+    target is ignored; hidden (B, T, d), targets (B, T). Only the target positions are computed, and with a plain
+    nn.Linear head in chunks without the (tokens x vocab) logits (`_LinearLogprobs`); any other head through its
+    logits. Equal to token_logprobs / entropy_from_logits of head(hidden) / temperature, with their gradients."""
+    valid = targets != ignore_index
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)
+    t = targets.reshape(-1).index_select(0, rows)
+    if type(head) is nn.Linear and head.bias is None:
+        logp, ent = _LinearLogprobs.apply(h, head.weight, t, 1.0 / temperature, chunk)
+    else:
+        z = head(h).float() / temperature
+        logp = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)
+        ent = entropy_from_logits(z)
+    out_logp = logp.new_zeros(valid.numel()).index_copy(0, rows, logp).view(targets.shape)
+    out_ent = ent.new_zeros(valid.numel()).index_copy(0, rows, ent).view(targets.shape)
+    return out_logp, out_ent
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """log p(target_t) at each position, 0 where the target is ignored. logits (B, T, V), targets (B, T)."""
     mask = targets != ignore_index

@@ -66,9 +66,11 @@ def setup(cfg: DPOConfig) -> Setup:
 
 
 def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch."""
-    logits = model(batch["input_ids"], mask=batch["mask"])
-    return L.sequence_logprobs(logits, batch["targets"])
+    """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch; the reply tokens'
+    log-probs come from the hidden states in chunks (losses.head_logprobs), never the whole logits."""
+    hidden = model.hidden_states(batch["input_ids"], mask=batch["mask"])
+    logp, _ = L.head_logprobs(hidden, model.lm_head, batch["targets"])
+    return logp.sum(-1), (batch["targets"] != L.IGNORE_INDEX).sum(-1)
 
 
 class Reference:

@@ -41,8 +41,9 @@ def setup(cfg: GRPOConfig) -> PolicySetup:
 
 
 def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """log pi(target) at the sampling temperature, (B, T)."""
-    return L.token_logprobs(m(batch["input_ids"], mask=batch["mask"]) / temperature, batch["targets"])
+    """log pi(target) at the sampling temperature, (B, T), from the hidden states in chunks (no whole logits)."""
+    hidden = m.hidden_states(batch["input_ids"], mask=batch["mask"])
+    return L.head_logprobs(hidden, m.lm_head, batch["targets"], temperature)[0]
 
 
 @torch.no_grad()

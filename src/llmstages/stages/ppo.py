@@ -17,6 +17,7 @@ parts: not the single-process run with the larger rollout, as in TRL and OpenRLH
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import random
@@ -49,11 +50,15 @@ class ActorCritic(nn.Module):
         self.critic = critic
         self.value_head = ScalarHead(policy.config.d_model)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, T, V), values (B, T))."""
+    def forward(
+        self, batch: dict[str, torch.Tensor], temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi(target) (B, T), entropy (B, T), values (B, T)) at the sampling temperature; the policy's
+        log-probs and entropies come from its hidden states in chunks (losses.head_logprobs), never whole logits."""
         h = self.policy.hidden_states(batch["input_ids"], mask=batch["mask"])
         hv = h if self.critic is None else self.critic.hidden_states(batch["input_ids"], mask=batch["mask"])
-        return self.policy.lm_head(h), self.value_head(hv)
+        logp, entropy = L.head_logprobs(h, self.policy.lm_head, batch["targets"], temperature)
+        return logp, entropy, self.value_head(hv)
 
 
 def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
@@ -82,11 +87,6 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic]:
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
     critic = merge_lora(copy.deepcopy(s.model)).requires_grad_(True) if p.critic == "separate" else None
     return s, ActorCritic(s.model, critic).to(device)
-
-
-def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(target) at the sampling temperature, (B, T)."""
-    return L.token_logprobs(logits / temperature, targets)
 
 
 class Rollouts:
@@ -145,9 +145,8 @@ class Rollouts:
             value_start = d.dp_mean(float(scores.mean()))  # the same on every replica
             ac.value_head.proj.bias.fill_(value_start)
         batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
-        logits, values = ac(batch)
-        old_logp = logprobs_of(logits, batch["targets"], p.temperature)
-        ref_logp = logprobs_of(reference_logits(s, batch), batch["targets"], p.temperature)
+        old_logp, _, values = ac(batch, p.temperature)
+        ref_logp = reference_logprobs(s, batch, p.temperature)
         tmask = (batch["targets"] != L.IGNORE_INDEX).float()
         kl = (old_logp - ref_logp) * tmask
         kl_coef = self.controller.get("kl_coef", p.kl_coef)
@@ -193,31 +192,30 @@ class Rollouts:
 
 
 @torch.no_grad()
-def reference_logits(s: PolicySetup, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference policy's logits: the frozen copy, or the policy with its adapters disabled."""
-    if s.reference is not None:
-        return s.reference(batch["input_ids"], mask=batch["mask"])
-    with disable_adapters(s.model):
-        return s.model(batch["input_ids"], mask=batch["mask"])
+def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The reference policy's log-probs of the targets: the frozen copy, or the policy with its adapters disabled."""
+    model = s.reference if s.reference is not None else s.model
+    with contextlib.nullcontext() if s.reference is not None else disable_adapters(s.model):
+        hidden = model.hidden_states(batch["input_ids"], mask=batch["mask"])
+        return L.head_logprobs(hidden, model.lm_head, batch["targets"], temperature)[0]
 
 
 def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
     """clipped policy loss + value_coef x clipped value loss - entropy_coef x entropy, on one minibatch."""
-    logits, values = m(b)
+    logp, entropy_t, values = m(b, p.temperature)
     tmask = (b["targets"] != L.IGNORE_INDEX).float()
-    logp = logprobs_of(logits, b["targets"], p.temperature)
     pg, clip_frac, approx_kl = L.ppo_policy_loss(logp, b["old_logp"], b["adv"], tmask, p.clip)
     vloss = L.ppo_value_loss(values, b["old_values"], b["returns"], tmask, p.value_clip)
-    entropy = L.masked_mean(L.entropy_from_logits(logits.detach() / p.temperature), tmask)
+    entropy = L.masked_mean(entropy_t, tmask)
     loss = pg + p.value_coef * vloss
     if p.entropy_coef:
-        loss = loss - p.entropy_coef * L.masked_mean(L.entropy_from_logits(logits / p.temperature), tmask)
+        loss = loss - p.entropy_coef * entropy
     resid = L.masked_mean((b["returns"] - values.detach()) ** 2, tmask)
     var = L.masked_mean((b["returns"] - L.masked_mean(b["returns"], tmask)) ** 2, tmask)
     stats = {
         "policy_loss": float(pg.detach()),
         "value_loss": float(vloss.detach()),
-        "entropy": float(entropy),
+        "entropy": float(entropy.detach()),
         "clip_fraction": float(clip_frac),
         "kl_old_new_k3": float(approx_kl),
         "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
