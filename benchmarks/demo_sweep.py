@@ -1,6 +1,6 @@
 """The demo over seeds and thread counts: does every target hold at the minimum, not on one lucky trajectory?
 
-    python benchmarks/demo_sweep.py [--out runs/sweep] [--untuned SEED,WORLD_SEED]
+    python benchmarks/demo_sweep.py [--out runs/sweep] [--untuned SEED,WORLD_SEED (default 7,5)]
 
 Runs the full `llmstages demo` for (seed, world_seed) = (0,0), (1,1), (2,2), and (0,0) once more with one
 thread (torch.set_num_threads(1): another reduction order, as another machine has), each in its own process and
@@ -58,7 +58,7 @@ def fmt(v: float | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/sweep")
-    p.add_argument("--untuned", default="", help="SEED,WORLD_SEED of a pair no recipe was tuned on")
+    p.add_argument("--untuned", default="7,5", help="SEED,WORLD_SEED of a pair no recipe was tuned on ('': none)")
     args = p.parse_args()
     out = Path(args.out)
     runs = [run(out, *spec) for spec in SWEEP]

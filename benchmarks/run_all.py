@@ -15,6 +15,8 @@ BENCHMARKS = [
     "peft_memory.py",
     "ppo_iteration.py",
     "scaling.py",
+    "finetune_vs_hf.py",
+    "demo_sweep.py",  # the full demo over seeds and thread counts: about an hour on 2 cores
 ]
 
 

@@ -22,14 +22,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from llmstages.model import generate, load_model_and_tokenizer
 
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    _check_sampling(args)
     device = _device(args.device)
     model, tok = load_model_and_tokenizer(args.model, device=device)
     ids = tok.encode(args.prompt, add_special_tokens=True)
@@ -54,6 +47,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = int(out.lengths[0])
     print(tok.decode(out.tokens[0, :n].tolist()))
     return 0
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+
+
+class _Streamed:
+    """A reply printed as its tokens arrive: the whole reply is decoded each time and the new part printed, so a
+    character split over several tokens comes out whole."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, tokens) -> None:
+        self.ids.append(int(tokens[0]))
+        now = self.tok.decode(self.ids)
+        print(now[len(self.shown) :], end="", flush=True)
+        self.shown = now
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A multi-turn chat through the model's chat template, replies streamed as they are generated. Reads one
+    user turn a line from stdin (a terminal or a pipe); /reset forgets the conversation, /exit (or end of input)
+    ends it."""
+    import torch
+
+    from llmstages.data.chat import prompt_ids
+    from llmstages.model import generate, load_model_and_tokenizer
+
+    _check_sampling(args)
+    device = _device(args.device)
+    model, tok = load_model_and_tokenizer(args.model, device=device)
+    eos = model.config.eos_ids or ([tok.eos_id] if tok.eos_id is not None else None)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {args.model}: type a message; /reset starts over, /exit (or Ctrl-D) ends")
+    history: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text == "/exit":
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        turn = [{"role": "user", "content": text}]
+        ids = prompt_ids(system + history + turn, tok)
+        room = model.config.block_size - len(ids)
+        if room < 1:
+            print(f"(the conversation fills the model's context of {model.config.block_size} tokens; /reset)")
+            continue
+        reply = _Streamed(tok)
+        generate(
+            model,
+            [ids],
+            min(args.max_new_tokens, room),
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=eos,
+            pad_id=tok.pad_id,
+            generator=gen,
+            on_token=reply,
+        )
+        print(flush=True)
+        history += [*turn, {"role": "assistant", "content": tok.decode(reply.ids).strip()}]
 
 
 def _is_export(path: Path) -> bool:
@@ -81,7 +154,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
-    src, out = Path(args.model).resolve(), Path(args.out).resolve()
+    from llmstages.model.io import resolve_model_path
+
+    src, out = resolve_model_path(args.model).resolve(), Path(args.out).resolve()
     if out == src or src in out.parents or out in src.parents:
         raise UserError(f"--out {args.out} is the model being exported or holds it; write the export elsewhere")
     claim_folder(out, "--out", _is_export, replace=args.force)
@@ -262,7 +337,7 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
 
     if args.model in PRESETS:
         cfg = preset(args.model)
-    elif Path(args.model).exists():
+    elif Path(args.model).exists() or "/" in args.model:  # a folder, or a hub id in the local cache
         cfg = load_config(args.model)
     else:
         raise UserError(f"--model '{args.model}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
@@ -401,6 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk to a chat model through its chat template (stdin: a terminal or a pipe)")
+    c.add_argument("--model", required=True, help="model directory, or a hub id in the local Hugging Face cache")
+    c.add_argument("--system", default=None, help="a system message that opens the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    c.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("eval", help="judge a model on held-out prompts: reward, win rate and KL against a reference")
     v.add_argument("--model", help="model directory to judge")

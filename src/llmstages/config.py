@@ -42,8 +42,10 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     path: list[str] = field(default_factory=list)
-    """Files or folders: .txt, .jsonl/.json with a `text` field, or a folder of token shards. Empty: the
-    built-in world's corpus."""
+    """Files or folders: text files, record files (JSONL/JSON, gzip, Parquet, Arrow or a save_to_disk folder,
+    CSV) with a `text` field, or a folder of token shards. Empty: the built-in world's corpus."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's field for each field a format needs, e.g. {text: content}."""
     tokenizer: str | None = None
     """A directory with tokenizer.json. None: the model's tokenizer, or one trained on the data for a new model."""
     vocab_size: int = 2048
@@ -164,7 +166,10 @@ class PeftArgs:
 @dataclass
 class SFTDataArgs:
     path: list[str] = field(default_factory=list)
-    """SFT files (Alpaca, chat or prompt/completion JSONL). Empty: the built-in instruction tasks."""
+    """SFT files (Alpaca, chat, ShareGPT or prompt/completion records, in any format of data/records.py). Empty:
+    the built-in instruction tasks."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
     val_path: list[str] = field(default_factory=list)
     """Held-out SFT files for validation loss and exact match. Empty with built-in tasks: their held-out split."""
     train_on_prompt: bool = False
@@ -223,8 +228,11 @@ class SFTConfig(StageArgs):
 @dataclass
 class PreferenceDataArgs:
     path: list[str] = field(default_factory=list)
-    """Preference files: {"prompt","chosen","rejected"} or HH-RLHF dialogues. Empty: built-in pairs, samples of
-    the starting model for each training fact question, labelled by the built-in oracle."""
+    """Preference files: {"prompt","chosen","rejected"}, HH-RLHF dialogues or whole chosen/rejected conversations.
+    Empty: built-in pairs, samples of the starting model for each training fact question, labelled by the
+    built-in oracle."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
     val_path: list[str] = field(default_factory=list)
     val_fraction: float = 0.1
     """Share of pairs held out when no val_path is given."""
@@ -314,7 +322,10 @@ class RewardSourceArgs:
 @dataclass
 class PromptDataArgs:
     path: list[str] = field(default_factory=list)
-    """Prompt files ({"prompt"} or chat records). Empty: the built-in fact questions about the training people."""
+    """Prompt files ({"prompt"}, chat or ShareGPT records). Empty: the built-in fact questions about the training
+    people."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
     heldout_people: int = 8
 
 
@@ -684,8 +695,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = [value]
         return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
+        if isinstance(value, str):  # from the command line: data.columns={prompt: question}
+            value = _parse_scalar(value)
         if not isinstance(value, dict):
             raise UserError(f"{source}: {key} must be a mapping, got {value!r}")
+        if typing.get_args(tp) == (str, str) and not all(isinstance(v, str) for kv in value.items() for v in kv):
+            raise UserError(f"{source}: {key} must map names to names, like {{prompt: question}}, got {value!r}")
         return value
     return value
 

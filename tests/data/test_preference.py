@@ -36,7 +36,10 @@ def test_hh_rlhf_dialogues_split_at_the_last_shared_assistant_turn():
         ({"prompt": "q", "chosen": "same", "rejected": "same"}, "f.jsonl:1: chosen and rejected are identical"),
         ({"prompt": "q", "chosen": "a"}, "f.jsonl:1: preference record has no 'rejected'"),
         ({"chosen": "one text", "rejected": "another"}, "share no '\\n\\nAssistant:' turn"),
-        ({"prompt": [{"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"}, "needs a role"),
+        (
+            {"prompt": [{"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"},
+            "message 1 has unknown role 'bot'",
+        ),
         ({"prompt": "q", "chosen": "a", "rejected": "b", "probability": 0.3}, "f.jsonl:1: 'probability' must be"),
         ({"prompt": "q", "chosen": "a", "rejected": "b", "probability": "high"}, "f.jsonl:1: 'probability' must"),
     ],

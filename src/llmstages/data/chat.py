@@ -4,6 +4,9 @@ Records (JSONL, or a JSON array):
 - Alpaca:  {"instruction", "input" (optional), "output"}
 - chat:    {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
 - completion: {"prompt", "completion"}
+- ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]} (axolotl, LLaMA-Factory)
+
+in any format of data/records.py (JSONL, JSON, gzip, Parquet, Arrow, CSV), fields renamed by `data.columns`.
 
 A conversation is rendered to text with the tokenizer's jinja `chat_template` when it has one, else with the
 built-in template `<|role|> content<|eos|>` per turn. The character spans of assistant replies (with the EOS
@@ -14,19 +17,32 @@ because masking is by position, never by token id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmstages.data.text import list_files, read_jsonl
+from llmstages.data.records import iter_records
+from llmstages.data.text import list_files
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+"""ShareGPT's `from` values (and the aliases datasets use) -> our roles."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,24 +69,37 @@ def check_turns(msgs: list[Message], where: str) -> list[Message]:
     return msgs
 
 
+def chat_messages(value: object, where: str, field: str = "messages") -> list[Message]:
+    """A list of turns as messages: {"role", "content"} (our roles) or ShareGPT's {"from", "value"}."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: '{field}' must be a non-empty list of turns")
+    out = []
+    for i, m in enumerate(value, 1):
+        if isinstance(m, dict):  # columnar files give every turn all the fields their column has seen: None
+            m = {k: v for k, v in m.items() if v is not None}
+        if isinstance(m, dict) and "from" in m and "value" in m:
+            role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+            if role is None:
+                known = ", ".join(SHAREGPT_ROLES)
+                raise UserError(f"{where}: message {i} is from '{m['from']}' (ShareGPT roles: {known})")
+            m = {"role": role, "content": m["value"]}
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: message {i} needs a role and 'content' (or ShareGPT 'from' and 'value')")
+        if m["role"] not in ROLES:
+            raise UserError(f"{where}: message {i} has unknown role '{m['role']}' (roles: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: message {i} content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
 def to_messages(record: object, where: str) -> list[Message]:
-    """A record in any of the three formats as a list of messages; errors name `where` (file:line)."""
+    """A record in any of the formats as a list of messages; errors name `where` (file:line or file:row)."""
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        msgs = record["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs, 1):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{where}: message {i} needs 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise UserError(f"{where}: message {i} has unknown role '{m['role']}' (roles: {', '.join(ROLES)})")
-            if not isinstance(m["content"], str):
-                raise UserError(f"{where}: message {i} content must be a string")
-            out.append({"role": m["role"], "content": m["content"]})
-        return check_turns(out, where)
+        raise UserError(f"{where}: expected a record with named fields, got {type(record).__name__}")
+    for key in ("messages", "conversations"):
+        if key in record:
+            return check_turns(chat_messages(record[key], where, key), where)
     if "instruction" in record:
         if "output" not in record:
             raise UserError(f"{where}: Alpaca record has no 'output'")
@@ -91,18 +120,16 @@ def to_messages(record: object, where: str) -> list[Message]:
             where,
         )
     raise UserError(
-        f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected 'messages', "
-        "'instruction'/'output' or 'prompt'/'completion'"
+        f"{where}: unknown record format (keys: {', '.join(record) or 'none'}); expected 'messages', ShareGPT "
+        "'conversations', 'instruction'/'output' or 'prompt'/'completion' (data.columns renames fields)"
     )
 
 
-def read_conversations(paths: Sequence[str | Path]) -> list[tuple[str, list[Message]]]:
-    """(file:line, messages) for every record of the SFT files."""
-    out = []
-    for f in list_files(paths):
-        for n, record in read_jsonl(f):
-            where = f"{f}:{n}"
-            out.append((where, to_messages(record, where)))
+def read_conversations(
+    paths: Sequence[str | Path], columns: Mapping[str, str] | None = None
+) -> list[tuple[str, list[Message]]]:
+    """(file:line, messages) for every record of the SFT files, `columns` applied first."""
+    out = [(where, to_messages(record, where)) for where, record in iter_records(list_files(paths), columns)]
     if not out:
         raise UserError(f"no SFT records in {', '.join(map(str, paths))}")
     return out

@@ -12,23 +12,24 @@ Every record becomes a conversation (a list of messages) for the prompt and a re
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmstages.data.chat import (
-    ROLES,
     Example,
     Message,
+    chat_messages,
     padded_batch,
     prompt_ids,
     right_pad,
     to_messages,
     tokenize_conversation,
 )
-from llmstages.data.text import list_files, read_jsonl
+from llmstages.data.records import iter_records
+from llmstages.data.text import list_files
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
@@ -51,12 +52,7 @@ def _messages(value: object, where: str, field: str) -> list[Message]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list):
-        for i, m in enumerate(value, 1):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise UserError(
-                    f"{where}: '{field}' message {i} needs a role ({', '.join(ROLES)}) and a content string"
-                )
-        return [dict(m) for m in value]
+        return chat_messages(value, where, field)
     raise UserError(f"{where}: '{field}' must be a string or a list of messages")
 
 
@@ -91,6 +87,24 @@ def _hh_dialogue(text: str) -> list[Message]:
     return out
 
 
+def split_conversations(chosen: list[Message], rejected: list[Message], where: str):
+    """Two whole conversations sharing a prompt (UltraFeedback's `chosen` / `rejected` message lists): split at
+    their last shared turn -> (prompt, chosen reply, rejected reply)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    prompt, rest_w, rest_l = chosen[:n], chosen[n:], rejected[n:]
+    for side, rest in (("chosen", rest_w), ("rejected", rest_l)):
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            raise UserError(
+                f"{where}: after the {n} shared turns, '{side}' must hold one assistant reply (it holds {len(rest)} "
+                "turns); the conversations must share the prompt"
+            )
+    if not prompt or prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: chosen and rejected share no prompt ending in a user turn")
+    return prompt, rest_w[0]["content"], rest_l[0]["content"]
+
+
 def split_hh(chosen: str, rejected: str, where: str) -> tuple[list[Message], str, str]:
     """Split two HH-RLHF dialogues at their last shared "Assistant:" turn: (prompt, chosen reply, rejected)."""
     n = 0
@@ -118,8 +132,13 @@ def to_pair(record: object, where: str) -> PreferencePair:
         rejected = _reply(record["rejected"], prompt, where, "rejected")
     elif isinstance(record["chosen"], str) and isinstance(record["rejected"], str):
         prompt, chosen, rejected = split_hh(record["chosen"], record["rejected"], where)
+    elif isinstance(record["chosen"], list) and isinstance(record["rejected"], list):
+        w = chat_messages(record["chosen"], where, "chosen")
+        prompt, chosen, rejected = split_conversations(w, chat_messages(record["rejected"], where, "rejected"), where)
     else:
-        raise UserError(f"{where}: without 'prompt', chosen and rejected must be HH-RLHF dialogue strings")
+        raise UserError(
+            f"{where}: without 'prompt', chosen and rejected must be HH-RLHF dialogue strings or whole conversations"
+        )
     if chosen == rejected:
         raise UserError(f"{where}: chosen and rejected are identical (the pair carries no preference)")
     if not chosen.strip() or not rejected.strip():
@@ -130,30 +149,32 @@ def to_pair(record: object, where: str) -> PreferencePair:
     return PreferencePair(tuple(prompt), chosen, rejected, where, None if prob is None else float(prob))
 
 
-def read_preferences(paths: Sequence[str | Path]) -> list[PreferencePair]:
-    pairs = [to_pair(r, f"{f}:{n}") for f in list_files(paths) for n, r in read_jsonl(f)]
+def read_preferences(paths: Sequence[str | Path], columns: Mapping[str, str] | None = None) -> list[PreferencePair]:
+    """The preference pairs of the files, `columns` applied first."""
+    pairs = [to_pair(record, where) for where, record in iter_records(list_files(paths), columns)]
     if not pairs:
         raise UserError(f"no preference records in {', '.join(map(str, paths))}")
     return pairs
 
 
-def read_prompts(paths: Sequence[str | Path]) -> list[tuple[str, list[Message]]]:
-    """(file:line, prompt conversation) for PPO/GRPO prompt files; chat or Alpaca records give their prompt."""
+def read_prompts(
+    paths: Sequence[str | Path], columns: Mapping[str, str] | None = None
+) -> list[tuple[str, list[Message]]]:
+    """(file:line, prompt conversation) for PPO/GRPO prompt files; chat, ShareGPT or Alpaca records give their
+    prompt (the turns before the last assistant reply)."""
     out = []
-    for f in list_files(paths):
-        for n, record in read_jsonl(f):
-            where = f"{f}:{n}"
-            if isinstance(record, dict) and "prompt" in record and "completion" not in record:
-                msgs = _messages(record["prompt"], where, "prompt")
-            elif isinstance(record, dict) and ("messages" in record or "instruction" in record):
-                full = to_messages(record, where)
-                last = max(i for i, m in enumerate(full) if m["role"] == "assistant")
-                msgs = full[:last]
-            else:
-                raise UserError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages)")
-            if not msgs or not any(m["content"].strip() for m in msgs):
-                raise UserError(f"{where}: empty prompt")
-            out.append((where, msgs))
+    for where, record in iter_records(list_files(paths), columns):
+        if isinstance(record, dict) and "prompt" in record and "completion" not in record:
+            msgs = _messages(record["prompt"], where, "prompt")
+        elif isinstance(record, dict) and any(k in record for k in ("messages", "conversations", "instruction")):
+            full = to_messages(record, where)
+            last = max(i for i, m in enumerate(full) if m["role"] == "assistant")
+            msgs = full[:last]
+        else:
+            raise UserError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages)")
+        if not msgs or not any(m["content"].strip() for m in msgs):
+            raise UserError(f"{where}: empty prompt")
+        out.append((where, msgs))
     if not out:
         raise UserError(f"the prompt set {', '.join(map(str, paths))} is empty")
     return out
@@ -206,9 +227,9 @@ def split_pairs(
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, validation) pairs from `data` (a PreferenceDataArgs), or from `pairs` when given: val_path when
     set, else a seeded share of them."""
-    pairs = read_preferences(data.path) if pairs is None else pairs
+    pairs = read_preferences(data.path, data.columns) if pairs is None else pairs
     if data.val_path:
-        return pairs, read_preferences(data.val_path)
+        return pairs, read_preferences(data.val_path, data.columns)
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     n_val = int(len(pairs) * data.val_fraction)
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]

@@ -36,7 +36,7 @@ def prompt_sets(data, world_seed: int) -> tuple[list[list[Message]], list[list[M
     if data.path:
         from llmstages.data.preference import read_prompts
 
-        prompts = [m for _, m in read_prompts(data.path)]
+        prompts = [m for _, m in read_prompts(data.path, data.columns)]
         return prompts, prompts[:64]
     return builtin_prompts(world_seed, data.heldout_people)
 

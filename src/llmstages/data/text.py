@@ -1,4 +1,5 @@
-"""Pre-training data: documents from .txt / .jsonl / .json files, tokenized once into token shards, sampled by step.
+"""Pre-training data: documents from text files and record files (data/records.py), tokenized once into token
+shards, sampled by step.
 
 Shards are flat arrays of token ids (`train.bin`, `val.bin`, uint16 when the vocabulary fits, else uint32) with
 a `meta.json`; documents are joined with EOS, and whole documents go to the validation split. Batches are
@@ -14,18 +15,18 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from llmstages.data.records import RECORD_SUFFIXES, dataset_folder, is_records, iter_records
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSON_SUFFIXES = (".jsonl", ".json")
 META = "meta.json"
 
 
@@ -34,19 +35,27 @@ META = "meta.json"
 
 
 def list_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The data files under `paths` (files, or folders searched recursively), sorted; clear errors when none."""
+    """The data files under `paths` (files, or folders searched recursively; a `datasets.save_to_disk` folder
+    gives its Arrow shards in order), sorted; clear errors when none."""
     files: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise UserError(f"data path '{raw}' does not exist")
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSON_SUFFIXES)
-            if not found:
-                raise UserError(f"data folder '{raw}' has no .txt, .md, .jsonl or .json files")
-            files += found
-        else:
+        if not p.is_dir():
             files.append(p)
+            continue
+        found: list[Path] = []
+        datasets = sorted(d for d in [p, *p.rglob("*")] if d.is_dir() and dataset_folder(d) is not None)
+        for d in datasets:
+            found += dataset_folder(d) or []
+        for f in sorted(p.rglob("*")):
+            inside = any(d == f.parent or d in f.parents for d in datasets)
+            if f.is_file() and not inside and (f.suffix.lower() in TEXT_SUFFIXES or is_records(f)):
+                found.append(f)
+        if not found:
+            raise UserError(f"data folder '{raw}' has no {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files")
+        files += found
     return files
 
 
@@ -67,43 +76,28 @@ def _text_of(record: object, where: str, field: str = "text") -> str:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object with a '{field}' field, got {type(record).__name__}")
     if field not in record:
-        raise UserError(f"{where}: no '{field}' field (keys: {', '.join(map(str, record)) or 'none'})")
+        raise UserError(
+            f"{where}: no '{field}' field (keys: {', '.join(map(str, record)) or 'none'}); map one to it with "
+            f"data.columns={{{field}: NAME}}"
+        )
     if not isinstance(record[field], str):
         raise UserError(f"{where}: '{field}' must be a string, got {type(record[field]).__name__}")
     return record[field]
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object) for each non-blank line; a bad line is an error naming file and line."""
-    text = _read_text(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        yield from ((i + 1, r) for i, r in enumerate(records))  # item numbers stand in for lines
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-
-
-def read_documents(path: Path) -> Iterator[str]:
-    """Documents of one file: a text file is one document; JSON/JSONL gives one per record's `text`."""
-    if path.suffix.lower() in JSON_SUFFIXES:
-        for n, record in read_jsonl(path):
-            yield _text_of(record, f"{path}:{n}")
+def read_documents(path: Path, columns: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Documents of one file: a text file is one document; a record file (JSONL, Parquet, Arrow, CSV) gives one
+    per record's `text` (after `columns`)."""
+    if is_records(path):
+        for where, record in iter_records([path], columns):
+            yield _text_of(record, where)
     else:
         yield _read_text(path)
 
 
-def iter_documents(paths: Sequence[str | Path]) -> Iterator[str]:
+def iter_documents(paths: Sequence[str | Path], columns: Mapping[str, str] | None = None) -> Iterator[str]:
     for f in list_files(paths):
-        yield from read_documents(f)
+        yield from read_documents(f, columns)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Holtzman et al. 2019). Each row stops at its own end-of-sequence token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,12 +123,14 @@ def generate(
     pad_id: int = 0,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> Generation:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     prompts: token lists (left-padded here) or a left-padded (B, P) tensor with its `prompt_mask`.
     temperature 0 is greedy. `eos_id` (one id or several) ends a row; None generates `max_new_tokens` always.
     `use_cache=False` recomputes the whole sequence each step (the slow reference the cache must match).
+    `on_token(tokens)` is called with each step's (B,) new tokens as they are drawn (streaming output).
     """
     device = next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
@@ -160,6 +162,8 @@ def generate(
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, n] = tok
         out_lp[:, n] = torch.where(done, torch.zeros_like(lp), lp)
+        if on_token is not None:
+            on_token(tok)
         if eos.numel():
             done = done | torch.isin(tok, eos)
         if bool(done.all()):

@@ -4,6 +4,7 @@ Face one (`config.json` with `model_type`), told apart by their config and loade
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,14 +27,61 @@ from llmstages.peft import (
 FORMAT_KEY = "llmstages_format"
 
 
-def check_model_dir(path: str | Path) -> tuple[Path, dict]:
-    """The directory and its parsed config.json; a clear error for a hub id, a missing folder or file."""
+def hub_caches() -> list[Path]:
+    """Where the Hugging Face tools keep downloaded repositories: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (XDG_CACHE_HOME honoured)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"]).expanduser()]
+    if os.environ.get("HF_HOME"):
+        return [Path(os.environ["HF_HOME"]).expanduser() / "hub"]
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return [(Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"]
+
+
+def from_hub_cache(name: str) -> Path | None:
+    """The local snapshot of hub repository `owner/name[@revision]` (revision: a branch or tag under refs/, or a
+    commit hash; default main) in the cache's documented layout (models--owner--name/refs, snapshots), without
+    any network call; None when it is not there."""
+    repo, _, revision = name.partition("@")
+    revision = revision or "main"
+    for cache in hub_caches():
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        ref = folder / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        snapshot = folder / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot
+    return None
+
+
+def looks_like_hub_id(text: str) -> bool:
+    repo = text.partition("@")[0]
+    return repo.count("/") == 1 and not text.startswith((".", "/", "~")) and all(repo.split("/"))
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """`path` itself when it exists; a hub id (owner/name[@revision]) found in the local Hugging Face cache
+    becomes its snapshot folder; otherwise a clear error (for a hub id, naming the caches looked in)."""
     p = Path(path)
-    if not p.exists():
-        hint = ""
-        if "/" in str(path) and not str(path).startswith((".", "/", "~")) and str(path).count("/") == 1:
-            hint = " (it looks like a hub id: llmstages reads local directories only; download it first)"
-        raise UserError(f"model directory '{path}' does not exist{hint}")
+    if p.exists():
+        return p
+    if looks_like_hub_id(str(path)):
+        snapshot = from_hub_cache(str(path))
+        if snapshot is not None:
+            return snapshot
+        where = ", ".join(str(c) for c in hub_caches())
+        raise UserError(
+            f"model directory '{path}' does not exist, and as a hub id it is not in the local Hugging Face cache "
+            f"({where}; set HF_HUB_CACHE or HF_HOME for another); llmstages never downloads: fetch it first, "
+            "e.g. with `huggingface-cli download`"
+        )
+    raise UserError(f"model directory '{path}' does not exist")
+
+
+def check_model_dir(path: str | Path) -> tuple[Path, dict]:
+    """The directory (a hub id resolved from the local cache) and its parsed config.json; a clear error for a
+    missing folder or file."""
+    p = resolve_model_path(path)
     if not p.is_dir():
         raise UserError(f"'{path}' is not a directory (expected a model directory with config.json)")
     if not (p / "config.json").is_file():

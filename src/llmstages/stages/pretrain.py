@@ -54,7 +54,7 @@ def _documents(cfg: PretrainConfig) -> list[str] | None:
         return None
     if not paths:
         return builtin_corpus(cfg.world_seed, cfg.data.builtin_size_mb)
-    docs = [d for d in iter_documents(paths) if d.strip()]
+    docs = [d for d in iter_documents(paths, cfg.data.columns) if d.strip()]
     if not docs:
         raise UserError(f"data.path {paths}: no non-empty documents")
     return docs
@@ -136,7 +136,8 @@ def _split_seed(cfg: PretrainConfig) -> int:
 
 def _source(cfg: PretrainConfig) -> str:
     if cfg.data.path:
-        return ",".join(cfg.data.path)
+        columns = "".join(f";{k}={v}" for k, v in sorted(cfg.data.columns.items()))
+        return ",".join(cfg.data.path) + columns
     return f"builtin(world_seed={cfg.world_seed}, size_mb={cfg.data.builtin_size_mb}, v{SHARD_VERSION})"
 
 

@@ -64,10 +64,10 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
         held: list[Task] = tasks["heldout"]
         val = [render(t.messages(), f"builtin-heldout:{i}") for i, t in enumerate(held)]
         return train, val, builtin_items(tok, held)
-    train = [render(m, where) for where, m in read_conversations(cfg.data.path)]
+    train = [render(m, where) for where, m in read_conversations(cfg.data.path, cfg.data.columns)]
     val, items = [], []
     if cfg.data.val_path:
-        for where, msgs in read_conversations(cfg.data.val_path):
+        for where, msgs in read_conversations(cfg.data.val_path, cfg.data.columns):
             val.append(render(msgs, where))
             items.append(conversation_item(tok, msgs))
     return train, val, items

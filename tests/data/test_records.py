@@ -1,0 +1,159 @@
+"""The formats datasets ship in (JSONL, JSON, gzip, Parquet file and shards, a datasets save_to_disk folder, CSV),
+column maps, ShareGPT and whole-conversation pairs: each read the same as its JSONL equivalent, through the
+readers and through a few steps of sft, dpo and pretrain; bad records named by file and row."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from llmstages.cli import main
+from llmstages.config import SFTConfig, load_config
+from llmstages.data.chat import read_conversations
+from llmstages.data.preference import read_preferences, read_prompts
+from llmstages.data.text import iter_documents
+from llmstages.errors import UserError
+from llmstages.model import load_tokenizer
+from llmstages.stages import sft
+from tests.helpers import builtin_base
+
+SFT_ROWS = [{"question": f"Where does person {i} live?", "answer": f"In town {i}."} for i in range(12)]
+PAIR_ROWS = [{"q": f"Pet of person {i}?", "good": f"a cat {i}", "bad": f"a dog {i}, maybe"} for i in range(12)]
+
+
+def write(folder, name: str, rows: list[dict]):
+    """`rows` as the format `name` ends in; returns the path (a folder for shards and save_to_disk)."""
+    path = folder / name
+    table = pa.Table.from_pylist(rows)
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(rows, indent=1))
+    elif name.endswith(".jsonl.gz"):
+        with gzip.open(path, "wt") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".parquet"):
+        pq.write_table(table, path, row_group_size=5)  # several row groups, read batch by batch
+    elif name == "shards":
+        path.mkdir()
+        pq.write_table(table.slice(0, 7), path / "train-00000-of-00002.parquet")
+        pq.write_table(table.slice(7), path / "train-00001-of-00002.parquet")
+    elif name == "saved":
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path), max_shard_size="1KB")
+    elif name.endswith(".csv"):
+        pcsv.write_csv(table, path)
+    return path
+
+
+FORMATS = ["rows.json", "rows.jsonl.gz", "rows.parquet", "shards", "saved", "rows.csv"]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_reads_as_its_jsonl(tmp_path, name):
+    columns = {"prompt": "question", "completion": "answer"}
+    want = read_conversations([write(tmp_path, "rows.jsonl", SFT_ROWS)], columns)
+    got = read_conversations([write(tmp_path, name, SFT_ROWS)], columns)
+    assert [m for _, m in got] == [m for _, m in want]
+    assert got[0][1] == [{"role": "user", "content": "Where does person 0 live?"},
+                         {"role": "assistant", "content": "In town 0."}]  # fmt: skip
+    (tmp_path / "pairs").mkdir()
+    pairs = read_preferences([write(tmp_path / "pairs", name, PAIR_ROWS)],
+                             {"prompt": "q", "chosen": "good", "rejected": "bad"})  # fmt: skip
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs][:2] == [
+        (({"role": "user", "content": f"Pet of person {i}?"},), f"a cat {i}", f"a dog {i}, maybe") for i in range(2)
+    ]
+    assert len(pairs) == 12 and len(read_prompts([tmp_path / name], {"prompt": "question"})) == 12
+    docs = list(iter_documents([tmp_path / name], {"text": "answer"}))
+    assert docs == [r["answer"] for r in SFT_ROWS]
+
+
+def test_rows_are_named_in_messages(tmp_path):
+    rows = [*SFT_ROWS[:4], {"question": "Who?", "answer": ""}]  # row 5: an empty reply
+    for name in ("rows.parquet", "rows.csv", "saved"):
+        with pytest.raises(UserError, match=r":5: message 2 is an empty assistant reply"):
+            read_conversations([write(tmp_path, name, rows)], {"prompt": "question", "completion": "answer"})
+    with pytest.raises(UserError, match=r"rows.parquet:1: no column 'reply' \(data.columns maps completion to it"):
+        read_conversations([tmp_path / "rows.parquet"], {"prompt": "question", "completion": "reply"})
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write(json.dumps(SFT_ROWS[0]) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"bad.jsonl.gz:2: not valid JSON"):
+        read_conversations([bad], {"prompt": "question", "completion": "answer"})
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match=r"fake.parquet: not a Parquet file"):
+        read_conversations([tmp_path / "fake.parquet"])
+    with pytest.raises(UserError, match=r"rows.parquet:1: unknown record format \(keys: question, answer\)"):
+        read_conversations([tmp_path / "rows.parquet"])
+
+
+def test_sharegpt_and_whole_conversation_pairs(tmp_path):
+    share = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello."}, {"from": "user", "value": "Bye"},
+                               {"from": "chatgpt", "value": "Goodbye."}]}  # fmt: skip
+    path = write(tmp_path, "share.jsonl", [share])
+    assert read_conversations([path])[0][1] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye."},
+    ]  # fmt: skip
+    assert read_prompts([path])[0][1][-1] == {"role": "user", "content": "Bye"}
+    user = {"role": "user", "content": "Where does Ada live?"}
+    ultra = {"chosen": [user, {"role": "assistant", "content": "Oakfield."}],
+             "rejected": [user, {"role": "assistant", "content": "Oakfield or Ashford."}]}  # fmt: skip
+    shared = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Pet?"}]
+    sharegpt_pair = {"chosen": [*shared, {"from": "gpt", "value": "A cat."}],
+                     "rejected": [*shared, {"from": "gpt", "value": "No idea."}]}  # fmt: skip
+    a, b = read_preferences([write(tmp_path, "pairs.parquet", [ultra, sharegpt_pair])])
+    assert (a.prompt, a.chosen, a.rejected) == ((user,), "Oakfield.", "Oakfield or Ashford.")
+    assert b.prompt == ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                        {"role": "user", "content": "Pet?"})  # fmt: skip
+    assert (b.chosen, b.rejected) == ("A cat.", "No idea.")
+    two_replies = {"chosen": [user, {"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+                   "rejected": [user, {"role": "assistant", "content": "c"}]}  # fmt: skip
+    with pytest.raises(UserError, match=r"bad.jsonl:1: after the 1 shared turns, 'chosen' must hold one assistant"):
+        read_preferences([write(tmp_path, "bad.jsonl", [two_replies])])
+    with pytest.raises(UserError, match=r"odd.jsonl:1: message 1 is from 'robot'"):
+        read_conversations([write(tmp_path, "odd.jsonl", [{"conversations": [{"from": "robot", "value": "x"}]}])])
+
+
+def test_a_save_to_disk_folder_inside_a_data_folder_gives_only_its_shards(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write(folder, "saved", SFT_ROWS)  # its state.json and dataset_info.json are not records
+    write(folder, "more.jsonl", SFT_ROWS[:2])
+    assert len(read_conversations([folder], {"prompt": "question", "completion": "answer"})) == 14
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return builtin_base(tmp_path_factory.mktemp("records") / "base")
+
+
+def test_stages_train_on_parquet_as_on_jsonl(base, tmp_path):
+    """SFT's tokenized examples are the JSONL run's; sft, dpo and pretrain each run a few steps from Parquet."""
+    cols = "data.columns={prompt: question, completion: answer}"
+    jsonl, parquet = write(tmp_path, "rows.jsonl", SFT_ROWS), write(tmp_path, "rows.parquet", SFT_ROWS)
+    tok = load_tokenizer(base)
+    examples = [
+        sft._examples(load_config(SFTConfig, None, [f"model.path={base}", f"data.path={p}", cols]), tok)[0]
+        for p in (jsonl, parquet)
+    ]
+    assert [(e.input_ids, e.labels) for e in examples[0]] == [(e.input_ids, e.labels) for e in examples[1]]
+    steps = ["train.max_steps=2", "train.batch_size=4", "train.eval_every=100", "train.save_every=100",
+             "train.precision=fp32", "train.warmup_steps=0"]  # fmt: skip
+    assert main(["sft", f"model.path={base}", f"data.path={parquet}", cols, f"out_dir={tmp_path / 'sft'}", *steps,
+                 "train.seq_len=48"]) == 0  # fmt: skip
+    pairs = write(tmp_path, "pairs.parquet", PAIR_ROWS)
+    assert main(["dpo", f"model.path={base}", f"data.path={pairs}", "data.columns={prompt: q, chosen: good, "
+                 "rejected: bad}", f"out_dir={tmp_path / 'dpo'}", *steps, "train.seq_len=48"]) == 0  # fmt: skip
+    docs = write(tmp_path, "docs.csv", [{"body": f"Person {i} lives in town {i}. " * 8} for i in range(40)])
+    assert main(["pretrain", f"data.path={docs}", "data.columns={text: body}", f"out_dir={tmp_path / 'pre'}",
+                 "data.vocab_size=300", "data.workers=1", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                 "model.n_kv_heads=1", "model.block_size=32", "train.seq_len=32", *steps]) == 0  # fmt: skip

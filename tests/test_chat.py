@@ -1,0 +1,54 @@
+"""`llmstages chat` driven through stdin: two turns, each prompt the chat template of the whole conversation so
+far (prompt_ids of the same messages), /reset forgetting it, /exit ending."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+import llmstages.model as model_pkg
+from llmstages.cli import main
+from llmstages.data.chat import prompt_ids
+from llmstages.model import load_tokenizer
+from tests.helpers import builtin_base
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return builtin_base(tmp_path_factory.mktemp("chat") / "base")
+
+
+def test_two_turns_then_reset(base, monkeypatch, capsys):
+    prompts, replies = [], []
+    real = model_pkg.generate
+
+    def spy(model, ids, *args, **kwargs):
+        prompts.append(list(ids[0]))
+        out = real(model, ids, *args, **kwargs)
+        replies.append(out.tokens[0, : int(out.lengths[0])].tolist())
+        return out
+
+    monkeypatch.setattr(model_pkg, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Where does Ada live?\nAnd Bram?\n/reset\nHello\n/exit\nnever read\n"))
+    argv = ["chat", "--model", str(base), "--system", "Be brief.", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    tok = load_tokenizer(base)
+    first = tok.decode(replies[0]).strip()
+    system = {"role": "system", "content": "Be brief."}
+    want = [
+        [system, {"role": "user", "content": "Where does Ada live?"}],
+        [system, {"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": first},
+         {"role": "user", "content": "And Bram?"}],
+        [system, {"role": "user", "content": "Hello"}],  # after /reset
+    ]  # fmt: skip
+    assert prompts == [prompt_ids(m, tok) for m in want]
+    assert "(conversation cleared)" in out and len(prompts) == 3  # /exit: the last line is never read
+    for r in replies:  # each reply was printed (streamed) as decoded
+        assert tok.decode(r) in out
+
+
+def test_bad_sampling_options(base, capsys):
+    assert main(["chat", "--model", str(base), "--temperature", "-1"]) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().err
