@@ -148,19 +148,22 @@ def _is_export(path: Path) -> bool:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llmstages.model import export_hf, load_model, load_tokenizer, save_model
+    from llmstages.model.io import resolve_model_path
     from llmstages.outputs import claim_folder
     from llmstages.peft import merge_lora, peft_config
     from llmstages.peft.export import export_peft
 
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
-    from llmstages.model.io import resolve_model_path
-
     src, out = resolve_model_path(args.model).resolve(), Path(args.out).resolve()
     if out == src or src in out.parents or out in src.parents:
         raise UserError(f"--out {args.out} is the model being exported or holds it; write the export elsewhere")
-    claim_folder(out, "--out", _is_export, replace=args.force)
     method = (peft_config(model) or {}).get("method")
+    if args.format == "gguf":
+        return _export_gguf(args, model, tok, out, method)
+    if args.dtype is not None:
+        raise UserError("--dtype is for --format gguf; the other formats keep the model's dtype")
+    claim_folder(out, "--out", _is_export, replace=args.force)
     if method == "adapter" and args.format == "merged":
         raise UserError("bottleneck adapters cannot be merged into the weights; use the model directory as is")
     if args.format == "hf":
@@ -170,6 +173,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         save_model(merge_lora(model), args.out, tok)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _is_gguf(path: Path) -> bool:
+    """An earlier GGUF export: the file starts with GGUF's magic."""
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _export_gguf(args: argparse.Namespace, model, tok, out: Path, method: str | None) -> int:
+    """One GGUF file at --out (a new name ending in .gguf, or with --force an earlier GGUF file)."""
+    from llmstages.model.gguf_export import arch_of, export_gguf, pre_tokenizer_name
+    from llmstages.outputs import claim_file
+    from llmstages.peft import merge_lora
+
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {args.out}: a GGUF export is one file; give a name ending in .gguf")
+    claim_file(out, "--out", _is_gguf)
+    if out.exists() and not args.force:
+        raise UserError(f"--out {args.out} already exists; pass --force to replace it")
+    if method == "adapter":
+        raise UserError("bottleneck adapters have no GGUF form; export a LoRA or a fully fine-tuned model")
+    arch_of(model.config), pre_tokenizer_name(tok)  # refused here, before anything is written
+    model = merge_lora(model) if method in ("lora", "dora") else model
+    export_gguf(model, tok, out, args.dtype or "f16", name=Path(args.model).name)
+    print(f"wrote {args.out} ({args.dtype or 'f16'}); run it with: llama-cli -m {args.out}")
     return 0
 
 
@@ -576,12 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="model directory")
     e.add_argument(
         "--format",
-        choices=["merged", "peft", "hf"],
+        choices=["merged", "peft", "hf", "gguf"],
         default="hf",
         help="merged: our directory with LoRA folded into the weights; peft: the adapter in the peft "
-        "library's format; hf: a transformers directory (LoRA merged)",
+        "library's format; hf: a transformers directory (LoRA merged); gguf: one file for llama.cpp / Ollama",
     )
-    e.add_argument("--out", required=True, help="a new or empty folder (or, with --force, an earlier export)")
+    e.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default=None, help="gguf only: weight type (f16)")
+    e.add_argument(
+        "--out", required=True, help="a new or empty folder (gguf: a .gguf file), or with --force an earlier export"
+    )
     e.add_argument("--force", action="store_true", help="replace --out when it is a model directory (never a run)")
     e.set_defaults(func=cmd_export)
     return p
