@@ -63,10 +63,17 @@ def _tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     out = {"token_embd.weight": sd["tok_emb.weight"], "output_norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
-    names = {"attn_norm": "attn_norm.weight", "attn_q": "attn.q_proj.weight", "attn_k": "attn.k_proj.weight",
-             "attn_v": "attn.v_proj.weight", "attn_output": "attn.o_proj.weight", "ffn_norm": "mlp_norm.weight",
-             "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight",
-             "ffn_down": "mlp.down_proj.weight"}  # fmt: skip
+    names = {
+        "attn_norm": "attn_norm.weight",
+        "attn_q": "attn.q_proj.weight",
+        "attn_k": "attn.k_proj.weight",
+        "attn_v": "attn.v_proj.weight",
+        "attn_output": "attn.o_proj.weight",
+        "ffn_norm": "mlp_norm.weight",
+        "ffn_gate": "mlp.gate_proj.weight",
+        "ffn_up": "mlp.up_proj.weight",
+        "ffn_down": "mlp.down_proj.weight",
+    }
     for i in range(cfg.n_layers):
         for theirs, ours in names.items():
             w = sd[f"blocks.{i}.{ours}"]
@@ -161,8 +168,11 @@ def export_gguf(model: GPT, tok: Tokenizer, path: str | Path, dtype: str = "f16"
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(s["factor"])
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]  # fmt: skip
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[dtype]
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
