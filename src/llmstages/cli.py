@@ -49,6 +49,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The options generate and chat share: the model and how to sample from it."""
+    p.add_argument("--model", required=True, help="model directory, or a hub id in the local Hugging Face cache")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
 def _check_sampling(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -496,25 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer)
 
     g = sub.add_parser("generate", help="continue a prompt with a model directory")
-    g.add_argument("--model", required=True, help="model directory (ours or a local Hugging Face one)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _sampling_options(g, max_new_tokens=64)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="talk to a chat model through its chat template (stdin: a terminal or a pipe)")
-    c.add_argument("--model", required=True, help="model directory, or a hub id in the local Hugging Face cache")
     c.add_argument("--system", default=None, help="a system message that opens the conversation")
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    _sampling_options(c, max_new_tokens=256)
     c.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("eval", help="judge a model on held-out prompts: reward, win rate and KL against a reference")
