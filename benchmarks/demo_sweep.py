@@ -5,7 +5,8 @@
 Runs the full `llmstages demo` for (seed, world_seed) = (0,0), (1,1), (2,2), and (0,0) once more with one
 thread (torch.set_num_threads(1): another reduction order, as another machine has), each in its own process and
 folder under --out; a finished run (its summary.json) is reused. Prints every target's min / median / max over
-the runs with met or missed at the worst run, each run's figures and wall time; `--untuned` adds a pair that no
+the runs with met or missed at the worst run, each run's figures and time (the sum of its steps' times, so a
+step re-run alone counts once); `--untuned` adds a pair that no
 recipe was tuned on, shown beside the sweep and not counted in it. `llmstages report runs/sweep/*` draws them.
 """
 
@@ -90,12 +91,12 @@ def main() -> None:
             line += f" {fmt(u['value'])} ({'met' if u['met'] else 'MISSED'}) |"
         print(line)
     print(f"# {met_all} of {len(TARGETS)} targets met in every run of the sweep")
-    print("| run | seed | world seed | threads | wall time | targets met |")
+    print("| run | seed | world seed | threads | time (its steps, summed) | targets met |")
     print("|---|---|---|---|---|---|")
     for r in runs + extra:
         s = r["summary"]
         met = sum(bool(t["met"]) for t in check_targets(s["stages"]))
-        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "-"
+        wall = f"{s['seconds_total'] / 60:.1f} min" if s.get("seconds_total") else "-"
         print(f"| {r['name']} | {s['seed']} | {s['world_seed']} | {s['machine']['threads']} | {wall} | "
               f"{met} of {len(TARGETS)} |")  # fmt: skip
     print("| headline (every run) | " + " | ".join(r["name"] for r in runs + extra) + " |")
