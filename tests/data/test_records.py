@@ -136,24 +136,47 @@ def base(tmp_path_factory):
     return builtin_base(tmp_path_factory.mktemp("records") / "base")
 
 
-def test_stages_train_on_parquet_as_on_jsonl(base, tmp_path):
-    """SFT's tokenized examples are the JSONL run's; sft, dpo and pretrain each run a few steps from Parquet."""
-    cols = "data.columns={prompt: question, completion: answer}"
-    jsonl, parquet = write(tmp_path, "rows.jsonl", SFT_ROWS), write(tmp_path, "rows.parquet", SFT_ROWS)
+@pytest.mark.parametrize("name", FORMATS)
+def test_stages_train_on_each_format_as_on_jsonl(base, tmp_path, name):
+    """SFT's tokenized examples, DPO's tokenized pairs and pre-training's documents are the JSONL run's; sft, dpo
+    and pretrain each run two steps from the format, through its column map."""
+    from llmstages.data.preference import tokenize_pair
+
     tok = load_tokenizer(base)
-    examples = [
-        sft._examples(load_config(SFTConfig, None, [f"model.path={base}", f"data.path={p}", cols]), tok)[0]
-        for p in (jsonl, parquet)
-    ]
+    sft_cols = {"prompt": "question", "completion": "answer"}
+    pair_cols = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    (tmp_path / "j").mkdir(), (tmp_path / "f").mkdir()
+    paths = {}
+    for kind, rows in (("sft", SFT_ROWS), ("pairs", PAIR_ROWS), ("docs", DOCS)):
+        (tmp_path / "j" / kind).mkdir(), (tmp_path / "f" / kind).mkdir()
+        paths[kind] = (write(tmp_path / "j" / kind, "rows.jsonl", rows), write(tmp_path / "f" / kind, name, rows))
+    examples = [_sft_examples(base, p, tok) for p in paths["sft"]]
     assert [(e.input_ids, e.labels) for e in examples[0]] == [(e.input_ids, e.labels) for e in examples[1]]
+    pairs = [[tokenize_pair(x, tok, i, 48) for i, x in enumerate(read_preferences([p], pair_cols))]
+             for p in paths["pairs"]]  # fmt: skip
+    tokens = [
+        [(x.chosen.input_ids, x.chosen.labels, x.rejected.input_ids, x.rejected.labels) for x in p] for p in pairs
+    ]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == len(PAIR_ROWS)
+    docs = [list(iter_documents([p], {"text": "body"})) for p in paths["docs"]]
+    assert docs[0] == docs[1] and len(docs[0]) == len(DOCS)
     steps = ["train.max_steps=2", "train.batch_size=4", "train.eval_every=100", "train.save_every=100",
              "train.precision=fp32", "train.warmup_steps=0"]  # fmt: skip
-    assert main(["sft", f"model.path={base}", f"data.path={parquet}", cols, f"out_dir={tmp_path / 'sft'}", *steps,
-                 "train.seq_len=48"]) == 0  # fmt: skip
-    pairs = write(tmp_path, "pairs.parquet", PAIR_ROWS)
-    assert main(["dpo", f"model.path={base}", f"data.path={pairs}", "data.columns={prompt: q, chosen: good, "
-                 "rejected: bad}", f"out_dir={tmp_path / 'dpo'}", *steps, "train.seq_len=48"]) == 0  # fmt: skip
-    docs = write(tmp_path, "docs.csv", [{"body": f"Person {i} lives in town {i}. " * 8} for i in range(40)])
-    assert main(["pretrain", f"data.path={docs}", "data.columns={text: body}", f"out_dir={tmp_path / 'pre'}",
+    fmt = lambda cols: "data.columns={" + ", ".join(f"{k}: {v}" for k, v in cols.items()) + "}"  # noqa: E731
+    sft_path, pair_path, doc_path = paths["sft"][1], paths["pairs"][1], paths["docs"][1]
+    assert main(["sft", f"model.path={base}", f"data.path={sft_path}", fmt(sft_cols), f"out_dir={tmp_path / 'sft'}",
+                 *steps, "train.seq_len=48"]) == 0  # fmt: skip
+    assert main(["dpo", f"model.path={base}", f"data.path={pair_path}", fmt(pair_cols), f"out_dir={tmp_path / 'dpo'}",
+                 *steps, "train.seq_len=48"]) == 0  # fmt: skip
+    assert main(["pretrain", f"data.path={doc_path}", "data.columns={text: body}", f"out_dir={tmp_path / 'pre'}",
                  "data.vocab_size=300", "data.workers=1", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
                  "model.n_kv_heads=1", "model.block_size=32", "train.seq_len=32", *steps]) == 0  # fmt: skip
+
+
+DOCS = [{"body": f"Person {i} lives in town {i}. " * 8} for i in range(40)]
+
+
+def _sft_examples(base, path, tok):
+    cfg = load_config(SFTConfig, None, [f"model.path={base}", f"data.path={path}",
+                                        "data.columns={prompt: question, completion: answer}"])  # fmt: skip
+    return sft._examples(cfg, tok)[0]
