@@ -3,6 +3,7 @@ own undoing of llama.cpp's q/k order) gives our logits and our tokenization; lla
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -111,9 +112,8 @@ def test_llama_cpp_generates_our_greedy_tokens(models, tmp_path):
     try:
         import llama_cpp
     except ImportError:
-        env = {"CMAKE_ARGS": "-DGGML_NATIVE=OFF", "PATH": "/usr/bin:/bin"}
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python"], check=True,
-                       env={**__import__("os").environ, **env})  # fmt: skip
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF"}
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python"], check=True, env=env)
         import llama_cpp
     from llmstages.model import generate
 
