@@ -44,7 +44,8 @@ def launch(
     """Run `jobs` under torchrun with `nproc` CPU processes; (the finished process, rank 0's exit codes)."""
     spec = where / f"jobs_{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # faulthandler: a rank that dies of a signal prints where (one SIGSEGV in a launch was seen, not reproduced)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", str(WORKER), str(spec)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     rank0 = Path(f"{spec}.rank0")
