@@ -38,7 +38,13 @@ def commands(name: str) -> list[str]:
 
 def run(cmd: str, cwd: Path = ROOT, timeout: int = 300, **env: str) -> str:
     """Run one command line with the suite's python and torchrun first on PATH; returns stdout + stderr."""
-    full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1", **env}
+    full = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PET_MASTER_PORT": str(_free_port()),
+        **env,
+    }  # torchrun's --master_port, the command left verbatim
     r = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr

@@ -46,7 +46,9 @@ def launch(
     spec.write_text(json.dumps(jobs))
     # faulthandler: a rank that dies of a signal prints where (one SIGSEGV in a launch was seen, not reproduced)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", str(WORKER), str(spec)]
+    # its own rendezvous port: a launch never meets a straggler of an earlier one on torchrun's default 29500
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           str(WORKER), str(spec)]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     rank0 = Path(f"{spec}.rank0")
     return r, json.loads(rank0.read_text()) if rank0.is_file() else []
