@@ -20,7 +20,7 @@ def _device(name: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from llmstages.model import generate, load_model_and_tokenizer
+    from llmstages.model import load_model_and_tokenizer
 
     _check_sampling(args)
     device = _device(args.device)
@@ -31,22 +31,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     context = model.config.block_size
     if len(ids) >= context:
         raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's context of {context} tokens")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = _continue(model, tok, ids, args, torch.Generator(device=device).manual_seed(args.seed))
+    n = int(out.lengths[0])
+    print(tok.decode(out.tokens[0, :n].tolist()))
+    return 0
+
+
+def _continue(model, tok, ids: list[int], args: argparse.Namespace, gen, on_token=None):
+    """One prompt continued as the sampling options say, up to the end of the context or an EOS of the model's."""
+    from llmstages.model import generate
+
     eos = model.config.eos_ids or ([tok.eos_id] if tok.eos_id is not None else None)
-    out = generate(
+    room = model.config.block_size - len(ids)
+    return generate(
         model,
         [ids],
-        max_new_tokens=min(args.max_new_tokens, context - len(ids)),
+        min(args.max_new_tokens, room),
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         eos_id=eos,
         pad_id=tok.pad_id,
         generator=gen,
+        on_token=on_token,
     )
-    n = int(out.lengths[0])
-    print(tok.decode(out.tokens[0, :n].tolist()))
-    return 0
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -92,12 +100,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
     from llmstages.data.chat import prompt_ids
-    from llmstages.model import generate, load_model_and_tokenizer
+    from llmstages.model import load_model_and_tokenizer
 
     _check_sampling(args)
     device = _device(args.device)
     model, tok = load_model_and_tokenizer(args.model, device=device)
-    eos = model.config.eos_ids or ([tok.eos_id] if tok.eos_id is not None else None)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     system = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -124,18 +131,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"(the conversation fills the model's context of {model.config.block_size} tokens; /reset)")
             continue
         reply = _Streamed(tok)
-        generate(
-            model,
-            [ids],
-            min(args.max_new_tokens, room),
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_id=eos,
-            pad_id=tok.pad_id,
-            generator=gen,
-            on_token=reply,
-        )
+        _continue(model, tok, ids, args, gen, on_token=reply)
         print(flush=True)
         history += [*turn, {"role": "assistant", "content": tok.decode(reply.ids).strip()}]
 

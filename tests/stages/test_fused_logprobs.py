@@ -11,8 +11,9 @@ from llmstages import losses as L
 from llmstages.model import GPT, preset
 from llmstages.model.heads import RewardModel
 from llmstages.peft import apply_peft
-from llmstages.stages import dpo, grpo
+from llmstages.stages import dpo
 from llmstages.stages.ppo import ActorCritic
+from llmstages.train.rollout import policy_logprobs
 
 
 def model_with_lora(targets: str | list[str]) -> GPT:
@@ -70,7 +71,7 @@ def test_dpo_sequence_scores(targets):
 @pytest.mark.parametrize("targets", TARGETS)
 def test_grpo_logprobs_at_a_temperature(targets):
     model, batch = model_with_lora(targets), reply_batch()
-    got = grpo.logprobs(model, batch, 0.7)
+    got = policy_logprobs(model, batch, 0.7)
     want = L.token_logprobs(model(batch["input_ids"], mask=batch["mask"]) / 0.7, batch["targets"])
     close(got, want)
     a = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))

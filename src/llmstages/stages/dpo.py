@@ -26,6 +26,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
+from llmstages.train.rollout import policy_logprobs
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
@@ -68,9 +69,7 @@ def setup(cfg: DPOConfig) -> Setup:
 def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob of each row's reply, reply length) for the 2B rows of a pair batch; the reply tokens'
     log-probs come from the hidden states in chunks (losses.head_logprobs), never the whole logits."""
-    hidden = model.hidden_states(batch["input_ids"], mask=batch["mask"])
-    logp, _ = L.head_logprobs(hidden, model.lm_head, batch["targets"])
-    return logp.sum(-1), (batch["targets"] != L.IGNORE_INDEX).sum(-1)
+    return policy_logprobs(model, batch).sum(-1), (batch["targets"] != L.IGNORE_INDEX).sum(-1)
 
 
 class Reference:

@@ -24,10 +24,17 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import disable_adapters, trainable_parameters
+from llmstages.peft import trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
-from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reply_rows
+from llmstages.train.rollout import (
+    PolicySetup,
+    evaluate_policy,
+    load_policy,
+    policy_logprobs,
+    reference_logprobs,
+    reply_rows,
+)
 
 
 def setup(cfg: GRPOConfig) -> PolicySetup:
@@ -38,20 +45,6 @@ def setup(cfg: GRPOConfig) -> PolicySetup:
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
     return load_policy(cfg, device)
-
-
-def logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """log pi(target) at the sampling temperature, (B, T), from the hidden states in chunks (no whole logits)."""
-    hidden = m.hidden_states(batch["input_ids"], mask=batch["mask"])
-    return L.head_logprobs(hidden, m.lm_head, batch["targets"], temperature)[0]
-
-
-@torch.no_grad()
-def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    if s.reference is not None:
-        return logprobs(s.reference, batch, temperature)
-    with disable_adapters(s.model):
-        return logprobs(s.model, batch, temperature)
 
 
 def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
@@ -70,7 +63,7 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
     batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
     batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(s.device)
     with torch.no_grad():
-        batch["old_logp"] = logprobs(s.model, batch, g.temperature)
+        batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
         batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
     s.model.train()
     groups = rewards.view(-1, g.group_size)
@@ -87,7 +80,7 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
 def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
     """losses.grpo_loss on one rollout, summed over its response tokens (the loop divides by their count)."""
     tmask = (batch["targets"] != L.IGNORE_INDEX).float()
-    logp = logprobs(m, batch, g.temperature)
+    logp = policy_logprobs(m, batch, g.temperature)
     loss, kl, clip_frac = L.grpo_loss(
         logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip, g.kl_beta
     )

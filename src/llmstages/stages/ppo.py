@@ -17,7 +17,6 @@ parts: not the single-process run with the larger rollout, as in TRL and OpenRLH
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import random
@@ -33,10 +32,10 @@ from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import disable_adapters, merge_lora, trainable_parameters
+from llmstages.peft import merge_lora, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.loop import EpochSampler, Loop, LoopState, prepare_run_dir, start_run
-from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reply_rows
+from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reference_logprobs, reply_rows
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -189,15 +188,6 @@ class Rollouts:
         self.it = int(extra["rollout_it"])
         self.batch = {k: extra[f"rollout.{k}"].to(self.s.device) for k in ROLLOUT_KEYS}
         self.stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
-
-
-@torch.no_grad()
-def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """The reference policy's log-probs of the targets: the frozen copy, or the policy with its adapters disabled."""
-    model = s.reference if s.reference is not None else s.model
-    with contextlib.nullcontext() if s.reference is not None else disable_adapters(s.model):
-        hidden = model.hidden_states(batch["input_ids"], mask=batch["mask"])
-        return L.head_logprobs(hidden, model.lm_head, batch["targets"], temperature)[0]
 
 
 def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[str, float]]:

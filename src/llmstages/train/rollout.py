@@ -24,7 +24,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, load_tokenizer
 from llmstages.model.generate import sample_replies
-from llmstages.peft import prepare_policy
+from llmstages.peft import disable_adapters, prepare_policy
 
 RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -174,3 +174,18 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]
     return PolicySetup(Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts)
+
+
+def policy_logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log pi(target) at the sampling temperature, (B, T), from the hidden states in chunks (no whole logits)."""
+    hidden = m.hidden_states(batch["input_ids"], mask=batch["mask"])
+    return L.head_logprobs(hidden, m.lm_head, batch["targets"], temperature)[0]
+
+
+@torch.no_grad()
+def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The reference policy's log-probs of the targets: the frozen copy, or the policy with its adapters disabled."""
+    if s.reference is not None:
+        return policy_logprobs(s.reference, batch, temperature)
+    with disable_adapters(s.model):
+        return policy_logprobs(s.model, batch, temperature)
