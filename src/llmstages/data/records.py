@@ -99,6 +99,18 @@ def iter_records(files: Sequence[Path], columns: Mapping[str, str] | None = None
 # The formats
 
 
+def read_text(path: Path) -> str:
+    """A whole text file; a binary or non-UTF-8 one is an error naming the file (and the line)."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise UserError(f"{path}: not a text file (it contains NUL bytes; a binary file?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (a binary file?)") from None
+
+
 def _read_json(path: Path) -> Iterator[tuple[str, object]]:
     with path.open("rb") as f:
         head = f.read(8192)
@@ -106,9 +118,7 @@ def _read_json(path: Path) -> Iterator[tuple[str, object]]:
         raise UserError(f"{path}: not a text file (it contains NUL bytes; a binary file?)")
     if path.suffix.lower() == ".json" and head.lstrip().startswith(b"["):
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text (a binary file?)") from None
+            records = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         yield from ((f"{path}:{i + 1}", r) for i, r in enumerate(records))  # item numbers stand in for lines

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from llmstages.data.records import RECORD_SUFFIXES, dataset_folder, is_records, iter_records
+from llmstages.data.records import RECORD_SUFFIXES, dataset_folder, is_records, iter_records, read_text
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 
@@ -59,17 +59,6 @@ def list_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise UserError(f"{path}: not a text file (it contains NUL bytes; a binary file?)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (a binary file?)") from None
-
-
 def _text_of(record: object, where: str, field: str = "text") -> str:
     if isinstance(record, str):
         return record
@@ -92,7 +81,7 @@ def read_documents(path: Path, columns: Mapping[str, str] | None = None) -> Iter
         for where, record in iter_records([path], columns):
             yield _text_of(record, where)
     else:
-        yield _read_text(path)
+        yield read_text(path)
 
 
 def iter_documents(paths: Sequence[str | Path], columns: Mapping[str, str] | None = None) -> Iterator[str]:
