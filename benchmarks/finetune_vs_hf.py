@@ -17,8 +17,11 @@ both sides load those weights. Every task alternates ours and the reference in t
   no EOS, so both produce every token.
 
 fp32 always; bf16 autocast too where the CPU has native bf16 (AMX or AVX512-BF16; on CUDA where supported): the
-table says which. Tokens/s are medians over --rounds; peak memory is measured in a fresh subprocess per side
-(peak RSS over the RSS after loading the model, on CPU; max allocated on CUDA) for the training tasks.
+table says which. Under bf16 ours holds the frozen linear weights in bf16 (`train.frozen.hold_frozen`, as the
+stages do: the LoRA base, and every linear weight for generation); the reference runs autocast over its fp32
+weights, as `transformers.Trainer(bf16=True)` and TRL's trainers do with a model loaded in fp32.
+Tokens/s are medians over --rounds; peak memory is measured in a fresh subprocess per side for the training tasks
+(on CPU the peak RSS over the RSS before the model is loaded, so weights count; max allocated on CUDA).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from common import alternate, current_rss_mib, machine, median, peak_rss_mib  # 
 from llmstages import losses as L  # noqa: E402
 from llmstages.model import generate, load_model, preset  # noqa: E402
 from llmstages.peft import apply_peft, disable_adapters  # noqa: E402
+from llmstages.train.frozen import hold_frozen  # noqa: E402
 from llmstages.train.loop import fast_bf16  # noqa: E402
 
 ROWS, SEQ, PROMPT = 8, 128, 64
@@ -71,11 +75,14 @@ def data(device: str) -> dict[str, torch.Tensor]:
     return {"ids": ids.to(device), "labels": labels.to(device), "targets": L.shift_labels(labels).to(device)}
 
 
-def load(side: str, path: str, device: str, lora: bool):
+def load(side: str, path: str, device: str, lora: bool, precision: str, generating: bool = False):
     if side == "ours":
         model = load_model(path, device=device).train()
         if lora:
             apply_peft(model, "lora", target_modules=TARGETS, **LORA)
+        if generating:
+            model.requires_grad_(False)
+        hold_frozen(model, precision)  # as the stages do: frozen linear weights in bf16 under bf16
         return model
     import transformers as tf
 
@@ -90,7 +97,7 @@ def load(side: str, path: str, device: str, lora: bool):
 
 def build(task: str, side: str, path: str, device: str, precision: str):
     """The function one timed round of `task` runs for `side` ("ours" or "hf"), and the tokens it handles."""
-    model = load(side, path, device, lora=task in ("lora", "dpo"))
+    model = load(side, path, device, task in ("lora", "dpo"), precision, generating=task.startswith("gen"))
     cast = torch.autocast(device, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     b = data(device)
     if task.startswith("gen"):

@@ -104,14 +104,18 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
     """Our model with the weights of the directory `path` (ours or a Hugging Face one).
 
     The model is built on the meta device and the loaded tensors are assigned to it, so no memory is spent
-    on a random initialisation. `dtype=None` keeps the dtype the weights were saved in.
+    on a random initialisation. `dtype=None` keeps the dtype the weights were saved in; either way the model
+    remembers it (`model.saved_dtype`), and saving writes the weights in it again.
     """
     p, raw = check_model_dir(path)
     cfg = load_config(p)
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = hf_io.read_safetensors(p, dtype)
+    tensors = hf_io.read_safetensors(p)
+    saved_dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     source = str(p / "model.safetensors")
     if "model_type" in raw:
         sd = hf_io.from_hf_state_dict(tensors, cfg, expected, source)
@@ -135,6 +139,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
         model.lm_head.weight = model.tok_emb.weight
     model.reset_rope(device)
     model = model.to(device)
+    model.saved_dtype = saved_dtype  # save_model and export_hf write the weights back in it
     if (p / ADAPTER_CONFIG).is_file():  # a PEFT run's model directory: base weights plus the adapter
         load_adapter(model, p)
     return model
@@ -156,11 +161,16 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device | str = "cpu
 
 
 def _state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """The base model's tensors (PEFT tensors, if any, are saved apart by `save_adapter`)."""
+    """The base model's tensors (PEFT tensors, if any, are saved apart by `save_adapter`), floating ones in the
+    dtype the model was loaded from (`saved_dtype`; a model built here keeps its own)."""
     sd = {k: v for k, v in model.state_dict().items() if k not in adapter_state_dict(model)}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)  # safetensors refuses shared tensors; the tie is in the config
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    dtype = getattr(model, "saved_dtype", None)
+    return {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in sd.items()
+    }
 
 
 def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:

@@ -82,10 +82,15 @@ class LoRALinear(nn.Module):
 
     def _dora_scale(self) -> torch.Tensor:
         """m / ||W + s B A||_row, the norm detached (no gradient through it). Shape (out,)."""
-        norm = (self.weight + self.delta_weight().to(self.weight.dtype)).norm(p=2, dim=1).detach()
+        norm = (self.weight.float() + self.delta_weight().float()).norm(p=2, dim=1).detach()  # fp32 for a bf16 base
         return self.lora_magnitude_vector / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            # The frozen base is held in bf16/fp16 (train/frozen.py) and the caller runs without autocast: compute
+            # as autocast would, in the base's dtype.
+            with torch.autocast(x.device.type, dtype=self.weight.dtype):
+                return self.forward(x)
         if self.disabled or self.merged:
             return F.linear(x, self.weight, self.bias)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper

@@ -12,6 +12,7 @@ main:  the reference is the policy with its adapters disabled (LoRA/adapters: no
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
+from llmstages.train.frozen import base_weights, hold_frozen
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 from llmstages.train.rollout import policy_logprobs
 
@@ -89,6 +91,8 @@ class Reference:
                     b = to_device(pair_batch(pairs[i : i + cfg.train.batch_size], s.tokenizer.pad_id), s.device)
                     self.table[split][b["index"].cpu()] = self.computed(b).view(2, -1).t().cpu()
             self.frozen = None  # the copy is no longer needed
+        if self.frozen is not None:  # read only under the loop's autocast: held in its dtype
+            hold_frozen(self.frozen, cfg.train.precision)
 
     @property
     def kind(self) -> str:
@@ -210,6 +214,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         count_fn=lambda b: int(b["index"].numel()),
         evaluate=lambda m: evaluate(m, s, ref, cfg),
         monitor=cfg.monitor,
+        frozen_source=functools.partial(base_weights, cfg.model.path),
     )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)

@@ -26,7 +26,8 @@ from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import trainable_parameters
 from llmstages.train import distributed
-from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
+from llmstages.train.frozen import base_weights
+from llmstages.train.loop import EpochSampler, Loop, autocast, prepare_run_dir, start_run
 from llmstages.train.rollout import (
     PolicySetup,
     evaluate_policy,
@@ -56,13 +57,14 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
     gen = torch.Generator(device=s.device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
     s.model.eval()
     prompts = [s.prompts[i] for i in idx]
-    with distributed.gathered(s.model):  # fsdp: sampling runs the model's parts token by token
+    # fsdp: sampling runs the model's parts token by token; it samples in the precision it trains in
+    with distributed.gathered(s.model), autocast(s.device, cfg.train.precision):
         replies, responses, ended = sample_replies(s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen)
     t_gen = time.perf_counter() - t0
     rewards = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
     batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
     batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(s.device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(s.device, cfg.train.precision):
         batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
         batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
     s.model.train()
@@ -107,6 +109,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()),
         health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
         monitor=cfg.monitor,
+        frozen_source=functools.partial(base_weights, cfg.model.path),
     )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)

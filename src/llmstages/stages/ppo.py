@@ -34,7 +34,8 @@ from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import merge_lora, trainable_parameters
 from llmstages.train import distributed
-from llmstages.train.loop import EpochSampler, Loop, LoopState, prepare_run_dir, start_run
+from llmstages.train.frozen import base_weights
+from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
 from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reference_logprobs, reply_rows
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
@@ -99,6 +100,7 @@ class Rollouts:
 
     def __init__(self, s: PolicySetup, ac: ActorCritic, cfg: PPOConfig) -> None:
         self.s, self.ac, self.p, self.seed = s, ac, cfg.ppo, cfg.seed
+        self.precision = cfg.train.precision
         self.sampler = EpochSampler(len(s.prompts), self.p.rollout_size, 1, cfg.seed)  # under ddp: per rank
         self.updates = self.p.ppo_epochs * self.p.minibatches
         self.it = -1  # the rollout held (none yet)
@@ -135,7 +137,10 @@ class Rollouts:
         gen = torch.Generator(device=s.device).manual_seed(self.seed * 1_000_003 + it + 7919 * d.dp_rank)
         ac.eval()
         policy = s.model
-        replies, responses, ended = sample_replies(policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen)
+        with autocast(s.device, self.precision):  # the policy samples in the precision it trains in
+            replies, responses, ended = sample_replies(
+                policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen
+            )
         t_gen = time.perf_counter() - t0
         scores = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
         scores = scores - p.missing_eos_penalty * (~torch.tensor(ended)).float()
@@ -144,8 +149,10 @@ class Rollouts:
             value_start = d.dp_mean(float(scores.mean()))  # the same on every replica
             ac.value_head.proj.bias.fill_(value_start)
         batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
-        old_logp, _, values = ac(batch, p.temperature)
-        ref_logp = reference_logprobs(s, batch, p.temperature)
+        with autocast(s.device, self.precision):  # as the loss will compute them
+            old_logp, _, values = ac(batch, p.temperature)
+            ref_logp = reference_logprobs(s, batch, p.temperature)
+        values = values.float()
         tmask = (batch["targets"] != L.IGNORE_INDEX).float()
         kl = (old_logp - ref_logp) * tmask
         kl_coef = self.controller.get("kl_coef", p.kl_coef)
@@ -236,6 +243,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
         state=LoopState(extra=rollouts.controller),  # the KL coefficient, kept across resume
         health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
         monitor=cfg.monitor,
+        frozen_source=functools.partial(base_weights, cfg.model.path, prefix="policy."),
     )
     resumed = loop.resume() if cfg.resume else False
     if resumed:

@@ -10,6 +10,7 @@ which PPO, GRPO and evaluation load with `load_reward_model`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from llmstages.errors import UserError
 from llmstages.model import load_model_and_tokenizer, save_model
 from llmstages.model.heads import RewardModel, save_head
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
+from llmstages.train.frozen import base_weights
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 
 # Calibration: accuracy of the predicted order within bins of |r_w - r_l|.
@@ -125,6 +127,7 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
         count_fn=lambda b: int(b["index"].numel()),
         evaluate=lambda m: evaluate(m, s, cfg),
         monitor=cfg.monitor,
+        frozen_source=functools.partial(base_weights, cfg.model.path, prefix="backbone."),
     )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)

@@ -12,6 +12,7 @@ main:  apply PEFT from outside, run the shared loop with the language-model loss
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_
 from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
 from llmstages.model import GPT, flops_per_token, load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.peft import prepare_policy, trainable_parameters
+from llmstages.train.frozen import base_weights
 from llmstages.train.loop import (
     EpochSampler,
     Loop,
@@ -154,6 +156,7 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         evaluate=evaluate,
         flops_per_token=flops_per_token(model.config, args.seq_len),
         monitor=cfg.monitor,
+        frozen_source=functools.partial(base_weights, cfg.model.path),
     )
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(model)

@@ -33,6 +33,7 @@ from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
 from llmstages.train.distributed import Dist
+from llmstages.train.frozen import hold_frozen, restore_frozen
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -320,6 +321,10 @@ class Loop:
     """The stage's `monitor` config section (W&B, MLflow, TensorBoard)."""
     health: HealthMonitor = field(default_factory=HealthMonitor)
     """Flags loss spikes, gradient explosions, NaNs, throughput drops and data stalls (see monitor/health.py)."""
+    frozen_source: Callable[[], dict[str, torch.Tensor]] | None = None
+    """The frozen weights' originals (e.g. `frozen.base_weights` of the model directory). With it, under bf16/fp16
+    (and strategy none, ddp or zero1) the frozen linear weights are held in the compute dtype while training,
+    and `final_model()` puts the originals back, so the saved model keeps its dtype and values."""
     state: LoopState = field(default_factory=LoopState)
     _stop_signal: int | None = None
 
@@ -328,6 +333,8 @@ class Loop:
         self.dist: Dist = distributed.current()
         d = self.dist
         self.template = distributed.meta_template(self.model) if d.sharded else None
+        holds = self.frozen_source is not None and d.strategy in ("none", "ddp", "zero1")
+        self.held = hold_frozen(self.model, self.args.precision) if holds else []
         self.train_model = distributed.wrap(self.model, d, self.args.precision)
         self.pipeline = self.train_model if d.strategy == "pp" else None
         if self.pipeline is not None:
@@ -408,7 +415,11 @@ class Loop:
 
     def final_model(self) -> nn.Module | None:
         """The trained model as a plain module to save, on rank 0 (None on the other ranks)."""
-        return distributed.export(self.model, self.template, self.dist)
+        model = distributed.export(self.model, self.template, self.dist)
+        if model is not None and self.held and self.frozen_source is not None:
+            restore_frozen(model, self.held, self.frozen_source())  # the originals, not their bf16 copies
+            self.held = []
+        return model
 
     def loss_sum(self, batch: Batch) -> float:
         """Summed next-token loss of a batch under any strategy (pp: through the pipeline), for validation."""
@@ -616,8 +627,8 @@ class Loop:
         try:
             if not resumed and start is not None:
                 self.model.eval()
-                with torch.no_grad(), distributed.gathered(self.model):
-                    log.log({"step": 0, "event": "start", **start()})
+                with torch.no_grad(), autocast(self.device, self.args.precision), distributed.gathered(self.model):
+                    log.log({"step": 0, "event": "start", **start()})  # in the precision of every later eval
                 self.model.train()
             return self.run(log, progress=progress)
         finally:

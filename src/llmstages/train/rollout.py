@@ -25,6 +25,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, load_tokenizer
 from llmstages.model.generate import sample_replies
 from llmstages.peft import disable_adapters, prepare_policy
+from llmstages.train.frozen import hold_frozen
 
 RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -170,6 +171,8 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
+    if frozen is not None:  # read only under autocast (the rollouts, the loop): held in its dtype
+        hold_frozen(frozen, cfg.train.precision)
     ids = [prompt_ids(m, tok) for m in train_prompts]
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]

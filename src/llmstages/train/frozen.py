@@ -1,0 +1,76 @@
+"""Frozen weights held in the compute dtype.
+
+Under bf16 (fp16) autocast every matrix product casts its fp32 weight to bf16 on each call. A frozen weight
+(the base of a LoRA/DoRA layer, the layers around bottleneck adapters, a reference model) never changes, so it
+can be cast once: the products see exactly the values autocast would have made (the same round-to-nearest),
+with no per-step copies and half the memory and memory traffic. Adapters, their gradients and the optimizer
+state stay fp32; embeddings and norms are not touched (the residual stream stays fp32, as under autocast).
+
+Only the values a product reads are held: the fp32 originals are gone, so a model saved after training takes
+its frozen weights back from where they came from (`restore_frozen` with `base_weights(path)`), and the saved
+model keeps the dtype and the values it was loaded with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """A module whose `weight` is only read by a matrix product (nn.Linear, a LoRA layer's base)."""
+    w = m._parameters.get("weight")
+    return w is not None and w.dim() == 2 and hasattr(m, "in_features") and hasattr(m, "out_features")
+
+
+def hold_frozen(model: nn.Module, precision: str) -> list[str]:
+    """Cast the frozen weight and bias of every linear layer to the compute dtype of `precision` (nothing under
+    fp32); returns the names of the parameters cast. A weight shared with a module that is not linear (an
+    embedding tied to the output head) is left as it is."""
+    dtype = HALF.get(precision)
+    if dtype is None:
+        return []
+    shared = {id(p) for m in model.modules() if not _is_linear(m) for p in m._parameters.values() if p is not None}
+    cast: dict[int, nn.Parameter] = {}
+    names = []
+    for name, m in model.named_modules():
+        if not _is_linear(m):
+            continue
+        for attr in ("weight", "bias"):
+            p = m._parameters.get(attr)
+            if p is None or p.requires_grad or p.dtype != torch.float32 or id(p) in shared:
+                continue
+            if id(p) not in cast:
+                cast[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            setattr(m, attr, cast[id(p)])
+            names.append(f"{name}.{attr}" if name else attr)
+    return names
+
+
+def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torch.Tensor]) -> None:
+    """Put the original tensors back for the parameters `hold_frozen` cast (`originals` keyed by the same
+    names, e.g. `base_weights` of the model directory the run started from)."""
+    back: dict[int, nn.Parameter] = {}  # a weight two layers share stays shared
+    for name in names:
+        if name not in originals:
+            raise RuntimeError(f"restore_frozen: the original of '{name}' is missing")
+        owner, _, attr = name.rpartition(".")
+        m = model.get_submodule(owner) if owner else model
+        old = m._parameters[attr]
+        if id(old) not in back:
+            back[id(old)] = nn.Parameter(originals[name].to(old.device), requires_grad=False)
+        m._parameters[attr] = back[id(old)]
+
+
+def base_weights(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The frozen weights a stage starts from, as it loads them: the model directory `path`, a LoRA/DoRA it
+    carries merged (peft.prepare_policy does the same); keys prefixed with `prefix` (a wrapper's attribute)."""
+    from llmstages.model import load_model
+    from llmstages.peft import merge_lora, peft_config
+
+    model = load_model(path)
+    if (peft_config(model) or {}).get("method") in ("lora", "dora"):
+        merge_lora(model)
+    return {prefix + k: v for k, v in model.state_dict().items()}
