@@ -1,6 +1,7 @@
 """Fine-tuning and alignment on a real shape: ours against transformers + peft (and TRL's log-prob path for DPO).
 
     python benchmarks/finetune_vs_hf.py [--rounds 3] [--only lora,dpo,full,gen1,gen8] [--device cpu|cuda]
+    python benchmarks/finetune_vs_hf.py --profile lora --precision bf16   # where one step of ours spends its time
 
 The shape is `smollm2_135m()` (30 layers, d=576, 9 heads / 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied
 embeddings) with random weights: a transformers LlamaForCausalLM is built from the published config, saved, and
@@ -175,16 +176,45 @@ def memory_child(task: str, side: str, path: str, device: str, precision: str) -
         print(json.dumps({"peak_mib": peak_rss_mib() - base}))
 
 
+def profile(task: str, path: str, device: str, precision: str, rows: int = 12) -> None:
+    """torch.profiler's table of two steps of ours and of the reference (after one warm-up step), by self time,
+    with the share of the step each op takes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for side in ("ours", "hf"):
+        fn, _ = build(task, side, path, device, precision)
+        fn()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            fn()
+            fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total if device == "cuda" else
+                        e.self_cpu_time_total, reverse=True)  # fmt: skip
+        total = sum(e.self_device_time_total if device == "cuda" else e.self_cpu_time_total for e in events)
+        print(f"# {side}: {task} {precision}, {total / 2e6:.2f} s a step (self time of every op)")
+        print("| op | calls a step | share of the step |")
+        print("|---|---|---|")
+        for e in events[:rows]:
+            t = e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+            print(f"| {e.key} | {e.count // 2} | {t / total:.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default=",".join(TASKS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", metavar="TASK", help="print where a step of TASK spends its time, ours and HF's")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --profile")
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         task, side, path, device, precision = args.memory_child
         return memory_child(task, side, path, device, precision)
+    if args.profile:
+        with tempfile.TemporaryDirectory() as d:
+            return profile(args.profile, reference_dir(d), args.device, args.precision)
     tasks = [t for t in args.only.split(",") if t]
     native = fast_bf16(torch.device(args.device))
     precisions = ["fp32", "bf16"] if native else ["fp32"]

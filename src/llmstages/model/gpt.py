@@ -372,18 +372,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, p: float, gqa: bool
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + mask) v, (B, nh, T, hd). On a CPU under bf16/fp16 autocast it runs in fp32:
-    torch's CPU flash-attention kernel is about 3x slower in bf16 than in fp32 (forward and backward of 8 x 9
-    heads x 128 x 64: 31 ms against 10 ms on a 2-core AMX Xeon), and fp32 is the more exact of the two."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return attention(q.float(), k.float(), v.float(), mask, is_causal, p, gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=p, enable_gqa=gqa)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -413,7 +401,15 @@ class Attention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = past + T
-        y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0, self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
