@@ -27,8 +27,8 @@ def _is_linear(m: nn.Module) -> bool:
 
 def hold_frozen(model: nn.Module, precision: str) -> list[str]:
     """Cast the frozen weight and bias of every linear layer to the compute dtype of `precision` (nothing under
-    fp32); returns the names of the parameters cast. A weight shared with a module that is not linear (an
-    embedding tied to the output head) is left as it is."""
+    fp32); returns the names of the parameters cast. The output head (`lm_head`, which the fused losses multiply in
+    fp32) and a weight shared with a module that is not linear (an embedding tied to it) are left as they are."""
     dtype = HALF.get(precision)
     if dtype is None:
         return []
@@ -36,8 +36,8 @@ def hold_frozen(model: nn.Module, precision: str) -> list[str]:
     cast: dict[int, nn.Parameter] = {}
     names = []
     for name, m in model.named_modules():
-        if not _is_linear(m):
-            continue
+        if not _is_linear(m) or name.rpartition(".")[2] == "lm_head":
+            continue  # the output head: the fused losses multiply it in fp32 (losses.py), so it stays fp32
         for attr in ("weight", "bias"):
             p = m._parameters.get(attr)
             if p is None or p.requires_grad or p.dtype != torch.float32 or id(p) in shared:
