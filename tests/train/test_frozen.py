@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmstages import losses as L
 from llmstages.cli import main
 from llmstages.model import GPT, load_model, preset
 from llmstages.monitor.metrics import read_metrics
@@ -43,7 +44,8 @@ def _lora_model(tie: bool, dora: bool = False) -> GPT:
 @pytest.mark.parametrize("tie", [True, False])
 def test_held_weights_give_autocasts_products(tie):
     """Under bf16 autocast, holding the frozen linear weights in bf16 changes nothing: autocast rounds an fp32
-    weight to the same bf16 values on every call. Outputs and adapter gradients equal, bit for bit."""
+    weight to the same bf16 values on every call. Outputs, the fused LM loss (which multiplies the head in fp32:
+    a bf16 copy of an untied head would change it) and adapter gradients equal, bit for bit."""
     ref = _lora_model(tie)
     held = copy.deepcopy(ref)
     names = hold_frozen(held, "bf16")
@@ -52,14 +54,18 @@ def test_held_weights_give_autocasts_products(tie):
     assert "lm_head.weight" not in names  # the fused losses multiply the head in fp32
     assert held.tok_emb.weight.dtype == torch.float32 and held.blocks[0].attn.q_proj.weight.dtype == torch.bfloat16
     x = torch.randint(0, 96, (2, 16))
-    outs, grads = [], []
+    batch = {"input_ids": x, "targets": torch.randint(0, 96, (2, 16))}
+    outs, losses, grads = [], [], []
     for m in (ref, held):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
-        y.float().square().mean().backward()
+            loss = L.lm_loss(m, batch)[0]
+        (y.float().square().mean() + loss).backward()
         outs.append(y)
+        losses.append(loss)
         grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
     assert torch.equal(outs[0], outs[1])
+    assert torch.equal(losses[0], losses[1])
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert grads[1][n].dtype == torch.float32  # adapters and their gradients stay fp32
