@@ -1,6 +1,7 @@
 """Fine-tuning and alignment on a real shape: ours against transformers + peft (and TRL's log-prob path for DPO).
 
     python benchmarks/finetune_vs_hf.py [--rounds 3] [--only lora,dpo,full,gen1,gen8] [--device cpu|cuda]
+    python benchmarks/finetune_vs_hf.py --compile --only lora,dpo,full   # adds ours with train.compile
     python benchmarks/finetune_vs_hf.py --profile lora --precision bf16   # where one step of ours spends its time
 
 The shape is `smollm2_135m()` (30 layers, d=576, 9 heads / 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied
@@ -21,6 +22,9 @@ fp32 always; bf16 autocast too where the CPU has native bf16 (AMX or AVX512-BF16
 table says which. Under bf16 ours holds the frozen linear weights in bf16 (`train.frozen.hold_frozen`, as the
 stages do: the LoRA base, and every linear weight for generation); the reference runs autocast over its fp32
 weights, as `transformers.Trainer(bf16=True)` and TRL's trainers do with a model loaded in fp32.
+`--compile` adds, for the training tasks, ours with its blocks compiled as `train.compile: true` does
+(`train.loop.compile_blocks`; two warm-up rounds, so compilation is not timed) against the same eager reference
+(the default of `transformers.Trainer` and TRL); generation decodes with the KV cache, which stays eager.
 Tokens/s are medians over --rounds; peak memory is measured in a fresh subprocess per side for the training tasks
 (on CPU the peak RSS over the RSS before the model is loaded, so weights count; max allocated on CUDA).
 """
@@ -44,7 +48,7 @@ from llmstages import losses as L  # noqa: E402
 from llmstages.model import generate, load_model, preset  # noqa: E402
 from llmstages.peft import apply_peft, disable_adapters  # noqa: E402
 from llmstages.train.frozen import hold_frozen  # noqa: E402
-from llmstages.train.loop import fast_bf16  # noqa: E402
+from llmstages.train.loop import compile_blocks, fast_bf16  # noqa: E402
 
 ROWS, SEQ, PROMPT = 8, 128, 64
 LORA = dict(rank=16, alpha=32, dropout=0.0)
@@ -77,13 +81,15 @@ def data(device: str) -> dict[str, torch.Tensor]:
 
 
 def load(side: str, path: str, device: str, lora: bool, precision: str, generating: bool = False):
-    if side == "ours":
+    if side in ("ours", "compiled"):
         model = load_model(path, device=device).train()
         if lora:
             apply_peft(model, "lora", target_modules=TARGETS, **LORA)
         if generating:
             model.requires_grad_(False)
         hold_frozen(model, precision)  # as the stages do: frozen linear weights in bf16 under bf16
+        if side == "compiled":
+            compile_blocks(model)  # as train.compile does
         return model
     import transformers as tf
 
@@ -97,7 +103,8 @@ def load(side: str, path: str, device: str, lora: bool, precision: str, generati
 
 
 def build(task: str, side: str, path: str, device: str, precision: str):
-    """The function one timed round of `task` runs for `side` ("ours" or "hf"), and the tokens it handles."""
+    """The function one timed round of `task` runs for `side` ("ours", "compiled" or "hf"), and the tokens it
+    handles."""
     model = load(side, path, device, task in ("lora", "dpo"), precision, generating=task.startswith("gen"))
     cast = torch.autocast(device, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     b = data(device)
@@ -128,7 +135,7 @@ def dpo_loss(model, side: str, b: dict[str, torch.Tensor], beta: float = 0.1) ->
     targets = b["targets"].clone()
     targets[:, : SEQ - 64 - 1] = L.IGNORE_INDEX  # the reply is the last 64 tokens
     batch = {"input_ids": b["ids"], "targets": targets, "mask": torch.ones_like(b["ids"])}
-    if side == "ours":
+    if side != "hf":
         from llmstages.stages.dpo import sequence_scores
 
         policy = sequence_scores(model, batch)[0]
@@ -207,6 +214,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", metavar="TASK", help="print where a step of TASK spends its time, ours and HF's")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="with --profile")
+    ap.add_argument("--compile", action="store_true", help="add ours with train.compile for the training tasks")
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -228,8 +236,10 @@ def main() -> None:
         path = reference_dir(d)
         for task in tasks:
             for precision in precisions:
-                built = {side: build(task, side, path, args.device, precision) for side in ("ours", "hf")}
-                times = alternate({side: fn for side, (fn, _) in built.items()}, args.rounds)
+                sides = ("ours", "compiled", "hf") if args.compile and task in TRAINING else ("ours", "hf")
+                built = {side: build(task, side, path, args.device, precision) for side in sides}
+                fns = {side: fn for side, (fn, _) in built.items()}
+                times = alternate(fns, args.rounds, warmup=2 if "compiled" in fns else 1)
                 tps = {side: built[side][1] / median(times[side]) for side in built}
                 del built
                 mem = {}
@@ -242,6 +252,9 @@ def main() -> None:
                           else "- | -")  # fmt: skip
                 print(f"| {task} | {precision} | {tps['ours']:.0f} | {tps['hf']:.0f} | {tps['ours'] / tps['hf']:.2f} "
                       f"| {memory} |", flush=True)  # fmt: skip
+                if "compiled" in tps:
+                    print(f"| {task} | {precision}, ours compiled | {tps['compiled']:.0f} | {tps['hf']:.0f} "
+                          f"| {tps['compiled'] / tps['hf']:.2f} | - | - |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

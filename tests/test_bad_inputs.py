@@ -302,6 +302,17 @@ def test_bad_input_is_refused_and_nothing_changes(world, capsys, argv, says):
     assert snapshot(world.root) == before  # nothing written, deleted or changed anywhere
 
 
+def test_compile_without_a_cpu_compiler_is_refused_and_nothing_changes(world, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no g++, clang++ or c++ to find
+    monkeypatch.delenv("CXX", raising=False)
+    before = snapshot(world.root)
+    argv = ["sft", f"out_dir={world.paths['new']}", f"model.path={world.paths['base']}", *RL, "train.compile=true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmstages: error") and "train.compile=true on the CPU needs a C++ compiler" in err, err
+    assert len(err.splitlines()) == 1 and snapshot(world.root) == before
+
+
 # -- the data-loss cases of earlier versions ------------------------------------------------------------------------
 
 

@@ -81,6 +81,8 @@ class TrainArgs:
     """fp32, bf16 (autocast, CPU or CUDA), fp16 (autocast with a gradient scaler, CUDA only), or auto: bf16 where
     the hardware runs it natively (recent GPUs; CPUs with AMX or AVX512-BF16), else fp32."""
     compile: bool = False
+    """torch.compile every transformer block the stage trains, and its frozen reference copy: training and
+    evaluation forwards (decoding with the KV cache stays eager). The first steps pay the compilation."""
     activation_checkpointing: bool = False
     """Recompute transformer blocks in the backward pass instead of storing their activations."""
     activation_checkpointing_every: int = 1

@@ -29,7 +29,7 @@ def report(where: str = ".") -> tuple[list[str], list[str]]:
     import torch
 
     from llmstages import __version__
-    from llmstages.train.loop import fast_bf16
+    from llmstages.train.loop import cpu_compiler, fast_bf16
 
     facts = [
         f"python {platform.python_version()}, torch {torch.__version__}, llmstages {__version__}",
@@ -53,6 +53,10 @@ def report(where: str = ".") -> tuple[list[str], list[str]]:
             else ("emulated, several times slower than fp32 (train.precision=auto picks fp32)")
         )
         facts.append(f"device cpu: {cores} cores, torch uses {torch.get_num_threads()} threads; bf16 {bf16}")
+        cxx = cpu_compiler()
+        facts.append(f"train.compile on the CPU: C++ compiler {cxx}" if cxx else "train.compile: no C++ compiler")
+        if cxx is None:
+            warnings.append("no C++ compiler (g++, clang++ or $CXX): train.compile=true cannot run on the CPU")
         if torch.version.cuda is not None:
             warnings.append(
                 "torch is a CUDA build but no GPU is visible: the CPU build (pip install torch "

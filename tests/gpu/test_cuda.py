@@ -48,14 +48,11 @@ def test_greedy_generation_matches_cpu():
 def test_low_precision_loop_learns(tmp_path, precision, compile):
     device = torch.device("cuda")
     model = _model().to(device)
-    if compile:
-        for block in model.blocks:
-            block.compile()
     batch = _batch(device)
     with torch.no_grad():
         start = float(lm_loss(model, batch)[0]) / batch["targets"].numel()
     args = TrainArgs(max_steps=30, lr=3e-3, warmup_steps=2, precision=precision, log_every=1, eval_every=100,
-                     save_every=100, device="cuda")  # fmt: skip
+                     save_every=100, device="cuda", compile=compile)  # fmt: skip
     loop = Loop(model=model, args=args, run_dir=tmp_path, next_batches=lambda step: [batch], device=device)
     log = MetricsLogger(tmp_path)
     loop.run(log, progress=False)

@@ -62,3 +62,25 @@ def test_bad_settings(base_dir, tmp_path, capsys):
     assert _ppo(base_dir, tmp_path / "x", "ppo.rollout_size=7") == 2
     assert "not divisible" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compile_and_activation_checkpointing_reach_every_model_and_change_no_step(base_dir, tmp_path, monkeypatch):
+    """train.compile compiles the policy, the separate critic and the frozen reference, and with activation
+    checkpointing the first update's figures equal the eager run's (decoding stays eager: the same rollout)."""
+    import llmstages.train.loop as loop
+    import llmstages.train.rollout as rollout
+
+    compiled = []
+    for module in (loop, rollout):
+        real = module.compile_blocks
+        monkeypatch.setattr(module, "compile_blocks", lambda m, real=real: compiled.append(m) or real(m))
+    args = ["peft.method=none", "ppo.critic=separate", "train.max_steps=2"]
+    assert _ppo(base_dir, tmp_path / "eager", *args) == 0
+    assert not compiled
+    fast_args = [*args, "train.compile=true", "train.activation_checkpointing=true"]
+    assert _ppo(base_dir, tmp_path / "compiled", *fast_args) == 0
+    blocks = [sum(1 for b in m.modules() if hasattr(b, "_forward_uncompiled")) for m in compiled]
+    assert len(compiled) == 2 and blocks[1] == 2 * blocks[0] > 0  # the reference; the loop's policy + critic
+    eager, fast = ([r for r in read_metrics(tmp_path / run) if "policy_loss" in r] for run in ("eager", "compiled"))
+    for key in ("reward_mean", "policy_loss", "value_loss", "entropy", "loss"):
+        assert fast[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-6), key

@@ -82,3 +82,81 @@ def test_native_bf16_detection_agrees_with_the_cpu():
         flags = {f for line in info.read_text().splitlines() if line.startswith("flags") for f in line.split()}
         assert fast_bf16(cpu) == bool(flags & {"amx_tile", "avx512_bf16"})
     assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+
+
+def _tiny(seed: int = 0, layers: int = 3) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(
+        preset("llama_tiny", vocab_size=256, n_layers=layers, d_model=64, n_heads=4, n_kv_heads=2, block_size=64)
+    )
+
+
+def test_compiled_blocks_match_eager_compile_once_and_survive_a_deep_copy():
+    """compile_blocks: the same loss and gradients as eager (fp32, 1e-5), one graph for all blocks, cached decoding
+    left eager (the same tokens, no new graph), and a deep copy (a frozen reference) that runs its own weights."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from llmstages.model.generate import generate
+    from llmstages.train.loop import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _tiny(), _tiny()
+    compile_blocks(compiled)
+    batch = _padded_batch(4, seq=16)
+    losses = []
+    for m in (eager, compiled):
+        loss, _ = lm_loss(m, batch)
+        loss.backward()
+        losses.append(float(loss.detach()))
+    assert math.isclose(losses[0], losses[1], rel_tol=1e-5)
+    ge, gc = _grads(eager), _grads(compiled)
+    assert ge.keys() == gc.keys()
+    for n in ge:
+        torch.testing.assert_close(gc[n], ge[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert counters["stats"]["unique_graphs"] == 1  # three blocks, one graph
+
+    copied, reference = copy.deepcopy(compiled).eval(), copy.deepcopy(eager).eval()
+    with torch.no_grad():
+        for a, b in zip(copied.parameters(), reference.parameters()):
+            a.mul_(0.5)
+            b.mul_(0.5)
+        x = batch["input_ids"]
+        torch.testing.assert_close(copied(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert (copied(x) - compiled.eval()(x)).abs().max() > 1e-3  # the copy's own weights, not the original's
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    assert torch.equal(generate(copied, prompts, 12).tokens, generate(reference, prompts, 12).tokens)
+    assert counters["stats"]["unique_graphs"] == graphs  # decoding with the cache compiled nothing
+
+
+def test_loop_compiles_and_checkpoints_every_block_of_any_stage_model(tmp_path):
+    """train.compile and train.activation_checkpointing reach every block the loop trains, also when the stage's
+    model holds several trunks (PPO's policy and critic, a reward model's backbone), and change no step's loss."""
+    from llmstages.train.loop import Loop
+
+    class TwoTrunks(torch.nn.Module):  # the shape of PPO's policy + separate critic
+        def __init__(self) -> None:
+            super().__init__()
+            self.policy, self.critic = _tiny(0, 2), _tiny(1, 2)
+
+    def loss_fn(m, b):
+        a, _ = lm_loss(m.policy, b)
+        c, _ = lm_loss(m.critic, b)
+        return a + c, {}
+
+    batch = _padded_batch(4, seq=16)
+    runs = {}
+    for options in ({}, {"compile": True, "activation_checkpointing": True}):
+        args = TrainArgs(max_steps=3, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=100, **options)
+        model = TwoTrunks()
+        loop = Loop(model=model, args=args, run_dir=tmp_path / str(len(runs)), next_batches=lambda s: [batch],
+                    loss_fn=loss_fn)  # fmt: skip
+        blocks = [*model.policy.blocks, *model.critic.blocks]
+        for attr in ("_forward_uncompiled", "_forward_without_checkpoint"):
+            assert all(hasattr(b, attr) for b in blocks) == bool(options), attr
+        runs[bool(options)] = [loop._step(loop.next_batches(s))[0] for s in range(3)]
+    for eager, compiled in zip(runs[False], runs[True]):
+        assert math.isclose(eager, compiled, rel_tol=1e-5)

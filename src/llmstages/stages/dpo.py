@@ -27,7 +27,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, load_model_and_tokenizer, save_model
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
 from llmstages.train.frozen import base_weights, hold_frozen
-from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, Loop, compile_blocks, prepare_run_dir, start_run
 from llmstages.train.rollout import policy_logprobs
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -93,6 +93,8 @@ class Reference:
             self.frozen = None  # the copy is no longer needed
         if self.frozen is not None:  # read only under the loop's autocast: held in its dtype
             hold_frozen(self.frozen, cfg.train.precision)
+            if cfg.train.compile:
+                compile_blocks(self.frozen)
 
     @property
     def kind(self) -> str:

@@ -27,7 +27,7 @@ from llmstages.eval.facts import fact_recall
 from llmstages.losses import count_targets
 from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
 from llmstages.train import distributed
-from llmstages.train.loop import Loop, apply_activation_checkpointing, prepare_run_dir, start_run
+from llmstages.train.loop import Loop, prepare_run_dir, start_run
 
 SHARD_VERSION = 2
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
@@ -182,11 +182,6 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     prepare_run_dir(cfg, "pretrain", s.model)
     shards = write_data(s)
     model = s.model.to(s.device)
-    if args.activation_checkpointing:
-        apply_activation_checkpointing(model, args.activation_checkpointing_every)
-    if args.compile:
-        for block in model.blocks:
-            block.compile()
 
     rows = d.rows(args.batch_size * d.dp)  # this rank's rows of each global micro-batch
 

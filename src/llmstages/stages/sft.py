@@ -39,7 +39,6 @@ from llmstages.train.frozen import base_weights
 from llmstages.train.loop import (
     EpochSampler,
     Loop,
-    apply_activation_checkpointing,
     prepare_run_dir,
     start_run,
 )
@@ -118,8 +117,6 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     args = cfg.train
     prepare_run_dir(cfg, "sft", s.model)
     model = s.model.to(s.device)
-    if args.activation_checkpointing:
-        apply_activation_checkpointing(model, args.activation_checkpointing_every)
     pad = s.tokenizer.pad_id
     sampler = EpochSampler(len(s.train), args.batch_size, args.grad_accum, cfg.seed)
 

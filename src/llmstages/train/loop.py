@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -96,6 +98,24 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UserError("train.precision=fp16 needs a CUDA device (it uses a gradient scaler); use bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision=bf16: this GPU does not support bfloat16; use fp16")
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) builds its kernels with ($CXX, g++, clang++ or
+    c++ on the PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def check_compile(compile: bool, device: torch.device) -> None:
+    if compile and device.type == "cpu" and cpu_compiler() is None:
+        raise UserError(
+            "train.compile=true on the CPU needs a C++ compiler (torch.compile builds C++ kernels): install g++ "
+            "or clang++, or set CXX, or set train.compile=false"
+        )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -191,10 +211,40 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
 
     if every < 1:
         raise UserError(f"train.activation_checkpointing_every must be at least 1, got {every}")
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(distributed._blocks(model)):
         if i % every == 0 and not hasattr(block, "_forward_without_checkpoint"):
             block._forward_without_checkpoint = block.forward
             block.forward = partial(checkpoint, block._forward_without_checkpoint, use_reentrant=False)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`torch.compile` every transformer block of `model` (a policy's, a critic's, a reward model's trunk) for
+    the calls without a KV cache: training and evaluation forwards. Decoding with a cache runs the block as it
+    was (its positions change every token, which would recompile each step). All blocks share one compiled
+    function, so a 30-layer model compiles one graph per kind of call, not 30; a deep copy of the model (a
+    frozen reference) stays compiled and runs its own weights."""
+    for block in distributed._blocks(model):
+        if not hasattr(block, "_forward_uncompiled"):
+            block._forward_uncompiled = block.forward  # activation checkpointing, if applied, is inside
+            block.forward = partial(_compiled_unless_cached, block)
+
+
+_compiled_block: Callable[..., torch.Tensor] | None = None
+
+
+def _run_block(block: nn.Module, *args: Any) -> torch.Tensor:
+    return block._forward_uncompiled(*args)
+
+
+def _compiled_unless_cached(
+    block: nn.Module, x: torch.Tensor, rope: Any, mask: torch.Tensor | None, is_causal: bool, cache: Any = None
+) -> torch.Tensor:
+    global _compiled_block
+    if cache is not None:
+        return block._forward_uncompiled(x, rope, mask, is_causal, cache)
+    if _compiled_block is None:
+        _compiled_block = torch.compile(_run_block)
+    return _compiled_block(block, x, rope, mask, is_causal)
 
 
 def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
@@ -207,6 +257,7 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     check_precision(args.precision, device)
+    check_compile(args.compile, device)
     existing = None if cfg.overwrite and not resume else ckpt.latest_checkpoint(out / "checkpoints")
     if existing is not None and not resume:
         raise UserError(
@@ -330,6 +381,10 @@ class Loop:
 
     def __post_init__(self) -> None:
         check_precision(self.args.precision, self.device)
+        if self.args.activation_checkpointing:
+            apply_activation_checkpointing(self.model, self.args.activation_checkpointing_every)
+        if self.args.compile:
+            compile_blocks(self.model)
         self.dist: Dist = distributed.current()
         d = self.dist
         self.template = distributed.meta_template(self.model) if d.sharded else None

@@ -26,6 +26,7 @@ from llmstages.model import GPT, load_model_and_tokenizer, load_tokenizer
 from llmstages.model.generate import sample_replies
 from llmstages.peft import disable_adapters, prepare_policy
 from llmstages.train.frozen import hold_frozen
+from llmstages.train.loop import compile_blocks
 
 RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
 
@@ -173,6 +174,8 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
     if frozen is not None:  # read only under autocast (the rollouts, the loop): held in its dtype
         hold_frozen(frozen, cfg.train.precision)
+        if cfg.train.compile:
+            compile_blocks(frozen)
     ids = [prompt_ids(m, tok) for m in train_prompts]
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]
