@@ -276,7 +276,7 @@ class DDPModel:
         return getattr(self._model, name)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """Every transformer block in the model (a policy's, a critic's, a reward model's trunk)."""
     from llmstages.model.gpt import Block
 
@@ -317,7 +317,7 @@ def shard_fsdp(model: nn.Module, d: Dist, precision: str = "fp32") -> None:
     if precision in ("bf16", "fp16"):
         half = torch.bfloat16 if precision == "bf16" else torch.float16
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
-    for block in _blocks(model):
+    for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=d.args.reshard_after_forward, **kw)
     # The root keeps its parameters gathered from forward to backward: loss functions read the LM head's
     # weight directly (the fused cross-entropy).
@@ -333,7 +333,7 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = mesh.size()
-    for block in _blocks(model):
+    for block in transformer_blocks(model):
         attn = block.attn
         if attn.n_heads % tp or attn.n_kv_heads % tp:
             raise UserError(

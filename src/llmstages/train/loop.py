@@ -211,7 +211,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> None:
 
     if every < 1:
         raise UserError(f"train.activation_checkpointing_every must be at least 1, got {every}")
-    for i, block in enumerate(distributed._blocks(model)):
+    for i, block in enumerate(distributed.transformer_blocks(model)):
         if i % every == 0 and not hasattr(block, "_forward_without_checkpoint"):
             block._forward_without_checkpoint = block.forward
             block.forward = partial(checkpoint, block._forward_without_checkpoint, use_reentrant=False)
@@ -223,7 +223,12 @@ def compile_blocks(model: nn.Module) -> None:
     was (its positions change every token, which would recompile each step). All blocks share one compiled
     function, so a 30-layer model compiles one graph per kind of call, not 30; a deep copy of the model (a
     frozen reference) stays compiled and runs its own weights."""
-    for block in distributed._blocks(model):
+    # each kind of call is a graph (training and evaluation, held and fp32 weights, LoRA on and off, a new
+    # length before shapes turn dynamic), and all stages of one process share the function: room for them all
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in distributed.transformer_blocks(model):
         if not hasattr(block, "_forward_uncompiled"):
             block._forward_uncompiled = block.forward  # activation checkpointing, if applied, is inside
             block.forward = partial(_compiled_unless_cached, block)
