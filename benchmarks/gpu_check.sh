@@ -10,7 +10,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/model/test_generate.py 2>&1 | tail -4
 timeout 120 python3 benchmarks/train_step.py --device cuda --rounds 10 2>&1 | grep -E "^[#|]"
 timeout 120 python3 benchmarks/generate.py --device cuda --rounds 5 2>&1 | grep -E "^[#|]"
-timeout 240 python3 benchmarks/finetune_vs_hf.py --device cuda --rounds 5 2>&1 | grep -E "^[#|]"
+timeout 300 python3 benchmarks/finetune_vs_hf.py --device cuda --rounds 5 --compile 2>&1 | grep -E "^[#|]"
 timeout 120 python3 benchmarks/pretrain_throughput.py --device cuda --rounds 3 --steps 5 2>&1 | grep -E "^[#|]"
 timeout 300 python3 -m llmstages pretrain --config configs/pretrain/gpt2_124m.yaml out_dir=/tmp/gpt2 \
   train.max_steps=60 train.grad_accum=1 train.log_every=10 train.eval_every=1000 train.save_every=1000 \

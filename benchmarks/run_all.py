@@ -15,7 +15,7 @@ BENCHMARKS = [
     "peft_memory.py",
     "ppo_iteration.py",
     "scaling.py",
-    "finetune_vs_hf.py",
+    "finetune_vs_hf.py --compile",
     "demo_sweep.py",  # the full demo over seeds and thread counts: about an hour on 2 cores
 ]
 
@@ -28,7 +28,8 @@ def main() -> None:
              "Each benchmark alternates its contenders in one process and reports medians; ratios are the "
              "figures to read, absolute numbers move with the machine's load.\n"]  # fmt: skip
     for name in BENCHMARKS:
-        cmd = [sys.executable, str(HERE / name)]
+        script, *options = name.split()
+        cmd = [sys.executable, str(HERE / script), *options]
         print(f"running {name} ...", flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True)
         body = "\n".join(line for line in out.stdout.splitlines() if line.startswith(("|", "#")))
