@@ -302,12 +302,20 @@ def test_bad_input_is_refused_and_nothing_changes(world, capsys, argv, says):
     assert snapshot(world.root) == before  # nothing written, deleted or changed anywhere
 
 
-def test_compile_without_a_cpu_compiler_is_refused_and_nothing_changes(world, capsys, monkeypatch):
-    monkeypatch.setenv("PATH", "")  # no g++, clang++ or c++ to find
-    monkeypatch.delenv("CXX", raising=False)
+@pytest.mark.parametrize("found", ["nothing", "clang++ only"])
+def test_compile_without_a_cpu_compiler_is_refused_and_nothing_changes(world, capsys, monkeypatch, tmp_path, found):
+    """Refused where inductor would find no compiler: none on the PATH, or (Linux, $CXX unset) only clang++,
+    which inductor does not try there."""
+    from torch._inductor import config
+
+    if found == "clang++ only":
+        (tmp_path / "clang++").write_text("#!/bin/sh\n")
+        (tmp_path / "clang++").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) if found == "clang++ only" else "")
     before = snapshot(world.root)
     argv = ["sft", f"out_dir={world.paths['new']}", f"model.path={world.paths['base']}", *RL, "train.compile=true"]
-    assert main(argv) == 2
+    with config.patch({"cpp.cxx": (None, "g++")}):  # inductor's Linux default with $CXX unset
+        assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmstages: error") and "train.compile=true on the CPU needs a C++ compiler" in err, err
     assert len(err.splitlines()) == 1 and snapshot(world.root) == before

@@ -56,7 +56,7 @@ def report(where: str = ".") -> tuple[list[str], list[str]]:
         cxx = cpu_compiler()
         facts.append(f"train.compile on the CPU: C++ compiler {cxx}" if cxx else "train.compile: no C++ compiler")
         if cxx is None:
-            warnings.append("no C++ compiler (g++, clang++ or $CXX): train.compile=true cannot run on the CPU")
+            warnings.append("no C++ compiler (g++, or $CXX): train.compile=true cannot run on the CPU")
         if torch.version.cuda is not None:
             warnings.append(
                 "torch is a CUDA build but no GPU is visible: the CPU build (pip install torch "

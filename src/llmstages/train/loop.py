@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import shutil
 import signal
@@ -101,9 +100,11 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend (inductor) builds its kernels with ($CXX, g++, clang++ or
-    c++ on the PATH), or None."""
-    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+    """The C++ compiler torch.compile's CPU backend (inductor) builds its kernels with, found on the PATH, or None.
+    The names are inductor's own setting (`cpp.cxx`: $CXX, else g++; clang++ on macOS)."""
+    from torch._inductor import config
+
+    for name in config.cpp.cxx:
         found = shutil.which(name) if name else None
         if found:
             return found
@@ -114,7 +115,7 @@ def check_compile(compile: bool, device: torch.device) -> None:
     if compile and device.type == "cpu" and cpu_compiler() is None:
         raise UserError(
             "train.compile=true on the CPU needs a C++ compiler (torch.compile builds C++ kernels): install g++ "
-            "or clang++, or set CXX, or set train.compile=false"
+            "or set CXX to one, or set train.compile=false"
         )
 
 
