@@ -71,3 +71,35 @@ def test_recipes_in_the_repository_load():
             load_constitution(recipe)
         else:
             load_config(classes[recipe.parent.name], recipe)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=inf", "train.lr must be a finite number, got 'inf'"),
+        ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
+        ("train.eps=-inf", "train.eps must be a finite number"),
+        ("seed=18446744073709551616", "seed must be in [0, 4294967295]"),
+        ("world_seed=-1", "world_seed must be in [0, 4294967295]"),
+    ],
+)
+def test_every_float_is_finite_and_seeds_fit(override, message):
+    """inf and nan trained to NaN weights with exit 0; a seed past 64 bits failed inside torch."""
+    with pytest.raises(UserError) as e:
+        load_config(PretrainConfig, None, [override])
+    assert message in str(e.value)
+
+
+def test_a_non_finite_value_in_a_recipe_is_refused(tmp_path):
+    from llmstages.config import CAIConfig, DPOConfig, PPOConfig, SFTConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dpo:\n  beta: .inf\n")
+    with pytest.raises(UserError, match="dpo.beta must be a finite number, got inf"):
+        load_config(DPOConfig, recipe)
+    with pytest.raises(UserError, match=r"ppo.kl_coef must be a finite number, got 'nan'"):
+        load_config(PPOConfig, None, ["ppo.kl_coef=nan"])
+    with pytest.raises(UserError, match=r"data.max_dropped must be in \[0, 1\]"):
+        load_config(SFTConfig, None, ["data.max_dropped=1.5"])
+    with pytest.raises(UserError, match="seed must be in"):
+        load_config(CAIConfig, None, ["seed=-3"])

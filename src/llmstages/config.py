@@ -8,7 +8,9 @@ wrong type is a `UserError` naming the key (with the closest valid one), never s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -186,6 +188,9 @@ class SFTDataArgs:
     """Built-in tasks: fact replies in mixed styles (clean, polite tail, hedged tail) that alignment then learns
     to prefer; false trains on the plain value only."""
     max_eval_examples: int = 256
+    max_dropped: float = 0.5
+    """Refuse the data when more than this share of its examples must be dropped as too long for train.seq_len
+    (each is otherwise cut: the prompt from the left, the reply from the right)."""
 
 
 @dataclass
@@ -240,6 +245,9 @@ class PreferenceDataArgs:
     """Share of pairs held out when no val_path is given."""
     samples: int = 2
     """Built-in pairs: replies sampled per question; every two that the oracle scores differently make a pair."""
+    max_dropped: float = 0.5
+    """Refuse the data when more than this share of its examples must be dropped as too long for train.seq_len
+    (each is otherwise cut: the prompt from the left, the reply from the right)."""
 
 
 @dataclass
@@ -329,6 +337,9 @@ class PromptDataArgs:
     columns: dict[str, str] = field(default_factory=dict)
     """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
     heldout_people: int = 8
+    max_dropped: float = 0.5
+    """Refuse the data when more than this share of its examples must be dropped as too long for train.seq_len
+    (each is otherwise cut: the prompt from the left, the reply from the right)."""
 
 
 @dataclass
@@ -510,6 +521,7 @@ class PretrainConfig(StageArgs):
 # interval, brackets inclusive), or a tuple of choices.
 
 Rule = str | tuple[str, ...]
+SEED = f"[0, {2**32 - 1}]"  # what every generator takes (numpy's, too), with room to derive seeds from it
 RANGES: dict[type, dict[str, Rule]] = {
     TrainArgs: {
         "max_steps": "> 0",
@@ -552,9 +564,9 @@ RANGES: dict[type, dict[str, Rule]] = {
         "bottleneck": "> 0",
     },
     DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
-    SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0"},
-    PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2"},
-    PromptDataArgs: {"heldout_people": "[1, 31]"},
+    SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0", "max_dropped": "[0, 1]"},
+    PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2", "max_dropped": "[0, 1]"},
+    PromptDataArgs: {"heldout_people": "[1, 31]", "max_dropped": "[0, 1]"},
     DPOArgs: {
         "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"),
         "beta": "> 0",
@@ -606,7 +618,8 @@ RANGES: dict[type, dict[str, Rule]] = {
         "min_probability": "[0.5, 1]",
     },
     CAIRunArgs: {"align": ("dpo", "ppo")},
-    CAIConfig: {"max_prompts": ">= 0"},
+    StageArgs: {"seed": SEED, "world_seed": SEED},
+    CAIConfig: {"max_prompts": ">= 0", "seed": SEED, "world_seed": SEED},
 }
 
 
@@ -623,9 +636,10 @@ def _allowed(value: Any, rule: Rule) -> bool:
 
 
 def check_ranges(obj: Any, prefix: str, source: str) -> None:
-    """Every field of a config section within its allowed values (RANGES); a UserError naming the key, the value
-    and what is allowed."""
-    for name, rule in RANGES.get(type(obj), {}).items():
+    """Every field of a config section within its allowed values (RANGES, for its class and the classes it
+    extends); a UserError naming the key, the value and what is allowed."""
+    rules = {name: rule for cls in reversed(type(obj).__mro__) for name, rule in RANGES.get(cls, {}).items()}
+    for name, rule in rules.items():
         value = getattr(obj, name)
         if value is None or _allowed(value, rule):
             continue
@@ -671,14 +685,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return int(value)
         raise UserError(f"{source}: {key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise UserError(f"{source}: {key} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise UserError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # inf or nan trains to NaN weights or fails deep inside a step
+            raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -119,3 +119,24 @@ def test_resolved_config_is_written(finished_run):
     keys = set().union(*metrics)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "val_loss", "val_ppl"} <= keys
     assert any((finished_run / "tb").iterdir())
+
+
+def test_a_corpus_too_short_for_a_window_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The train split must hold train.seq_len + 1 tokens; setup says so, so the corrected command then runs (it
+    is not refused as 'an earlier pretrain run')."""
+    short = tmp_path / "short.txt"
+    short.write_text("Ada lives in Paris.\n")
+    out = tmp_path / "run"
+    assert _pretrain(out, f"data.path=[{short}]", "data.val_fraction=0") == 2
+    err = capsys.readouterr().err.strip()
+    assert "the train split holds" in err and "fewer than train.seq_len + 1 = 33" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    short.write_text("Ada lives in Paris. Her cat is grey and she works as a baker near the old river bridge.\n" * 40)
+    assert _pretrain(out, f"data.path=[{short}]", "data.val_fraction=0", "train.max_steps=1") == 0
+
+
+def test_a_pretrain_only_strategy_is_named_as_such_outside_torchrun(tmp_path, capsys):
+    """`sft dist.strategy=tp` would be refused under torchrun too: say that, not 'use torchrun'."""
+    assert main(["sft", f"out_dir={tmp_path / 'sft'}", "model.preset=llama_tiny", "dist.strategy=tp"]) == 2
+    err = capsys.readouterr().err
+    assert "dist.strategy=tp is supported by pretrain only" in err and not (tmp_path / "sft").exists()

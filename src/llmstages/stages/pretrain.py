@@ -20,7 +20,15 @@ import torch
 from llmstages.config import PretrainConfig
 from llmstages.data.builtin import World, builtin_corpus
 from llmstages.data.tasks import answer_lines
-from llmstages.data.text import META, TokenShards, iter_documents, prepare_shards, tokenizer_hash, unigram_entropy
+from llmstages.data.text import (
+    META,
+    TokenShards,
+    iter_documents,
+    prepare_shards,
+    tokenizer_hash,
+    unigram_entropy,
+    val_picker,
+)
 from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.eval.facts import fact_recall
@@ -117,7 +125,32 @@ def setup(cfg: PretrainConfig) -> Setup:
     shards_dir = out / "data" if documents is not None else Path(cfg.data.path[0])
     if documents is None:
         TokenShards.open(shards_dir).check(cfg.train.seq_len, model.config.vocab_size)
+    else:
+        _check_length(documents, tok, cfg)
     return Setup(cfg, out, device, tok, trained, model, documents, shards_dir, existing)
+
+
+def _check_length(documents: list[str], tok: Tokenizer, cfg: PretrainConfig) -> None:
+    """Each split of the corpus holds more than train.seq_len tokens (or the validation split none), as the shards
+    written later must: documents go to the splits as `prepare_shards` sends them (the same seeded picker, in
+    order), and only as many are tokenized as it takes to know."""
+    need = cfg.train.seq_len + 1
+    is_val = val_picker(cfg.data.val_fraction, _split_seed(cfg))
+    split = {"train": [], "val": []}
+    for doc in documents:
+        split["val" if is_val() else "train"].append(doc)
+    for name, docs in split.items():
+        n = 0
+        for doc in docs:
+            n += len(tok.encode(doc)) + 1  # + the EOS that joins documents
+            if n >= need:
+                break
+        if name == "train" and n < need or name == "val" and 0 < n < need:
+            hint = "; lower data.val_fraction" if name == "val" else ""
+            raise UserError(
+                f"{_source(cfg)}: the {name} split holds {n} tokens, fewer than train.seq_len + 1 = {need}: give more "
+                f"text or lower train.seq_len{hint}"
+            )
 
 
 def _prepared(shards_dir: Path, tok: Tokenizer, cfg: PretrainConfig) -> bool:

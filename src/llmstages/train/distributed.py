@@ -164,6 +164,10 @@ def setup(args: DistArgs, device: torch.device, stage: str) -> Dist:
         raise UserError(f"dist.backend must be auto, nccl or gloo, got '{args.backend}'")
     if args.schedule not in ("gpipe", "1f1b"):
         raise UserError(f"dist.schedule must be gpipe or 1f1b, got '{args.schedule}'")
+    if strategy in PRETRAIN_ONLY and stage != "pretrain":
+        raise UserError(
+            f"dist.strategy={strategy} is supported by pretrain only; {stage} runs under ddp, zero1 or fsdp"
+        )
     if strategy != "none" and not launched():
         raise UserError(
             f"dist.strategy={strategy} needs a launcher: torchrun --nproc_per_node=N -m llmstages {stage} ... "
@@ -171,10 +175,6 @@ def setup(args: DistArgs, device: torch.device, stage: str) -> Dist:
         )
     if strategy == "none" and world > 1:
         raise UserError(f"dist.strategy=none with {world} processes would train {world} unrelated models; use ddp")
-    if strategy in PRETRAIN_ONLY and stage != "pretrain":
-        raise UserError(
-            f"dist.strategy={strategy} is supported by pretrain only; {stage} runs under ddp, zero1 or fsdp"
-        )
     if strategy == "fsdp+tp" and (args.tp_size < 2 or world % args.tp_size or world // args.tp_size < 2):
         raise UserError(
             f"dist.strategy=fsdp+tp needs a world size that is a multiple of dist.tp_size={args.tp_size} with at "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import shutil
 import signal
@@ -84,8 +85,15 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 where the hardware runs it natively, else fp32."""
+    """`auto` is bf16 where the hardware runs it natively, else fp32. The environment variable
+    LLMSTAGES_AUTO_PRECISION (fp32 or bf16) decides `auto` instead: a bf16 machine can run every recipe, the demo
+    and the test suite on the fp32 arithmetic path (and an fp32 one on bf16, emulated)."""
     if precision == "auto":
+        forced = os.environ.get("LLMSTAGES_AUTO_PRECISION", "")
+        if forced:
+            if forced not in ("fp32", "bf16"):
+                raise UserError(f"LLMSTAGES_AUTO_PRECISION must be fp32 or bf16, got '{forced}'")
+            return forced
         return "bf16" if fast_bf16(device) else "fp32"
     return precision
 
