@@ -33,12 +33,18 @@ def test_quick_demo(tmp_path, capsys):
     for stage, keys in KEYS.items():
         for k in [*keys, "seconds"]:
             assert stages[stage].get(k) is not None, (stage, k)
-    # Pre-training beats the corpus's unigram model; SFT answers more held-out questions than the base; DPO's
-    # replies beat the SFT model's more often than not (the oracle judges).
+    # What a few steps do on every machine and precision, by a wide margin (fp32 and bf16, seeds 0-2: README):
+    # pre-training beats the corpus's unigram model (perplexity 3.1-3.4 against 8.8); SFT at least halves its
+    # held-out loss (10-12 nats to 2.1-2.3); DPO's held-out pairs move towards the chosen replies (loss 0.39-0.54
+    # from log 2, margin 0.8-2.0 from 0). Outcomes judged by sampling (held-out accuracy 0-0.25 after 40 steps, win
+    # rates 0.46-0.56) are coin tosses at this size: their targets are the full demo's, checked by the sweep.
     entropy = read_metrics(tmp_path / "pretrain")[0]["unigram_entropy"]
     assert stages["pretrain"]["val_ppl"] < math.exp(entropy) / 3
-    assert stages["sft"]["task_accuracy"] > stages["sft"]["task_accuracy_before"]
-    assert stages["dpo"]["win_rate_vs_sft"] > 0.5
+    sft = [r for r in read_metrics(tmp_path / "sft") if "val_loss" in r]
+    assert sft[0]["step"] == 0 and sft[-1]["val_loss"] < 0.5 * sft[0]["val_loss"], sft
+    dpo = [r for r in read_metrics(tmp_path / "dpo") if "val_loss" in r]
+    assert dpo[0]["val_margin"] == 0.0 and abs(dpo[0]["val_loss"] - math.log(2)) < 1e-6  # policy = reference
+    assert dpo[-1]["val_loss"] < math.log(2) - 0.05 and dpo[-1]["val_margin"] > 0.2, dpo[-1]
     report = (tmp_path / "report.html").read_text()
     for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai_dpo"):
         assert (tmp_path / "plots" / f"{stage}.png").stat().st_size > 10_000

@@ -258,10 +258,11 @@ def evaluate(out: Path, quick: bool, seed: int = 0, world_seed: int = 0) -> dict
 
 
 def machine() -> dict[str, Any]:
-    """What the run ran on: the CPU, its native bf16, torch's threads, the precision `auto` picks."""
+    """What the run ran on: the CPU, its native bf16, torch's threads, the precision `auto` picks (the recipes'
+    default; LLMSTAGES_AUTO_PRECISION changes it)."""
     import torch
 
-    from llmstages.train.loop import fast_bf16
+    from llmstages.train.loop import fast_bf16, resolve_precision
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -280,6 +281,7 @@ def machine() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "native_bf16": fast_bf16(torch.device(device)),
+        "precision": resolve_precision("auto", torch.device(device)),
     }
 
 

@@ -140,6 +140,33 @@ def estimate(
     return Estimate(params, grads, opt, acts, RUNTIME[device], int(T), int(P))
 
 
+def device_memory(device: str | object) -> float | None:
+    """Bytes of memory on the device: the GPU's total, or the machine's physical memory for a CPU (None where
+    unknown)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return float(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_fits(cfg: ModelConfig, batch: int, seq: int, precision: str, checkpointing: bool, device) -> None:
+    """Refuse (before anything is written) a micro-batch whose activations alone exceed the device's memory:
+    `train.batch_size=1e12` failed deep inside the first step, after the run folder was written."""
+    memory = device_memory(device)
+    need = activation_bytes(cfg, batch, seq, precision if precision in ACT_BYTES else "fp32", checkpointing)
+    if memory is not None and need > memory:
+        raise UserError(
+            f"train.batch_size={batch} with train.seq_len={seq}: one micro-batch keeps about {gib(need)} of "
+            f"activations, more than the device's {gib(memory)}; lower train.batch_size (and raise train.grad_accum "
+            "to keep the global batch)"
+        )
+
+
 def largest_batch(cfg: ModelConfig, memory: float, **kw) -> int:
     """The largest batch size whose estimate fits in `memory` bytes (0 if none does)."""
     lo, hi = 0, 1
