@@ -34,7 +34,7 @@ def test_quick_demo(tmp_path, capsys):
         for k in [*keys, "seconds"]:
             assert stages[stage].get(k) is not None, (stage, k)
     # What a few steps do on every machine and precision, by a wide margin (fp32 and bf16, seeds 0-2: README):
-    # pre-training beats the corpus's unigram model (perplexity 3.1-3.4 against 8.8); SFT at least halves its
+    # pre-training beats a third of the unigram model's perplexity (3.1-3.4 against 26); SFT at least halves its
     # held-out loss (10-12 nats to 2.1-2.3); DPO's held-out pairs move towards the chosen replies (loss 0.39-0.54
     # from log 2, margin 0.8-2.0 from 0). Outcomes judged by sampling (held-out accuracy 0-0.25 after 40 steps, win
     # rates 0.46-0.56) are coin tosses at this size: their targets are the full demo's, checked by the sweep.
