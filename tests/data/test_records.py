@@ -16,6 +16,7 @@ from llmstages.cli import main
 from llmstages.config import SFTConfig, load_config
 from llmstages.data.chat import read_conversations
 from llmstages.data.preference import read_preferences, read_prompts
+from llmstages.data.records import read_records
 from llmstages.data.text import iter_documents
 from llmstages.errors import UserError
 from llmstages.model import load_tokenizer
@@ -76,8 +77,8 @@ def test_every_format_reads_as_its_jsonl(tmp_path, name):
 
 def test_rows_are_named_in_messages(tmp_path):
     rows = [*SFT_ROWS[:4], {"question": "Who?", "answer": ""}]  # row 5: an empty reply
-    for name in ("rows.parquet", "rows.csv", "saved"):
-        with pytest.raises(UserError, match=r":5: message 2 is an empty assistant reply"):
+    for name, where in (("rows.parquet", ":5:"), ("rows.csv", ":6:"), ("saved", ":5:")):  # CSV: its line
+        with pytest.raises(UserError, match=rf"{where} message 2 is an empty assistant reply"):
             read_conversations([write(tmp_path, name, rows)], {"prompt": "question", "completion": "answer"})
     with pytest.raises(UserError, match=r"rows.parquet:1: no column 'reply' \(data.columns maps completion to it"):
         read_conversations([tmp_path / "rows.parquet"], {"prompt": "question", "completion": "reply"})
@@ -180,3 +181,85 @@ def _sft_examples(base, path, tok):
     cfg = load_config(SFTConfig, None, [f"model.path={base}", f"data.path={path}",
                                         "data.columns={prompt: question, completion: answer}"])  # fmt: skip
     return sft._examples(cfg, tok)[0]
+
+
+# -- damaged files: one clear error naming the file and, where known, the line or row ----------------------------
+
+
+def _corrupt_parquet(path):
+    """A real Parquet file whose second row group's data page is overwritten with garbage."""
+    rows = [{"text": f"document number {i} " * 20} for i in range(3000)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1000, compression="snappy", use_dictionary=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    middle = chunk.data_page_offset + chunk.total_compressed_size // 2  # past the page header, in the values
+    data = bytearray(path.read_bytes())
+    data[middle : middle + 200] = b"\xff" * 200
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _bad_utf8_parquet(path):
+    """A Parquet string column whose second value is not UTF-8 (written from raw buffers, as a broken writer would)."""
+    raw = pa.array([b"fine", b"bad \xff\xfe here", b"fine too"], type=pa.binary())
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 3, raw.buffers())}), path)
+    return path
+
+
+def _ragged_csv(path):
+    """A CSV whose only bad row (three fields under a two-column header) lies past the first megabyte."""
+    lines = ["text,label", *(f"row number {i} of the corpus,{i}" for i in range(40000)), "a,b,c", "x,1"]
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size > 1 << 20
+    return path, len(lines) - 1  # the line of "a,b,c"
+
+
+def _truncated_gz(path):
+    data = gzip.compress(b"text\n" + b"".join(b"line %d of a long file\n" % i for i in range(5000)))
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _truncated_arrow_folder(path):
+    """A datasets save_to_disk folder (state.json, dataset_info.json, an Arrow stream shard), its shard cut short."""
+    path.mkdir()
+    table = pa.Table.from_pylist([{"text": f"document {i} " * 30} for i in range(2000)])
+    with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table, max_chunksize=500)
+    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (path / "dataset_info.json").write_text("{}")
+    shard = path / "data-00000-of-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return path
+
+
+def test_damaged_files_name_the_file_and_where(tmp_path):
+    cases = [
+        (_corrupt_parquet(tmp_path / "corrupt.parquet"), r"corrupt.parquet: damaged or truncated: .*\(Corrupt snappy"),
+        (_bad_utf8_parquet(tmp_path / "utf8.parquet"), r"utf8.parquet:2: column 'text' is not UTF-8 text$"),
+        (_truncated_gz(tmp_path / "cut.csv.gz"), r"cut.csv.gz: cannot be read as .csv.gz after line \d+ \(Compressed"),
+        (_truncated_arrow_folder(tmp_path / "saved"), r"data-00000-of-00001.arrow: damaged or truncated: rows after "
+                                                      r"1000 cannot be read \(Expected to be able to read"),
+    ]  # fmt: skip
+    ragged, line = _ragged_csv(tmp_path / "ragged.csv")
+    cases.append((ragged, rf"ragged.csv:{line}: 3 fields where the header has 2 \(text, label\)$"))
+    (tmp_path / "quote.csv").write_text('text\nfirst document\n"second document, its quote left open\nthird\n')
+    cases.append((tmp_path / "quote.csv", r"quote.csv:3: a quoted field opens here and is never closed$"))
+    (tmp_path / "latin1.csv").write_bytes(b"text\n" + b"caf\xe9\n" * 3 + b"ok\n" * 5000)
+    cases.append((tmp_path / "latin1.csv", r"latin1.csv:2: not UTF-8 text"))
+    (tmp_path / "late_nul.txt").write_bytes(b"plain text line\n" * 1000 + b"\x00\x01\x02binary tail")
+    cases.append((tmp_path / "late_nul.txt", r"late_nul.txt:1001: not a text file \(it contains NUL bytes"))
+    for path, message in cases:
+        with pytest.raises(UserError, match=message) as e:
+            list(iter_documents([path]))
+        assert "\n" not in str(e.value)
+
+
+def test_csv_cells_are_text_and_quoted_newlines_are_one_cell(tmp_path):
+    path = tmp_path / "digits.csv"
+    path.write_text('text,n\n123,1\n"two\nlines, one cell",2\n\n0042,3\n')  # a blank line is skipped
+    assert list(read_records(path)) == [
+        (f"{path}:2", {"text": "123", "n": "1"}),
+        (f"{path}:3", {"text": "two\nlines, one cell", "n": "2"}),
+        (f"{path}:6", {"text": "0042", "n": "3"}),
+    ]
+    assert list(iter_documents([path])) == ["123", "two\nlines, one cell", "0042"]

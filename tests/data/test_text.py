@@ -25,7 +25,7 @@ def test_formats(tmp_path):
         ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": nope}\n', "bad.jsonl:3: not valid JSON"),
         ("bad.jsonl", '{"text": "ok"}\n{"body": "x"}\n', "bad.jsonl:2: no 'text' field (keys: body)"),
         ("bad.jsonl", '{"text": 5}\n', "bad.jsonl:1: 'text' must be a string"),
-        ("bin.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "bin.txt: not a text file"),
+        ("bin.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "bin.txt:3: not a text file"),  # the line of the NUL
         ("latin.txt", "café".encode("latin-1"), "latin.txt:1: not UTF-8 text"),
     ],
 )
@@ -84,3 +84,18 @@ def test_failed_preparation_leaves_nothing(tmp_path):
     with pytest.raises(UserError):
         prepare_shards(docs(), tok, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    ("meta", "says"),
+    [
+        (b"null", "meta.json: expected a JSON object ({...}), got null"),
+        (b'{"dtype": "uint16"}', "meta.json: not the meta of token shards (KeyError('train_tokens'))"),
+        (b'{"dtype": "\xff"}', "meta.json:1: not UTF-8 text"),
+    ],
+)
+def test_a_damaged_shard_meta_is_named(tmp_path, meta, says):
+    (tmp_path / "meta.json").write_bytes(meta)
+    with pytest.raises(UserError) as e:
+        TokenShards.open(tmp_path)
+    assert says in str(e.value)

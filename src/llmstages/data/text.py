@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from llmstages.data.records import RECORD_SUFFIXES, dataset_folder, is_records, iter_records, read_text
+from llmstages.data.records import (
+    RECORD_SUFFIXES,
+    dataset_folder,
+    is_records,
+    iter_records,
+    read_json_object,
+    read_text,
+    why_missing,
+)
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 
@@ -41,7 +49,7 @@ def list_files(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            raise UserError(f"data path '{raw}' does not exist")
+            raise UserError(f"data path '{raw}' {why_missing(p)}")
         if not p.is_dir():
             files.append(p)
             continue
@@ -219,12 +227,17 @@ class TokenShards:
         path = Path(path)
         if not (path / META).is_file():
             raise UserError(f"{path}: not a token shard folder (no {META})")
-        meta = json.loads((path / META).read_text())
+        meta = read_json_object(path / META)
+        try:
+            sizes = {s: int(meta[f"{s}_tokens"]) * np.dtype(meta["dtype"]).itemsize for s in ("train", "val")}
+            int(meta["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path / META}: not the meta of token shards ({e!r}); prepare the data again") from None
         arrays = {}
         for split in ("train", "val"):
             f = path / f"{split}.bin"
             n = meta[f"{split}_tokens"]
-            expected = n * np.dtype(meta["dtype"]).itemsize
+            expected = sizes[split]
             if not f.is_file() or f.stat().st_size != expected:
                 raise UserError(f"{f}: missing or truncated (expected {expected} bytes); prepare the data again")
             arrays[split] = np.memmap(f, dtype=meta["dtype"], mode="r") if n else np.zeros(0, meta["dtype"])
