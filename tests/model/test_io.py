@@ -51,3 +51,30 @@ def test_not_in_the_cache(cache, capsys):
     assert "hub" in err and err.count("\n") == 1
     with pytest.raises(UserError, match=r"model directory 'no_such_dir' does not exist$"):
         resolve_model_path("no_such_dir")
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [(b"", "is empty"), (b"\x89PNG\r\n\x1a\n\x00\x00", r"does not hold a commit hash \(40 hex digits\)")],
+)
+def test_a_damaged_ref_is_named(cache, capsys, ref, says):
+    """An empty or binary refs/main: the ref named, not a traceback or "a snapshots folder without config.json"."""
+    main_ref = cache.parents[1] / "refs" / "main"
+    main_ref.write_bytes(ref)
+    with pytest.raises(UserError, match=rf"refs/main {says}: the cached copy of owner/tiny is damaged"):
+        resolve_model_path("owner/tiny")
+    assert resolve_model_path("owner/tiny@v1") == cache  # the other ref still resolves
+    assert main(["generate", "--model", "owner/tiny", "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_symlinks_that_lead_nowhere_are_named(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(UserError, match=r"model directory '.*/a' is a symlink loop"):
+        resolve_model_path(tmp_path / "a")
+    with pytest.raises(UserError, match=r"model directory '.*/a/model' is a symlink loop"):
+        resolve_model_path(tmp_path / "a" / "model")  # a loop above the path
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match=r"'.*/dangling' is a symlink to '.*/gone', which does not exist$"):
+        resolve_model_path(tmp_path / "dangling")

@@ -13,6 +13,7 @@ factor by which each frequency is divided.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model.gpt import GPT, ModelConfig, rope_frequencies
+from llmstages.model.io import disk_full_is_an_error
 
 DTYPES = ("f32", "f16", "q8_0")
 BUILTIN_TEMPLATE = (
@@ -194,13 +196,16 @@ def export_gguf(model: GPT, tok: Tokenizer, path: str | Path, dtype: str = "f16"
         else:
             q = gguf.GGMLQuantizationType.Q8_0
             w.add_tensor(tensor_name, gguf.quants.quantize(data, q), raw_dtype=q)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_full_is_an_error(path, "GGUF file"):
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            tmp.replace(path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                w.close()
+            tmp.unlink(missing_ok=True)
+            raise
     return path

@@ -80,6 +80,10 @@ class ModelConfig:
             raise UserError(f"model.mlp must be 'gelu' or 'swiglu', got '{self.mlp}'")
         if self.pos not in ("learned", "rope"):
             raise UserError(f"model.pos must be 'learned' or 'rope', got '{self.pos}'")
+        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "d_model", "n_kv_heads", "head_dim", "d_ff"):
+            v = getattr(self, name)  # before any size divides another
+            if v is not None and v <= 0:
+                raise UserError(f"model.{name} must be positive, got {v}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -93,15 +97,14 @@ class ModelConfig:
         if self.pos == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise UserError(f"model.rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
                 raise UserError(
                     f"rope scaling '{kind}' is not supported (supported: default, linear, llama3); "
                     "refusing rather than computing different positions"
                 )
-        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "d_model"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +129,10 @@ class ModelConfig:
             )
             if wrong:
                 raise UserError(f"{source}: '{f.name}' must be {'a number' if hint == 'float' else hint}, got {v!r}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except UserError as e:  # name the file the values came from
+            raise UserError(f"{source}: {e}") from None
 
     @property
     def eos_ids(self) -> list[int]:

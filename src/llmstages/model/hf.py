@@ -6,13 +6,13 @@ pickled `pytorch_model.bin` files are refused rather than unpickled.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmstages.data.records import read_json_object
 from llmstages.errors import UserError
 from llmstages.model.gpt import GPT2_BLOCK, ModelConfig
 
@@ -20,10 +20,9 @@ SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    """A JSON object file (config.json, an index): not UTF-8, invalid JSON, null or an array is an error naming
+    the file."""
+    return read_json_object(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,6 +70,15 @@ def check_hf_keys(hf: dict[str, Any], source: str, required: tuple[str, ...]) ->
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Our config for an HF `config.json`. Options we do not implement are refused, never ignored."""
+    try:
+        return _config_from_hf(hf, source)
+    except UserError as e:  # ModelConfig's own checks (sizes that do not divide) name the file too
+        if str(e).startswith(source):
+            raise
+        raise UserError(f"{source}: {e}") from None
+
+
+def _config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise UserError(f"{source}: model_type '{mt}' is not supported (supported: {', '.join(SUPPORTED)})")
@@ -102,6 +110,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act '{hf['hidden_act']}' is not supported (only silu, i.e. SwiGLU)")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise UserError(f"{source}: '{key}' must be an object or null, got {hf[key]!r}")
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
     scaling = rope or hf.get("rope_scaling")

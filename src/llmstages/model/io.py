@@ -3,13 +3,18 @@ Face one (`config.json` with `model_type`), told apart by their config and loade
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from llmstages.data.records import why_missing
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import hf as hf_io
@@ -47,11 +52,24 @@ def from_hub_cache(name: str) -> Path | None:
     for cache in hub_caches():
         folder = cache / f"models--{repo.replace('/', '--')}"
         ref = folder / "refs" / revision
-        commit = ref.read_text().strip() if ref.is_file() else revision
+        commit = _commit_of(ref, repo) if ref.is_file() else revision
         snapshot = folder / "snapshots" / commit
-        if snapshot.is_dir():
+        if commit and snapshot.is_dir():
             return snapshot
     return None
+
+
+def _commit_of(ref: Path, repo: str) -> str:
+    """The commit hash a cache's `refs/<revision>` file holds (40 hex digits); an empty or binary one is named."""
+    raw = ref.read_bytes().strip()
+    text = raw.decode("ascii", errors="replace")
+    if not re.fullmatch(r"[0-9a-f]{40}", text):
+        what = "is empty" if not raw else "does not hold a commit hash (40 hex digits)"
+        raise UserError(
+            f"{ref} {what}: the cached copy of {repo} is damaged; download it again (e.g. `huggingface-cli "
+            f"download {repo}`)"
+        )
+    return text
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -65,6 +83,9 @@ def resolve_model_path(path: str | Path) -> Path:
     p = Path(path)
     if p.exists():
         return p
+    reason = why_missing(p)
+    if reason != "does not exist":  # a symlink loop, or a link to nothing
+        raise UserError(f"model directory '{path}' {reason}")
     if looks_like_hub_id(str(path)):
         snapshot = from_hub_cache(str(path))
         if snapshot is not None:
@@ -87,6 +108,32 @@ def check_model_dir(path: str | Path) -> tuple[Path, dict]:
     if not (p / "config.json").is_file():
         raise UserError(f"{p}: no config.json in this directory")
     return p, hf_io.read_json(p / "config.json")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An error from a full disk (or quota): an OSError with ENOSPC/EDQUOT, or the text of one that the Rust
+    writers (safetensors, tokenizers) raise as their own exception types."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: str | Path, what: str) -> Iterator[None]:
+    """Turn running out of disk space while writing `path` (a folder or file written whole, under a temporary name)
+    into one line saying so; the writer has removed its temporary copy, so an earlier `what` there is kept."""
+    existed = Path(path).exists()
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, UserError) or not is_disk_full(e):
+            raise
+        kept = f"the earlier {what} there is kept" if existed else "nothing was written there"
+        raise UserError(f"no space left on device: {path} ({kept})") from None
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -185,7 +232,8 @@ def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None)
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    return write_dir(Path(path), fill)
+    with disk_full_is_an_error(path, "model directory"):
+        return write_dir(Path(path), fill)
 
 
 def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
@@ -215,4 +263,5 @@ def export_hf(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) 
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    return write_dir(path, fill)
+    with disk_full_is_an_error(path, "export"):
+        return write_dir(path, fill)
