@@ -5,6 +5,7 @@ after). Then the three ways earlier versions destroyed data with exit 0, each as
 from __future__ import annotations
 
 # ruff: noqa: E501 (the cases below are a table, one per line)
+import errno
 import hashlib
 import json
 import shutil
@@ -98,12 +99,68 @@ def world(tmp_path_factory):
     p["blob"] = str(root / "blob.txt")
     (root / "bad.yaml").write_text("train: [1, 2\n")
     p["bad_yaml"] = str(root / "bad.yaml")
+    _damaged(root, p)
     fns = root / "fns"
     fns.mkdir()
     (fns / "userfns.py").write_text(USER_FNS)
     sys.path.insert(0, str(fns))
     yield World(root, p)
     sys.path.remove(str(fns))
+
+
+def _damaged(root: Path, p: dict[str, str]) -> None:
+    """Damaged data files and model directories (issue 23): each real, written with the library that makes it and
+    then broken as a disk, a download or an editor breaks it."""
+    from tests.data.test_records import (
+        _bad_utf8_parquet,
+        _corrupt_parquet,
+        _ragged_csv,
+        _truncated_arrow_folder,
+        _truncated_gz,
+    )
+
+    p["corrupt_parquet"] = str(_corrupt_parquet(root / "corrupt.parquet"))
+    p["utf8_parquet"] = str(_bad_utf8_parquet(root / "utf8.parquet"))
+    p["ragged_csv"] = str(_ragged_csv(root / "ragged.csv")[0])
+    p["cut_gz"] = str(_truncated_gz(root / "cut.csv.gz"))
+    p["cut_arrow"] = str(_truncated_arrow_folder(root / "saved_cut"))
+    (root / "quote.csv").write_text('text\nfirst document\n"second document, its quote left open\nthird\n')
+    p["quote_csv"] = str(root / "quote.csv")
+    (root / "late_nul.txt").write_bytes(b"plain text line\n" * 1000 + b"\x00\x01\x02binary tail")
+    p["late_nul"] = str(root / "late_nul.txt")
+    # model directories: a config or tokenizer config that is null, an array or not UTF-8; zero KV heads; chat
+    # templates that do not compile; an adapter config without its method; a symlink loop
+    for name, file, body in (("cfg_null", "config.json", b"null"), ("cfg_list", "config.json", b"[]"),
+                             ("cfg_latin1", "config.json", b'{"model_type": "caf\xe9"}'),
+                             ("tokcfg_null", "tokenizer_config.json", b"null"),
+                             ("tokcfg_list", "tokenizer_config.json", b"[]"),
+                             ("tokcfg_latin1", "tokenizer_config.json", b'{"eos_token": "\xff"}')):  # fmt: skip
+        shutil.copytree(p["base"], root / name)
+        (root / name / file).write_bytes(body)
+        p[name] = str(root / name)
+    edits = {
+        "kv0": ("config.json", lambda c: c.update(n_kv_heads=0)),
+        "hf_kv0": ("config.json", lambda c: c.update(num_key_value_heads=0)),
+        "tmpl_syntax": ("tokenizer_config.json", lambda c: c.update(chat_template="{% for m in messages %}{{ m }")),
+        "tmpl_filter": ("tokenizer_config.json",
+                        lambda c: c.update(chat_template="{% for m in messages %}{{ m.content | shout }}{% endfor %}")),
+        "tmpl_render": ("tokenizer_config.json", lambda c: c.update(chat_template="{{ messages[0].content.nope() }}")),
+    }  # fmt: skip
+    for name, (file, edit) in edits.items():
+        shutil.copytree(p["hf" if name == "hf_kv0" else "base"], root / name)
+        cfg = json.loads((root / name / file).read_text())
+        edit(cfg)
+        (root / name / file).write_text(json.dumps(cfg))
+        p[name] = str(root / name)
+    shutil.copytree(p["base"], root / "no_method")
+    (root / "no_method" / "adapter_config.json").write_text(json.dumps({"rank": 4, "target_modules": ["q_proj"]}))
+    p["no_method"] = str(root / "no_method")
+    shutil.copytree(p["base"], root / "peft_lib")  # the peft library's adapter config where ours belongs
+    (root / "peft_lib" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    p["peft_lib"] = str(root / "peft_lib")
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
+    p["loop"] = str(root / "loop_a")
 
 
 def _base(path: Path) -> Path:
@@ -279,13 +336,58 @@ CASES = [
     ("gen-bigtok", ["generate", "--model", "{bigtok}", "--prompt", "Ada"], "more than the model's vocab_size"),
     ("gen-empty", ["generate", "--model", "{base}", "--prompt", ""], "--prompt is empty"),
     ("memory-model", ["estimate-memory", "--model", "llama_huge"], "neither a preset"),
+    # issue 23: damaged data files, named with the line or row where known
+    ("pretrain-parquet-page", ["pretrain", "out_dir={new}", *PRE, "data.path=[{corrupt_parquet}]"],
+     "corrupt.parquet: damaged or truncated: "),
+    ("pretrain-parquet-utf8", ["pretrain", "out_dir={new}", *PRE, "data.path=[{utf8_parquet}]"],
+     "utf8.parquet:2: column 'text' is not UTF-8 text"),
+    ("pretrain-csv-ragged", ["pretrain", "out_dir={new}", *PRE, "data.path=[{ragged_csv}]"],
+     "ragged.csv:40002: 3 fields where the header has 2 (text, label)"),
+    ("pretrain-csv-gz-cut", ["pretrain", "out_dir={new}", *PRE, "data.path=[{cut_gz}]"],
+     "cut.csv.gz: cannot be read as .csv.gz after line"),
+    ("pretrain-arrow-cut", ["pretrain", "out_dir={new}", *PRE, "data.path=[{cut_arrow}]"],
+     "data-00000-of-00001.arrow: damaged or truncated: rows after 1000 cannot be read"),
+    ("pretrain-csv-quote", ["pretrain", "out_dir={new}", *PRE, "data.path=[{quote_csv}]"],
+     "quote.csv:3: a quoted field opens here and is never closed"),
+    ("pretrain-late-nul", ["pretrain", "out_dir={new}", *PRE, "data.path=[{late_nul}]"],
+     "late_nul.txt:1001: not a text file (it contains NUL bytes"),
+    # issue 23: model directories
+    ("sft-config-null", ["sft", "out_dir={new}", "model.path={cfg_null}"], "config.json: expected a JSON object ({...}), got null"),
+    ("sft-config-list", ["sft", "out_dir={new}", "model.path={cfg_list}"], "config.json: expected a JSON object ({...}), got an array"),
+    ("gen-config-latin1", ["generate", "--model", "{cfg_latin1}", "--prompt", "Ada"], "config.json:1: not UTF-8 text"),
+    ("sft-tokconfig-null", ["sft", "out_dir={new}", "model.path={tokcfg_null}"], "tokenizer_config.json: expected a JSON object ({...}), got null"),
+    ("gen-tokconfig-list", ["generate", "--model", "{tokcfg_list}", "--prompt", "Ada"], "tokenizer_config.json: expected a JSON object ({...}), got an array"),
+    ("chat-tokconfig-latin1", ["chat", "--model", "{tokcfg_latin1}"], "tokenizer_config.json:1: not UTF-8 text"),
+    ("sft-kv-heads-0", ["sft", "out_dir={new}", "model.path={kv0}"], "kv0/config.json: model.n_kv_heads must be positive, got 0"),
+    ("gen-hf-kv-heads-0", ["generate", "--model", "{hf_kv0}", "--prompt", "Ada"], "'num_key_value_heads' must be a positive integer, got 0"),
+    ("chat-template-syntax", ["chat", "--model", "{tmpl_syntax}"], "tokenizer_config.json: the chat template does not compile (template line 1: unexpected '}'"),
+    ("sft-template-syntax", ["sft", "out_dir={new}", "model.path={tmpl_syntax}"], "the chat template does not compile"),
+    ("chat-template-filter", ["chat", "--model", "{tmpl_filter}"], "tokenizer_config.json: the chat template does not compile (template line 1: No filter named 'shout'"),
+    ("sft-template-filter", ["sft", "out_dir={new}", "model.path={tmpl_filter}"], "No filter named 'shout'"),
+    ("sft-template-render", ["sft", "out_dir={new}", "model.path={tmpl_render}"], "tokenizer_config.json: the chat template failed (UndefinedError"),
+    ("sft-adapter-method", ["sft", "out_dir={new}", "model.path={no_method}"], "adapter_config.json: no 'method' (one of lora, dora, adapter)"),
+    ("gen-adapter-peft-lib", ["generate", "--model", "{peft_lib}", "--prompt", "Ada"], "no 'method' (one of lora, dora, adapter) (this is the peft library's format, peft_type LORA"),
+    ("gen-model-loop", ["generate", "--model", "{loop}", "--prompt", "Ada"], "loop_a' is a symlink loop"),
+    ("pretrain-data-loop", ["pretrain", "out_dir={new}", *PRE, "data.path=[{loop}]"], "loop_a' is a symlink loop"),
+    # issue 23: options out of range, outputs through a file
+    ("chat-temp-nan", ["chat", "--model", "{base}", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    ("gen-temp-inf", ["generate", "--model", "{base}", "--prompt", "Ada", "--temperature", "inf"], "--temperature must be a finite number"),
+    ("eval-temp-nan", ["eval", "--model", "{base}", "--temperature", "nan"], "--temperature must be a finite number"),
+    ("memory-seq", ["estimate-memory", "--model", "llama_tiny", "--seq-len", "-1"], "--seq-len must be at least 1, got -1"),
+    ("memory-seq-0", ["estimate-memory", "--model", "llama_tiny", "--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    ("memory-rank", ["estimate-memory", "--model", "llama_tiny", "--method", "lora", "--lora-rank", "0"], "--lora-rank must be at least 1"),
+    ("tok-out-through-file", ["tokenizer", "--out", "{file}/sub"], "notes.txt is a file, not a folder"),
+    ("export-out-through-file", ["export", "--model", "{base}", "--out", "{file}/sub"], "notes.txt is a file, not a folder"),
+    ("export-gguf-through-file", ["export", "--model", "{base}", "--format", "gguf", "--out", "{file}/m.gguf"], "notes.txt is a file, not a folder"),
+    ("eval-out-through-file", ["eval", "--model", "{base}", "--out", "{file}/eval.json"], "notes.txt is a file, not a folder"),
 ]  # fmt: skip
 
 
 def test_there_are_enough_distinct_cases():
     assert len({c[0] for c in CASES}) == len(CASES) >= 80
     assert {c[1][0] for c in CASES} >= {"pretrain", "sft", "reward", "dpo", "ppo", "grpo", "cai", "tokenizer",
-                                         "export", "eval", "report", "frontier", "demo", "generate"}  # fmt: skip
+                                         "export", "eval", "report", "frontier", "demo", "generate", "chat",
+                                         "estimate-memory"}  # fmt: skip
 
 
 @pytest.mark.parametrize(("argv", "says"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -372,3 +474,94 @@ def test_overwrite_restarts_only_its_own_run(tmp_path):
     assert (run / "my_notes.txt").read_text() == "kept"
     assert (run / "final" / "model.safetensors").read_bytes() != first  # trained again, from the other seed
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())][0] == 0
+
+
+# -- issue 23: a full disk, and valid input that used to be refused --------------------------------------------------
+
+NO_SPACE = [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # what safetensors' Rust writer raises on a full disk: its own exception type, the OS error in the text
+    "safetensors",
+]
+
+
+def _writer_fails(what):
+    """A writer that writes part of its file, then fails as a full disk does."""
+
+    def write(tensors, filename, metadata=None):  # noqa: ARG001
+        Path(filename).write_bytes(b"\0" * 100)
+        if what == "safetensors":
+            from safetensors import SafetensorError
+
+            raise SafetensorError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            )
+        raise what
+
+    return write
+
+
+@pytest.mark.parametrize("fmt", ["hf", "merged"])
+@pytest.mark.parametrize("error", NO_SPACE, ids=["oserror", "rust"])
+def test_a_full_disk_during_export_keeps_the_earlier_export(world, tmp_path, capsys, monkeypatch, fmt, error):
+    out = tmp_path / "export"
+    assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out)]) == 0
+    before = snapshot(tmp_path)
+    monkeypatch.setattr("llmstages.model.io.save_file", _writer_fails(error))
+    capsys.readouterr()
+    assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    what = "export" if fmt == "hf" else "model directory"  # merged: our model directory, written by save_model
+    assert err == f"llmstages: error: no space left on device: {out} (the earlier {what} there is kept)\n", err
+    assert snapshot(tmp_path) == before  # the earlier export whole, no temporary folder left beside it
+
+
+def test_a_full_disk_during_a_first_export_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("llmstages.model.io.save_file", _writer_fails(NO_SPACE[0]))
+    assert main(["export", "--model", world.paths["base"], "--out", str(tmp_path / "export")]) == 2
+    assert "(nothing was written there)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_during_a_gguf_export_keeps_the_earlier_file(world, tmp_path, capsys, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--model", world.paths["base"], "--format", "gguf", "--out", str(out)]) == 0
+    before = snapshot(tmp_path)
+
+    def fails(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fails)
+    capsys.readouterr()
+    assert main(["export", "--model", world.paths["base"], "--format", "gguf", "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"llmstages: error: no space left on device: {out} (the earlier GGUF file there is kept)\n", err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_during_a_tokenizer_rewrite_keeps_the_earlier_one(tmp_path, capsys, monkeypatch):
+    from llmstages.data.tokenizer import Tokenizer
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "--out", str(out), "--vocab-size", "300"]) == 0
+    before = snapshot(tmp_path)
+
+    def save(self, path):  # tokenizers' Rust writer reports a full disk as a plain Exception
+        (Path(path) / "tokenizer.json").write_text('{"version": ')
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(Tokenizer, "save", save)
+    capsys.readouterr()
+    assert main(["tokenizer", "--out", str(out), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"llmstages: error: no space left on device: {out} (the earlier tokenizer folder there is kept)\n"
+    assert snapshot(tmp_path) == before
+
+
+def test_a_csv_column_of_digits_is_text(tmp_path):
+    """CSV cells are text: a column of digits is documents of digits, not integers refused as 'not a string'."""
+    data = tmp_path / "digits.csv"
+    data.write_text("text\n" + "".join(f"{i * 7919 % 100003}{i * 31 % 997}{i}\n" for i in range(3000)))
+    assert main(["pretrain", f"out_dir={tmp_path / 'run'}", *PRE, f"data.path=[{data}]"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

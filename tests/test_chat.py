@@ -52,3 +52,45 @@ def test_two_turns_then_reset(base, monkeypatch, capsys):
 def test_bad_sampling_options(base, capsys):
     assert main(["chat", "--model", str(base), "--temperature", "-1"]) == 2
     assert "--temperature must be >= 0" in capsys.readouterr().err
+
+
+def _stdin(data: bytes, errors: str = "strict") -> io.TextIOWrapper:
+    """stdin as Python opens it: bytes decoded as UTF-8 (with surrogateescape in a POSIX locale)."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+
+
+@pytest.mark.parametrize(
+    ("data", "errors", "says"),
+    [
+        (b"Hello\n\xff\xfe\x00\x01 binary\n", "strict", "stdin: not UTF-8 text at or near line 1 (binary input?)"),
+        (b"Hello\n\xff\xfe binary\n", "surrogateescape", "stdin: not UTF-8 text at or near line 2 (binary input?)"),
+        (b"/reset\nHel\x00lo\n", "strict", "stdin: line 2 holds NUL bytes (binary input?)"),
+    ],
+    ids=["strict", "surrogateescape", "nul"],
+)
+def test_binary_stdin_is_one_line_and_exit_2(base, monkeypatch, capsys, data, errors, says):
+    sent = []
+    monkeypatch.setattr(model_pkg, "generate", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr("sys.stdin", _stdin(data, errors))
+    assert main(["chat", "--model", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"llmstages: error: {says}\n", err
+    assert len(sent) <= 1  # "Hello" at most; the binary line never reaches the model
+
+
+def test_an_unknown_command_is_not_sent(base, monkeypatch, capsys):
+    prompts = []
+    real = model_pkg.generate
+
+    def spy(model, ids, *args, **kwargs):
+        prompts.append(list(ids[0]))
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(model_pkg, "generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/foo bar\n/help\nWhere does Ada live?\n/exit\n"))
+    assert main(["chat", "--model", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(unknown command /foo, not sent to the model; commands: /reset: " in out
+    assert "(unknown command /help," in out and "/exit: end the chat" in out
+    tok = load_tokenizer(base)
+    assert prompts == [prompt_ids([{"role": "user", "content": "Where does Ada live?"}], tok)]  # only the question

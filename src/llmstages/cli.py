@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -68,11 +69,17 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+def _check_temperature(t: float) -> None:
+    if not math.isfinite(t):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {t}")
+    if t < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {t}")
+
+
 def _check_sampling(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    _check_temperature(args.temperature)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k is not None and args.top_k < 1:
@@ -93,10 +100,25 @@ class _Streamed:
         self.shown = now
 
 
+CHAT_COMMANDS = {"/reset": "start the conversation over", "/exit": "end the chat (so does end of input)"}
+
+
+def _read_turn(n: int) -> str:
+    """Line `n` of stdin ("" at its end); bytes that are not UTF-8 text, or NUL bytes, are an error."""
+    try:
+        line = sys.stdin.readline()
+        line.encode("utf-8")  # a stdin decoding with surrogateescape passes undecodable bytes on as surrogates
+    except UnicodeError:
+        raise UserError(f"stdin: not UTF-8 text at or near line {n} (binary input?)") from None
+    if "\x00" in line:
+        raise UserError(f"stdin: line {n} holds NUL bytes (binary input?)")
+    return line
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn chat through the model's chat template, replies streamed as they are generated. Reads one
     user turn a line from stdin (a terminal or a pipe); /reset forgets the conversation, /exit (or end of input)
-    ends it."""
+    ends it; any other line starting with / is an unknown command, never sent to the model."""
     import torch
 
     from llmstages.data.chat import prompt_ids
@@ -111,16 +133,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         print(f"chat with {args.model}: type a message; /reset starts over, /exit (or Ctrl-D) ends")
     history: list[dict[str, str]] = []
+    n = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        n += 1
+        line = _read_turn(n)
         text = line.strip()
-        if not line or text == "/exit":
+        command = text.split()[0] if text.startswith("/") else None
+        if not line or command == "/exit":
             return 0
-        if text == "/reset":
+        if command == "/reset":
             history = []
             print("(conversation cleared)", flush=True)
+            continue
+        if command is not None:
+            known = "; ".join(f"{c}: {what}" for c, what in CHAT_COMMANDS.items())
+            print(f"(unknown command {command}, not sent to the model; commands: {known})", flush=True)
             continue
         if not text:
             continue
@@ -134,6 +163,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _continue(model, tok, ids, args, gen, on_token=reply)
         print(flush=True)
         history += [*turn, {"role": "assistant", "content": tok.decode(reply.ids).strip()}]
+
+
+def _check_parents(out: Path, what: str) -> None:
+    """Refuse an output path that runs through an existing file (FILE/sub): no folder can be made there."""
+    for parent in out.parents:  # the nearest that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {out}: {parent} is a file, not a folder (nothing was written)")
+            return
 
 
 def _is_export(path: Path) -> bool:
@@ -155,11 +193,12 @@ def _is_export(path: Path) -> bool:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from llmstages.model import export_hf, load_model, load_tokenizer, save_model
-    from llmstages.model.io import resolve_model_path
+    from llmstages.model.io import disk_full_is_an_error, resolve_model_path
     from llmstages.outputs import claim_folder
     from llmstages.peft import merge_lora, peft_config
     from llmstages.peft.export import export_peft
 
+    _check_parents(Path(args.out), "--out")
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
     src, out = resolve_model_path(args.model).resolve(), Path(args.out).resolve()
@@ -173,12 +212,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     claim_folder(out, "--out", _is_export, replace=args.force)
     if method == "adapter" and args.format == "merged":
         raise UserError("bottleneck adapters cannot be merged into the weights; use the model directory as is")
-    if args.format == "hf":
-        export_hf(model, args.out, tok)
-    elif args.format == "peft":
-        export_peft(model, args.out)
-    else:
-        save_model(merge_lora(model), args.out, tok)
+    with disk_full_is_an_error(args.out, "export"):  # the export is written whole or not at all
+        if args.format == "hf":
+            export_hf(model, args.out, tok)
+        elif args.format == "peft":
+            export_peft(model, args.out)
+        else:
+            save_model(merge_lora(model), args.out, tok)
     print(f"wrote {args.out}")
     return 0
 
@@ -214,6 +254,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmstages.data.tasks import answer_lines
     from llmstages.data.text import iter_documents, prepare_shards
     from llmstages.data.tokenizer import train_bpe
+    from llmstages.model.io import disk_full_is_an_error
     from llmstages.outputs import claim_folder, write_dir
 
     if args.vocab_size < 300:
@@ -223,6 +264,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
+    _check_parents(out, "--out")
     ours = {"tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json"}
     claim_folder(out, "--out", lambda p: {q.name for q in p.iterdir()} <= ours and (p / "tokenizer.json").is_file())
     docs = list(iter_documents(args.data)) if args.data else builtin_corpus()
@@ -240,7 +282,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
                 )
             )
 
-    write_dir(out, fill)
+    with disk_full_is_an_error(out, "tokenizer folder"):  # written whole or not at all
+        write_dir(out, fill)
     print(f"tokenizer: {tok.vocab_size} tokens, written to {out}")
     if meta:
         print(f"shards: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens in {out}")
@@ -271,13 +314,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples must be at least 1, got {args.samples}")
-    if args.temperature < 0 or args.max_new_tokens < 1:
-        raise UserError(
-            f"--temperature must be >= 0 and --max-new-tokens >= 1, got {args.temperature} and {args.max_new_tokens}"
-        )
+    _check_temperature(args.temperature)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.out:
         from llmstages.outputs import claim_file
 
+        _check_parents(Path(args.out), "--out")
         claim_file(Path(args.out), "--out", _is_eval_json)
     if not args.model and not args.labels:
         raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
@@ -371,13 +414,17 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
     from llmstages.model import PRESETS, load_config, preset
     from llmstages.train import memory
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {args.seq_len}")
+    if args.lora_rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, got {args.lora_rank}")
     if args.model in PRESETS:
         cfg = preset(args.model)
     elif Path(args.model).exists() or "/" in args.model:  # a folder, or a hub id in the local cache
         cfg = load_config(args.model)
     else:
         raise UserError(f"--model '{args.model}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
-    seq = args.seq_len or cfg.block_size
+    seq = cfg.block_size if args.seq_len is None else args.seq_len
     kw = dict(
         method=args.method,
         strategy=args.strategy,
