@@ -1,6 +1,10 @@
-"""Checkpoints: a crash mid-write leaves the previous checkpoint intact; a corrupt one is a clear error."""
+"""Checkpoints: a crash mid-write leaves the previous checkpoint intact; a corrupt, incomplete or edited one is
+skipped for the one before it, with one line saying why."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -76,6 +80,86 @@ def test_an_unreadable_newest_checkpoint_is_skipped_for_the_one_before(tmp_path,
     assert ckpt.newest_loadable(tmp_path) == tmp_path / "step_1"
     assert "resuming from step_1 instead" in capsys.readouterr().out
     (tmp_path / "step_1" / "state.json").write_text("{")
-    ckpt._LOADABLE.clear()
     with pytest.raises(UserError, match="no checkpoint in .* can be read"):
         ckpt.newest_loadable(tmp_path)
+
+
+def _drop(key: str, file: str):
+    def edit(path):
+        if file == "state.json":
+            state = json.loads((path / file).read_text())
+            del state[key]
+            (path / file).write_text(json.dumps(state))
+        else:
+            opt = torch.load(path / file, weights_only=True)
+            del opt[key]
+            torch.save(opt, path / file)
+
+    return edit
+
+
+def _set_step(step: int):
+    def edit(path):
+        state = json.loads((path / "state.json").read_text())
+        (path / "state.json").write_text(json.dumps({**state, "step": step}))
+
+    return edit
+
+
+def _set_rng(path):
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "rng": {"python": [3, [1, 2], None], "numpy": []}}))
+
+
+def _not_utf8(path):
+    (path / "state.json").write_bytes(b"\xff\xfe" + (path / "state.json").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (_drop("rng", "state.json"), "state.json has no 'rng'"),
+        (_drop("torch_rng", "optimizer.pt"), "optimizer.pt has no torch random state"),
+        (_drop("step", "state.json"), "state.json has no step number"),
+        (_not_utf8, "UnicodeDecodeError"),
+        (_set_step(999), "state.json says step 999, the folder is step_4"),
+        (_set_step(2), "state.json says step 2, the folder is step_4"),
+        (_set_rng, "state.json's 'rng' is not a random state"),
+    ],
+    ids=["no-rng", "no-torch-rng", "no-step", "not-utf8", "step-999", "step-2-in-step_4", "bad-rng"],
+)
+def test_an_incomplete_or_edited_checkpoint_is_skipped_for_the_one_before(tmp_path, capsys, edit, why):
+    """Whatever is wrong with the newest checkpoint, resume takes the one before it and says why in one line;
+    with none left that reads, the error names the first problem."""
+    model, opt = _model_and_opt()
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, {"tokens_seen": step})
+    edit(tmp_path / "step_4")
+    assert ckpt.newest_loadable(tmp_path) == tmp_path / "step_2"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and why in out and "resuming from step_2 instead" in out, out
+    assert ckpt.newest_loadable(tmp_path) == tmp_path / "step_2" and capsys.readouterr().out == ""  # said once
+    fresh, fresh_opt = _model_and_opt()
+    assert ckpt.load_checkpoint(tmp_path / "step_2", fresh, fresh_opt)[0]["tokens_seen"] == 2
+    shutil.rmtree(tmp_path / "step_2")
+    with pytest.raises(UserError, match=f"no checkpoint in .* can be read .*{why}"):
+        ckpt.newest_loadable(tmp_path)
+
+
+def test_weights_digest_follows_the_weights(tmp_path):
+    """The digest a run records of its base: equal for a copy of the weights, different once one tensor changes,
+    whether the file is rewritten in place or replaced."""
+    from safetensors.torch import save_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        save_file({"w": torch.ones(4, 4)}, str(d / "model.safetensors"))
+        (d / "tokenizer.json").write_text(d.name)  # not a weight: not part of the digest
+    assert ckpt.weights_digest(a) == ckpt.weights_digest(b)
+    before = ckpt.weights_digest(a)
+    save_file({"w": torch.ones(4, 4).index_fill_(0, torch.tensor([2]), 2.0)}, str(a / "model.safetensors"))
+    assert ckpt.weights_digest(a) != before
+    shutil.rmtree(b)
+    shutil.copytree(a, b)
+    assert ckpt.weights_digest(b) == ckpt.weights_digest(a)

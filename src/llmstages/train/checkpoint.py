@@ -3,11 +3,13 @@ every RNG state, written atomically so that a crash mid-write leaves the previou
 
 A checkpoint is complete when its folder is named `step_N`: it is written as `.step_N.tmp`, and `state.json`
 (written last) plus the rename mark it done. Only files we wrote are ever unpickled, and then with
-`weights_only=True`.
+`weights_only=True`. A resume takes the newest checkpoint that reads whole and agrees with itself (its state names
+step N, and every part the loop restores is there and loads); any other is skipped with one line saying why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -80,6 +82,32 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_DIGESTS: dict[tuple, str] = {}  # the files' identities (inode, size, change time) -> their digest
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a model directory's weights: every `*.safetensors` file (shards, an adapter) and
+    `adapter_config.json`, in name order. What a run records of the model it starts from; computed once for each
+    version of the files (a file written or replaced gets a new change time or inode)."""
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name == "adapter_config.json")
+    )
+    stats = [(p, p.stat()) for p in files]
+    key = (
+        str(folder.resolve()),
+        *((p.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p, st in stats),
+    )
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        for p, st in stats:
+            h.update(f"{p.name}\0{st.st_size}\0".encode())
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
@@ -93,7 +121,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-_LOADABLE: dict[Path, tuple[Path, tuple]] = {}  # checkpoint folder -> (the one found to load, its files' stats)
+_CHECKED: dict[Path, tuple[tuple, str | None]] = {}  # checkpoint folder -> (its files' stats, why it is unusable)
+_TOLD: set[str] = set()  # the lines newest_loadable printed (each once)
 
 
 def _signature(path: Path) -> tuple:
@@ -102,25 +131,36 @@ def _signature(path: Path) -> tuple:
     return tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (unreadable, incomplete, or a step that is not its
+    folder's), or None when it reads whole; remembered until one of its files changes."""
+    key, signature = path.resolve(), _signature(path)
+    if key in _CHECKED and _CHECKED[key][0] == signature:
+        return _CHECKED[key][1]
+    try:
+        read_checkpoint(path)
+        problem = None
+    except UserError as e:
+        problem = str(e)
+    _CHECKED[key] = (signature, problem)
+    return problem
+
+
 def newest_loadable(root: Path) -> Path | None:
-    """The newest checkpoint under `root` that reads whole: a newest one that a crash left unreadable is skipped
-    for the one before it, with one line saying so. None when there is none; an error when none of them reads."""
-    key = root.resolve()
-    ckpts = list_checkpoints(root)
-    if key in _LOADABLE and ckpts and _LOADABLE[key][0] == ckpts[-1]:
-        path, signature = _LOADABLE[key]
-        if path.is_dir() and _signature(path) == signature:
-            return path
+    """The newest checkpoint under `root` that reads whole: a newest one that a crash left unreadable, or one
+    edited into disagreeing with itself, is skipped for the one before it, with one line saying so. None when
+    there is none; an error when none of them reads."""
     problems = []
-    for path in reversed(ckpts):
-        try:
-            read_checkpoint(path)
-        except UserError as e:
-            problems.append(str(e))
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            problems.append(problem)
             continue
         if problems:
-            print(f"resume: {problems[-1]}; resuming from {path.name} instead", flush=True)
-        _LOADABLE[key] = (path, _signature(path))
+            line = f"resume: {problems[-1]}; resuming from {path.name} instead"
+            if line not in _TOLD:
+                _TOLD.add(line)
+                print(line, flush=True)
         return path
     if problems:
         raise UserError(f"no checkpoint in {root} can be read ({problems[0]})")
@@ -267,22 +307,76 @@ def _tied_state_names(model: nn.Module, osd: dict[str, Any], saved: dict[str, An
                 osd["state"][n] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(tensors, optimizer file contents, state) of a checkpoint; a clear error when any part is unreadable."""
-    if is_sharded(path):
-        try:
-            state = json.loads((path / "state.json").read_text())
-            if not (path / "dcp" / ".metadata").is_file():
-                raise FileNotFoundError("dcp/.metadata")
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"{path}: corrupted checkpoint, cannot resume from it ({type(e).__name__}: {e})") from None
-        return {}, {}, state
+def _unusable(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: corrupted checkpoint, cannot resume from it ({why})")
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """`state.json` of the checkpoint folder `path`, checked whole: a JSON object whose step is the folder's, every
+    field of the loop's state of its type, and RNG states that the generators accept."""
     try:
         state = json.loads((path / "state.json").read_text())
+    except Exception as e:  # noqa: BLE001 - missing, torn or not UTF-8: the checkpoint is unusable
+        raise _unusable(path, f"{type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise _unusable(path, "state.json does not hold an object")
+    m = STEP_DIR.match(path.name)
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _unusable(path, f"state.json has no step number (step: {step!r})")
+    if m is not None and int(m.group(1)) != step:
+        raise _unusable(path, f"state.json says step {step}, the folder is {path.name}")
+    kinds = {"tokens_seen": int, "skipped_steps": int, "world_size": int, "extra": dict, "best_val_loss": int | float}
+    for key, kind in kinds.items():
+        v = state.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind)):
+            raise _unusable(path, f"state.json's '{key}' is {v!r}")
+    if "rng" not in state:
+        raise _unusable(path, "state.json has no 'rng'")
+    try:  # on throwaway generators: what set_rng_state will restore must be whole
+        rng = state["rng"]
+        random.Random().setstate(_tuples(rng["python"]))
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    except Exception as e:  # noqa: BLE001
+        raise _unusable(path, f"state.json's 'rng' is not a random state ({type(e).__name__}: {e})") from None
+    return state
+
+
+def _check_torch_rng(path: Path, where: str, rng: Any) -> None:
+    """torch's generator states as `torch_rng_state` writes them, or a clear error naming `where`."""
+    if not isinstance(rng, dict) or "cpu" not in rng:
+        raise _unusable(path, f"{where} has no torch random state")
+    try:
+        torch.Generator().set_state(rng["cpu"])
+        cuda = rng.get("cuda", [])
+        if not isinstance(cuda, list | tuple) or not all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in cuda):
+            raise ValueError("the CUDA states are not byte tensors")
+    except Exception as e:  # noqa: BLE001
+        raise _unusable(path, f"{where}'s torch random state does not load ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(tensors, optimizer file contents, state) of a checkpoint; a clear error when any part is unreadable or
+    incomplete, or when its state names another step than its folder."""
+    state = _read_state(path)
+    if is_sharded(path):
+        if not (path / "dcp" / ".metadata").is_file():
+            raise _unusable(path, "FileNotFoundError: dcp/.metadata")
+        try:
+            rng = torch.load(path / "rng_rank0.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise _unusable(path, f"{type(e).__name__}: {e}") from None
+        _check_torch_rng(path, "rng_rank0.pt", rng)
+        return {}, {}, state
+    try:
         tensors = load_file(str(path / "model.safetensors"))
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable part means the checkpoint is unusable
-        raise UserError(f"{path}: corrupted checkpoint, cannot resume from it ({type(e).__name__}: {e})") from None
+        raise _unusable(path, f"{type(e).__name__}: {e}") from None
+    if not isinstance(opt, dict) or "optimizer" not in opt or not isinstance(opt["optimizer"], dict | None):
+        raise _unusable(path, "optimizer.pt holds no optimizer state")
+    _check_torch_rng(path, "optimizer.pt", opt.get("torch_rng"))
     return tensors, opt, state
 
 
