@@ -4,17 +4,23 @@
     claim_folder(out, "tokenizer", is_tokenizer_dir, replace=True)
     replace_dir(tmp, out)                          # a finished temporary folder takes the place of `out`
 
-A training run's folder carries `run.json` ({"stage": ...}); one written before that mark existed is recognised by
-its `config.yaml` and `metrics.jsonl`. Folders are written under a temporary name beside their place and moved in
-with one rename (an exchange of the two names on Linux), so a crash leaves the old folder or the new one.
+A training run's folder carries `run.json` ({"stage": ..., "base": the model it started from, with the sha256 of
+its weights}); one written before that mark existed is recognised by its `config.yaml` and `metrics.jsonl`. While a
+run writes, its folder holds `run.lock` (the process and host): a second run into the folder is refused until that
+process has ended; a lock left by a killed process is taken over. Folders are written under a temporary name beside
+their place and moved in with one rename (an exchange of the two names on Linux), so a crash leaves the old folder
+or the new one.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +28,7 @@ from pathlib import Path
 from llmstages.errors import UserError
 
 RUN_MARK = "run.json"
+RUN_LOCK = "run.lock"
 # What a run creates in its folder, and what overwrite=true clears (anything else there is left alone).
 RUN_ENTRIES = (
     "checkpoints",
@@ -69,7 +76,7 @@ def claim_run_dir(out: Path, stage: str, resume: bool, overwrite: bool, what: st
     """Check that a stage may write its run into `out` (writes nothing): a new or empty folder, or this stage's own
     run folder continued (resume=true) or started again (overwrite=true)."""
     _refuse_file(out, what)
-    if not out.exists() or is_empty_dir(out):
+    if not out.exists() or not any(p.name != RUN_LOCK for p in out.iterdir()):  # new, empty, or a lock only
         return
     if not is_run_dir(out):
         names = ", ".join(sorted(p.name for p in out.iterdir())[:3])
@@ -87,8 +94,9 @@ def claim_run_dir(out: Path, stage: str, resume: bool, overwrite: bool, what: st
         )
 
 
-def start_run_dir(out: Path, stage: str, overwrite: bool) -> None:
-    """Make the run folder and its mark; with overwrite=true first clear what an earlier run of it created."""
+def start_run_dir(out: Path, stage: str, overwrite: bool, base: dict | None = None) -> None:
+    """Make the run folder and its mark (with `base`, the model the run starts from, when it has one); with
+    overwrite=true first clear what an earlier run of it created."""
     if overwrite and out.is_dir() and is_run_dir(out):
         for name in RUN_ENTRIES:
             p = out / name
@@ -97,7 +105,137 @@ def start_run_dir(out: Path, stage: str, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_MARK).write_text(json.dumps({"stage": stage}) + "\n")
+    mark = {"stage": stage, **({"base": base} if base else {})}
+    (out / RUN_MARK).write_text(json.dumps(mark) + "\n")
+
+
+def run_base(path: Path) -> dict | None:
+    """The model the run in `path` started from, as its `run.json` records it ({"path", "sha256"}), or None."""
+    try:
+        base = json.loads((path / RUN_MARK).read_text()).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, dict) and isinstance(base.get("sha256"), str) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run lock: one process writes a run folder at a time
+
+
+_HELD: set[Path] = set()  # the locks this process holds
+
+
+def _started(pid: int) -> str | None:
+    """When process `pid` started (Linux: field 22 of /proc/PID/stat), which tells a reused pid apart; None
+    where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _holder(lock: Path) -> dict | None:
+    """Who holds `lock` ({"pid", "host", "started"}), None when there is no lock; {} for one that does not read
+    (a lock is written whole before it takes its name, so an unreadable one is nobody's)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_mine(holder: dict) -> bool:
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
+def _is_alive(holder: dict) -> bool:
+    """Whether the process that wrote the lock still runs: on this host, its pid exists and started when the lock
+    says; on another host there is no telling, so it counts as running."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    started = holder.get("started")
+    return started is None or _started(pid) in (None, started)
+
+
+def _refuse_held(out: Path, holder: dict) -> None:
+    lock = out / RUN_LOCK
+    if holder.get("host") != socket.gethostname():
+        raise UserError(
+            f"{out} is being written by process {holder.get('pid')} on host {holder.get('host')} ({lock}); wait "
+            f"for that run to end, or delete {lock} if it has (nothing was written)"
+        )
+    raise UserError(
+        f"{out} is being written by a run that is still going (process {holder.get('pid')}, {lock}); wait for it "
+        "to end or stop it first (nothing was written)"
+    )
+
+
+def check_run_lock(out: Path) -> None:
+    """Refuse a run folder that another running process writes (checked in setup: writes nothing)."""
+    holder = _holder(out / RUN_LOCK)
+    if holder and not _is_mine(holder) and _is_alive(holder):
+        _refuse_held(out, holder)
+
+
+def claim_run_lock(out: Path) -> None:
+    """Take `out/run.lock` for this process (making `out`), taking over a lock whose process has ended; released
+    by `release_run_lock` or when the process exits. An error when a running process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / RUN_LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid())}
+    for _ in range(3):
+        holder = _holder(lock)
+        if holder is not None:
+            if _is_mine(holder):
+                break
+            if _is_alive(holder):
+                _refuse_held(out, holder)
+            with contextlib.suppress(FileNotFoundError):  # a stale lock: its process has ended
+                lock.unlink()
+        tmp = out / f".{RUN_LOCK}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(me) + "\n")
+        try:
+            os.link(tmp, lock)  # the lock appears whole, and only if nobody took it meanwhile
+        except FileExistsError:
+            continue
+        finally:
+            tmp.unlink(missing_ok=True)
+        break
+    else:
+        raise UserError(f"{out}: another run keeps taking {lock}; try again (nothing was written)")
+    if not _HELD:
+        atexit.unregister(_release_all)  # registered once, however often the locks come and go
+        atexit.register(_release_all)
+    _HELD.add(lock)
+
+
+def release_run_lock(out: Path) -> None:
+    """Give back the lock of `out` when this process holds it."""
+    lock = out / RUN_LOCK
+    holder = _holder(lock)
+    if holder and _is_mine(holder):
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+    _HELD.discard(lock)
+
+
+def _release_all() -> None:
+    for lock in list(_HELD):
+        with contextlib.suppress(OSError):
+            release_run_lock(lock.parent)
 
 
 def claim_folder(out: Path, what: str, is_own: Callable[[Path], bool], replace: bool = True) -> None:

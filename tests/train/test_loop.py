@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from llmstages.config import TrainArgs
@@ -160,3 +161,113 @@ def test_loop_compiles_and_checkpoints_every_block_of_any_stage_model(tmp_path):
         runs[bool(options)] = [loop._step(loop.next_batches(s))[0] for s in range(3)]
     for eager, compiled in zip(runs[False], runs[True]):
         assert math.isclose(eager, compiled, rel_tol=1e-5)
+
+
+def _loop(tmp_path, model, loss_fn=lm_loss, **train):
+    from llmstages.train.loop import Loop
+
+    args = TrainArgs(**{"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "eval_every": 100,
+                        "save_every": 100, "precision": "fp32", **train})  # fmt: skip
+    batch = _padded_batch(4, seq=16)
+    return Loop(model=model, args=args, run_dir=tmp_path, next_batches=lambda s: [batch], loss_fn=loss_fn)
+
+
+def test_a_run_that_no_longer_trains_stops_naming_the_step_and_saves_nothing(tmp_path):
+    """Poisoned weights: every loss is NaN. The loop skips the bad steps, but a run that ends in them (or reaches
+    train.max_bad_steps of them) fails with TrainingFailed naming the step, and writes no checkpoint."""
+    from llmstages.monitor.metrics import NullLogger
+    from llmstages.train.loop import TrainingFailed
+
+    for max_bad, expected in ((5, "step 3: the run ended with 3 step"), (2, "step 2: the loss or gradient was NaN")):
+        model = _tiny()
+        with torch.no_grad():
+            model.blocks[0].attn.q_proj.weight[0, 0] = float("nan")
+        loop = _loop(tmp_path / str(max_bad), model, max_bad_steps=max_bad)
+        with pytest.raises(TrainingFailed, match=expected):
+            loop.run(NullLogger(), progress=False)
+        assert not (tmp_path / str(max_bad) / "checkpoints").exists()
+        with pytest.raises(TrainingFailed, match=r"step \d: the weights are NaN/Inf \(blocks.0.attn.q_proj.weight\)"):
+            loop.save()  # nor is a checkpoint of NaN weights written on a signal or at save_every
+
+
+def test_an_isolated_bad_step_is_skipped(tmp_path):
+    """One NaN loss among finite ones: that step's update is skipped, the run goes on and saves."""
+    from llmstages.monitor.metrics import NullLogger
+
+    calls = []
+
+    def nan_once(m, b):
+        loss, stats = lm_loss(m, b)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+
+    loop = _loop(tmp_path, _tiny(), nan_once)
+    state = loop.run(NullLogger(), progress=False)
+    assert state.step == 3 and state.skipped_steps == 1
+    assert (tmp_path / "checkpoints" / "step_3").is_dir()
+
+
+def test_a_huge_learning_rate_fails_the_pretrain_run_without_a_final_model(tmp_path):
+    """train.lr=1e30 is finite, so the config takes it; the weights blow up after the first step and every later
+    gradient is NaN: the run stops with one line naming the step, and final/ is not written."""
+    from llmstages.stages import STAGES
+    from llmstages.train.loop import TrainingFailed
+    from tests.stages.test_pretrain import SMALL
+
+    overrides = [f"out_dir={tmp_path}", *SMALL, "train.max_steps=4", "train.lr=1e30", "train.warmup_steps=0"]
+    with pytest.raises(TrainingFailed, match=r"^step 4: .*NaN/Inf") as e:
+        STAGES["pretrain"].run(None, overrides, progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    import errno
+
+    from llmstages.errors import UserError
+    from llmstages.monitor.metrics import NullLogger
+    from llmstages.train import checkpoint as ckpt
+
+    loop = _loop(tmp_path, _tiny(), save_every=1)
+    real, saves = ckpt.torch.save, []
+
+    def fills_the_disk(obj, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(obj, path)
+
+    monkeypatch.setattr(ckpt.torch, "save", fills_the_disk)
+    with pytest.raises(UserError) as e:
+        loop.run(NullLogger(), progress=False)
+    where = tmp_path / "checkpoints" / "step_2"
+    assert (
+        str(e.value)
+        == f"no space left on device: cannot write checkpoint {where} (the earlier checkpoint step_1 is kept)"
+    )
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_1"]  # whole, and no half-written one
+    assert ckpt.checkpoint_problem(tmp_path / "checkpoints" / "step_1") is None
+
+
+def test_the_final_model_is_refused_when_the_base_changed_during_the_run(tmp_path):
+    """The frozen weights of the final model are read back from model.path: if that folder no longer holds the
+    weights the run started from, final_model() refuses, naming both digests."""
+    from safetensors.torch import load_file, save_file
+
+    from llmstages.errors import UserError
+    from llmstages.model import load_model
+    from llmstages.outputs import start_run_dir
+    from llmstages.train import checkpoint as ckpt
+    from tests.helpers import builtin_base
+
+    base = builtin_base(tmp_path / "base")
+    run = tmp_path / "run"
+    start_run_dir(run, "sft", False, {"path": str(base), "sha256": ckpt.weights_digest(base)})
+    loop = _loop(run, load_model(base))
+    assert loop.final_model() is not None  # unchanged: fine
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["blocks.0.attn.q_proj.weight"] = tensors["blocks.0.attn.q_proj.weight"] + 1
+    save_file(tensors, str(base / "model.safetensors"))  # another model, the same shapes
+    with pytest.raises(UserError, match=r"changed while it trained \(its weights' sha256 is now [0-9a-f]{16}, it"):
+        loop.final_model()

@@ -185,7 +185,8 @@ class Rollouts:
         if self.it < 0:
             return {}
         saved = {f"rollout.{k}": self.batch[k] for k in ROLLOUT_KEYS}
-        saved.update({f"rollout_stats.{k}": torch.tensor([v]) for k, v in self.stats.items()})
+        # float64: the statistics are logged again after a resume, and must read as the uninterrupted run's do
+        saved.update({f"rollout_stats.{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.stats.items()})
         return {"rollout_it": torch.tensor([self.it]), **saved}
 
     def restore(self, extra: dict[str, torch.Tensor]) -> None:

@@ -5,6 +5,11 @@ counted, and each micro-batch's summed loss is divided by that total before `bac
 the gradient of the mean over every unit of the step, the same as one big batch whatever the padding or
 accumulation. Then: gradient clipping (norm logged), a NaN/Inf guard, AdamW with warmup + cosine, metrics,
 periodic validation and atomic checkpoints; SIGINT/SIGTERM save a checkpoint before exiting.
+
+A run knows what it trained: the sha256 of its base model's weights is recorded in `run.json` at the start, and a
+resume, or the final model, that would read other weights from `model.path` is refused. A run that no longer
+trains (a NaN/Inf loss or gradient it cannot skip past, or NaN/Inf weights) stops with `TrainingFailed` and writes
+neither a checkpoint of it nor `final/`.
 """
 
 from __future__ import annotations
@@ -29,9 +34,17 @@ from tqdm import tqdm
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import count_targets, lm_loss
+from llmstages.model.io import is_disk_full, resolve_model_path
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
-from llmstages.outputs import claim_run_dir, start_run_dir
+from llmstages.outputs import (
+    check_run_lock,
+    claim_run_dir,
+    claim_run_lock,
+    release_run_lock,
+    run_base,
+    start_run_dir,
+)
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
 from llmstages.train.distributed import Dist
@@ -43,6 +56,17 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 class Interrupted(Exception):
     """Raised after SIGINT/SIGTERM once the checkpoint is written."""
+
+
+NOT_TRAINING = (
+    "lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16 (the earlier checkpoints are kept, "
+    "final/ is not written)"
+)
+
+
+class TrainingFailed(Exception):
+    """The run stopped because it no longer trains (NaN/Inf loss, gradients or weights); the message names the
+    step. Not bad input: the command line exits with code 1. The checkpoints written before are kept."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,6 +292,8 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
     overwrite=true; the newest readable one is taken). Returns (this process's device, checkpoint or None)."""
     out, args, resume = Path(cfg.out_dir), cfg.train, cfg.resume
     claim_run_dir(out, stage, resume, cfg.overwrite)
+    if os.environ.get("RANK", "0") == "0" and out.is_dir():  # under torchrun, rank 0 speaks for the run
+        check_run_lock(out)
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     check_precision(args.precision, device)
@@ -280,6 +306,9 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
         )
     if existing is not None:  # the newest that reads; an unreadable newest one is skipped, before anything is written
         existing = ckpt.newest_loadable(out / "checkpoints")
+    base = _BASES[out.resolve()] = base_model(cfg)  # taken before setup loads it; recorded by prepare_run_dir
+    if existing is not None:
+        check_base(out, base)
     d = distributed.setup(cfg.dist, device, stage)
     if args.precision == "fp16" and d.sharded:
         raise UserError(
@@ -295,9 +324,38 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
     return d.device, existing
 
 
+_BASES: dict[Path, dict[str, str] | None] = {}  # run folder -> its base model, as start_run found it
+
+
+def base_model(cfg: Any) -> dict[str, str] | None:
+    """The model directory a stage starts from, `{"path", "sha256"}` (its weights' digest), or None: no
+    `model.path`, or one that does not load (setup names the problem when it loads it)."""
+    path = getattr(getattr(cfg, "model", None), "path", None)
+    if not path:
+        return None
+    try:
+        folder = resolve_model_path(path).resolve()
+        return {"path": str(folder), "sha256": ckpt.weights_digest(folder)} if folder.is_dir() else None
+    except (UserError, OSError):
+        return None
+
+
+def check_base(out: Path, base: dict[str, str] | None) -> None:
+    """Refuse to resume the run in `out` from another base model than the one it started from."""
+    recorded = run_base(out)
+    if recorded is None or base is None or base["sha256"] == recorded["sha256"]:
+        return
+    raise UserError(
+        f"model.path {base['path']} is not the model this run started from: its weights' sha256 is "
+        f"{base['sha256'][:16]}, {out / 'run.json'} records {recorded['sha256'][:16]} ({recorded.get('path')}); "
+        "resume with that model, or start again with overwrite=true (nothing was written)"
+    )
+
+
 def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> None:
-    """The first write of a run: its folder with `run.json` (cleared first with overwrite=true) and the resolved
-    `config.yaml` (rank 0; the others wait for it). When resuming, the checkpoint must fit `model` first."""
+    """The first write of a run: the run's lock, its folder with `run.json` (cleared first with overwrite=true;
+    the base model's digest recorded) and the resolved `config.yaml` (rank 0; the others wait for it). When
+    resuming, the checkpoint must fit `model` first."""
     from llmstages.config import save_config
 
     out = Path(cfg.out_dir)
@@ -305,7 +363,9 @@ def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> Non
         ckpt.check_fits(path, model)
     d = distributed.current()
     if d.is_main:
-        start_run_dir(out, stage, cfg.overwrite and not cfg.resume)
+        claim_run_lock(out)
+        base = _BASES.pop(out.resolve()) if out.resolve() in _BASES else base_model(cfg)
+        start_run_dir(out, stage, cfg.overwrite and not cfg.resume, base)
         save_config(cfg, out / "config.yaml")
     d.barrier()
 
@@ -455,6 +515,33 @@ class Loop:
         return True
 
     def save(self) -> Path:
+        """Write the checkpoint of the current step (every rank takes part). Weights with a NaN/Inf are not saved
+        (`TrainingFailed`); a full disk is one line, the earlier checkpoints kept."""
+        bad = self._nonfinite_weight()
+        if bad is not None:
+            raise TrainingFailed(
+                f"step {self.state.step}: the weights are NaN/Inf ({bad}); lower train.lr or raise "
+                "train.warmup_steps (not saved; the earlier checkpoints are kept, final/ is not written)"
+            )
+        try:
+            return self._save()
+        except Exception as e:
+            if isinstance(e, UserError) or not is_disk_full(e):
+                raise
+            prev = ckpt.latest_checkpoint(self.checkpoints)
+            kept = f"the earlier checkpoint {prev.name} is kept" if prev is not None else "no earlier checkpoint"
+            where = self.checkpoints / f"step_{self.state.step}"
+            raise UserError(f"no space left on device: cannot write checkpoint {where} ({kept})") from None
+
+    def _nonfinite_weight(self) -> str | None:
+        """The name of a parameter holding a NaN or Inf (on any rank), or None."""
+        local = ((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.model.named_parameters())
+        bad = next((n for n, p in local if not bool(torch.isfinite(p).all())), None)  # (DTensors: this rank's shard)
+        if self.dist.active and self.dist.max(float(bad is not None)) > 0:
+            return bad or "a parameter of another process"
+        return bad
+
+    def _save(self) -> Path:
         d = self.dist
         extra = self.on_save(self.state) if self.on_save else None
         state = {**{k: v for k, v in vars(self.state).items() if k != "step"}, "world_size": d.world}
@@ -483,12 +570,35 @@ class Loop:
         return path
 
     def final_model(self) -> nn.Module | None:
-        """The trained model as a plain module to save, on rank 0 (None on the other ranks)."""
-        model = distributed.export(self.model, self.template, self.dist)
-        if model is not None and self.held and self.frozen_source is not None:
-            restore_frozen(model, self.held, self.frozen_source())  # the originals, not their bf16 copies
-            self.held = []
-        return model
+        """The trained model as a plain module to save, on rank 0 (None on the other ranks). Refused when the base
+        model the run started from has changed since (its frozen weights are read back from it). The run's lock is
+        given back: what is left is writing `final/`."""
+        try:
+            self._check_base_unchanged()
+            model = distributed.export(self.model, self.template, self.dist)
+            if model is not None and self.held and self.frozen_source is not None:
+                restore_frozen(model, self.held, self.frozen_source())  # the originals, not their bf16 copies
+                self.held = []
+            return model
+        finally:
+            if self.dist.is_main:
+                release_run_lock(self.run_dir)
+
+    def _check_base_unchanged(self) -> None:
+        recorded = run_base(self.run_dir)
+        if recorded is None:
+            return
+        folder = Path(recorded.get("path", ""))
+        try:
+            now = ckpt.weights_digest(folder) if folder.is_dir() else None
+        except OSError:
+            now = None
+        if now != recorded["sha256"]:
+            what = f"its weights' sha256 is now {now[:16]}" if now else "it is gone"
+            raise UserError(
+                f"{folder}, the model this run started from, changed while it trained ({what}, it was "
+                f"{recorded['sha256'][:16]}); final/ is not written: put that model back and resume (resume=true)"
+            )
 
     def loss_sum(self, batch: Batch) -> float:
         """Summed next-token loss of a batch under any strategy (pp: through the pipeline), for validation."""
@@ -609,9 +719,9 @@ class Loop:
                     st.skipped_steps += 1
                     log.log({"step": st.step + 1, "event": "skipped_step", "loss": loss, "grad_norm": norm})
                     if bad_in_a_row >= args.max_bad_steps:
-                        raise UserError(
-                            f"loss or gradient was NaN/Inf for {bad_in_a_row} steps in a row (step {st.step + 1}); "
-                            "lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16"
+                        raise TrainingFailed(
+                            f"step {st.step + 1}: the loss or gradient was NaN/Inf for {bad_in_a_row} steps in a "
+                            f"row; {NOT_TRAINING}"
                         )
                 else:
                     bad_in_a_row = 0
@@ -655,6 +765,11 @@ class Loop:
                     raise Interrupted(f"stopped by signal {stop} at step {st.step}; saved {path}")
                 if st.step % args.save_every == 0 and st.step < args.max_steps:
                     self.save()
+            if bad_in_a_row:  # the model's last steps could not train: it is not a model to save
+                raise TrainingFailed(
+                    f"step {st.step}: the run ended with {bad_in_a_row} step(s) in a row skipped for a NaN/Inf loss "
+                    f"or gradient; {NOT_TRAINING}"
+                )
             self.save()
         finally:
             bar.close()
@@ -700,6 +815,10 @@ class Loop:
                     log.log({"step": 0, "event": "start", **start()})  # in the precision of every later eval
                 self.model.train()
             return self.run(log, progress=progress)
+        except BaseException:
+            if self.dist.is_main:  # the run is over: another may take the folder
+                release_run_lock(self.run_dir)
+            raise
         finally:
             log.close()
 

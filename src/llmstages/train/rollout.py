@@ -38,7 +38,9 @@ def import_reward_fn(spec: str) -> RewardFn:
     module, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+    except SystemExit as e:  # the module ends the process when imported
+        raise UserError(f"reward.fn '{spec}' does not import (its module called sys.exit({e.code!r}))") from None
+    except Exception as e:  # noqa: BLE001 - missing, or failing as it is imported (a syntax error, ...)
         raise UserError(f"reward.fn '{spec}' does not import ({type(e).__name__}: {e})") from None
     if not callable(fn):
         raise UserError(f"reward.fn '{spec}' is not callable")
@@ -55,12 +57,14 @@ def with_world(fn: RewardFn, world_seed: int) -> RewardFn:
 
 
 def checked(fn: RewardFn, name: str) -> RewardFn:
-    """`fn` whose faults are reported as its own: an exception it raises, or a result that is not one finite
-    number per reply, is a UserError naming the function and what it returned."""
+    """`fn` whose faults are reported as its own: an exception it raises (sys.exit too), or a result that is not
+    one finite number per reply, is a UserError naming the function and what it returned."""
 
     def call(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
         try:
             scores = fn(prompts, responses, ended)
+        except SystemExit as e:  # would end the run with nothing said
+            raise UserError(f"reward function {name} called sys.exit({e.code!r}); it must return scores") from None
         except Exception as e:  # noqa: BLE001 - the user's function failed; say so instead of a traceback
             raise UserError(f"reward function {name} raised {type(e).__name__}: {e}") from None
         try:
