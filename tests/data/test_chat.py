@@ -9,6 +9,7 @@ import torch
 
 from llmstages.data.chat import (
     Example,
+    fit_example,
     fit_length,
     packed_batch,
     padded_batch,
@@ -16,6 +17,7 @@ from llmstages.data.chat import (
     to_messages,
     tokenize_conversation,
 )
+from llmstages.data.lengths import fit_generation, fit_prompts, kept_lengths
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.losses import IGNORE_INDEX
@@ -109,16 +111,84 @@ def test_bad_records(tmp_path, record, message):
     assert message in str(e.value)
 
 
-def test_too_long_examples_truncated_or_refused():
+def _expected_kept(P: int, R: int, L: int) -> tuple[int, int]:
+    """The policy of data/lengths.py case by case, written independently of its min/max formula."""
+    if P + R <= L:
+        return P, R  # fits: unchanged
+    if P <= L // 2:
+        return P, L - P  # a short prompt stays whole, the reply is cut
+    if R <= L - L // 2:
+        return L - R, R  # a short reply stays whole, the prompt is cut
+    return L // 2, L - L // 2  # both long: the prompt keeps half
+
+
+def test_long_examples_keep_the_prompts_end_and_the_replys_start():
+    """Every (prompt, reply, window) up to 12 tokens: the kept tokens are the prompt's last p and the reply's first
+    r, with (p, r) from the case-by-case policy; the labels travel with their tokens."""
+    for P in range(1, 13):
+        for R in range(1, 13):
+            for L in range(2, 13):
+                ex = Example(list(range(P + R)), [IGNORE_INDEX] * P + list(range(P, P + R)), "f.jsonl:1")
+                p, r = _expected_kept(P, R, L)
+                got = fit_example(ex, L)
+                assert got.input_ids == list(range(P - p, P + r)), (P, R, L)
+                assert got.labels == [IGNORE_INDEX] * p + list(range(P, P + r))
+                assert kept_lengths(P, R, L) == (p, r)
+    # the worked cases of the README's window of 65: a long prompt loses its start, a long reply its end
+    ex = Example(list(range(110)), [IGNORE_INDEX] * 100 + list(range(100, 110)))
+    assert fit_example(ex, 65).input_ids == list(range(45, 110))
+    ex = Example(list(range(110)), [IGNORE_INDEX] * 10 + list(range(10, 110)))
+    assert fit_example(ex, 65).input_ids == list(range(0, 65))
+
+
+def test_long_conversations_are_cut_counted_or_refused():
     tok = tiny_tokenizer()
-    ex = tokenize_conversation(CHAT, tok, where="data.jsonl:7")
-    first = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX)
-    seq_len = first + 2  # keeps the first reply's start, cuts the rest
-    kept, cut = fit_length([ex], seq_len, truncate=True)
-    assert cut == 1 and len(kept[0].input_ids) == seq_len + 1 and kept[0].labels == ex.labels[: seq_len + 1]
-    assert fit_length([ex], first - 1, truncate=True)[0] == []  # nothing trained left: dropped
+    long_prompt = [
+        {"role": "user", "content": "Ada lives in Oakfield. " * 20 + "Where?"},
+        {"role": "assistant", "content": "Oak"},
+    ]
+    ex = tokenize_conversation(long_prompt, tok, where="data.jsonl:7")
+    short = tokenize_conversation(CHAT[1:3], tok, where="data.jsonl:8")
+    kept, tally = fit_length([ex, short], 30, truncate=True)
+    assert (tally.total, tally.truncated, tally.dropped) == (2, 1, 0)
+    assert kept[1].input_ids == short.input_ids  # what fits is untouched
+    cut = kept[0]
+    assert len(cut.input_ids) == 31 and _trained(cut) == _trained(ex)  # the whole reply, its EOS included
+    reply_at = cut.labels.index(next(t for t in cut.labels if t != IGNORE_INDEX))
+    assert tok.decode(cut.input_ids[:reply_at], False).endswith(
+        "Oakfield. Where?<|eos|><|assistant|>"
+    )  # the prompt's end is kept
+    assert tally.metrics() == {"truncated_examples": 1, "dropped_examples": 0}
     with pytest.raises(UserError, match=r"data.jsonl:7: example of \d+ tokens is longer than train.seq_len"):
-        fit_length([ex], seq_len, truncate=False)
+        fit_length([ex, short], 30, truncate=False)
+
+
+def test_too_many_dropped_examples_refuse_the_data_naming_the_first():
+    untrained = [Example([1, 2, 3], [IGNORE_INDEX] * 3, f"d.jsonl:{i}") for i in (12, 3)]  # first in the file: 3
+    fine = [Example([1, 2, 3], [IGNORE_INDEX, 2, 3], f"d.jsonl:{i}") for i in (1, 2, 4)]
+    kept, tally = fit_length(fine + untrained, 8, truncate=True, max_dropped=0.5)  # 2 of 5 dropped: allowed
+    assert len(kept) == 3 and tally.dropped == 2
+    assert tally.first_dropped == "d.jsonl:3: example of 3 tokens keeps no trained token"
+    with pytest.raises(UserError, match=r"2 of 5 examples .* data.max_dropped=0.3.*the first: d.jsonl:3: "):
+        fit_length(fine + untrained, 8, truncate=True, max_dropped=0.3)
+    with pytest.raises(
+        UserError, match="none of the 2 examples fits train.seq_len"
+    ):  # nothing left: refused whatever max_dropped says
+        fit_length(untrained, 8, truncate=True, max_dropped=1.0)
+
+
+def test_generation_fits_the_context():
+    """Prompts cut from the left for the new tokens; fewer new tokens only when a prompt would keep less than half."""
+    prompts = [list(range(100)), list(range(10))]
+    gen = fit_generation(prompts, 20, 64)
+    assert gen.prompts == [list(range(56, 100)), list(range(10))] and gen.max_new_tokens == 20 and gen.cut == 1
+    gen = fit_generation(prompts, 50, 64)
+    assert gen.prompts[0] == list(range(68, 100)) and gen.max_new_tokens == 32
+    assert "1 of 2 evaluation prompts cut from the left to 32 tokens, 32 new tokens instead of 50" in gen.note(64)
+    assert fit_generation(prompts, 20, 200).note(200) is None
+    assert fit_prompts(prompts, 50, 64, "grpo.max_new_tokens") == ([list(range(86, 100)), list(range(10))], 1)
+    with pytest.raises(UserError, match="grpo.max_new_tokens=64 leaves no room for a prompt"):
+        fit_prompts(prompts, 64, 64, "grpo.max_new_tokens")
 
 
 def test_right_pad_rows_read_like_unpadded_ones():

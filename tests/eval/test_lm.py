@@ -94,3 +94,26 @@ def test_cli_bad_input(base, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["eval", "--model", str(base), "--tasks", str(empty)]) == 2
+
+
+def test_exact_match_fits_prompts_longer_than_the_context(base):
+    """Held-out prompts longer than the context less the new tokens are cut from the left: exact match generates
+    from each prompt's last tokens, as a generation from prompts cut by hand shows (its replies, taken as the
+    answers, are matched exactly; this untrained model replies "??????" to the prompt's end, " lives lives ..." to
+    its start)."""
+    from llmstages.model import generate
+
+    model, tok = load_model(base).eval(), load_tokenizer(base)
+    context, new = model.config.block_size, 6
+    prompts = [tok.encode("Ada lives in Oakfield. Bram keeps a cat. " * 6 + "Where?"), tok.encode("Where is Ada?")]
+    assert len(prompts[0]) + new > context >= len(prompts[1]) + new
+    by_hand = generate(model, [p[-(context - new) :] for p in prompts], new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    answers = [tok.decode(r[:n]) for r, n in zip(by_hand.tokens.tolist(), by_hand.lengths.tolist())]
+    items = [lm.EvalItem(p, a, "fact") for p, a in zip(prompts, answers)]
+    fitted, gen = lm.fit_items(items, tok, context, new)
+    assert (gen.max_new_tokens, gen.cut) == (new, 1)
+    assert [i.prompt for i in fitted] == [prompts[0][-(context - new) :], prompts[1]]
+    assert lm.exact_match(model, tok, items, max_new_tokens=new)["exact_reply"] == 1.0
+    # asked for more new tokens than half the context, a long prompt keeps half and fewer tokens are generated
+    _, gen = lm.fit_items(items, tok, context, context)
+    assert gen.max_new_tokens == context - context // 2 and "new tokens instead of" in gen.note(context)

@@ -179,3 +179,34 @@ def test_cdpo_takes_each_pairs_probability_as_its_soft_label():
     h = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.5 + 2.0)]
     expected = [-(1 - e) * logsig(0.5 * x) - e * logsig(-0.5 * x) for x, e in zip(h, (0.0, 0.25))]
     assert float(loss) == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def _hh(turns: str, reply: str) -> str:
+    return turns + "\n\nAssistant: " + reply
+
+
+def test_long_hh_pairs_are_cut_and_trained_or_refused_past_max_dropped(setup_dirs, tmp_path, capsys):
+    """HH-RLHF dialogues longer than train.seq_len + 1: the shared prompt is cut from the left, the replies from
+    the right, the run trains and reports the counts; when more than data.max_dropped of the pairs cannot be kept
+    (their replies agree on every token that fits), the run is refused naming the first line, writing nothing."""
+    story = "\n\nHuman: Tell me about Ada.\n\nAssistant: Ada lives in Oakfield and keeps a grey cat." * 4
+    rows = [json.loads(line) for line in (setup_dirs / "prefs.jsonl").read_text().splitlines()][:8]
+    long = {"chosen": _hh(story + "\n\nHuman: Where does Ada live?", "Oakfield"),
+            "rejected": _hh(story + "\n\nHuman: Where does Ada live?", "Millbrook, or maybe Oakfield")}  # fmt: skip
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, long, long]))
+    assert _dpo(setup_dirs, tmp_path / "ok", f"data.path={tmp_path / 'hh.jsonl'}", "data.val_fraction=0",
+                "train.max_steps=2", "peft.method=lora") == 0  # fmt: skip
+    assert "10 pairs (0 held out; 2 truncated, 0 dropped" in capsys.readouterr().out
+    start = read_metrics(tmp_path / "ok")[0]
+    assert (start["truncated_examples"], start["dropped_examples"]) == (2, 0)
+
+    tail = "Oakfield, where she keeps a grey cat. " * 6
+    same = {"chosen": _hh(story, tail + "Yes."), "rejected": _hh(story, tail + "No.")}
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], long, same, same]))
+    run = tmp_path / "refused"
+    code = _dpo(setup_dirs, run, f"data.path={tmp_path / 'same.jsonl'}", "data.val_fraction=0", "data.max_dropped=0.25",
+                "train.max_steps=2")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "2 of 4 pairs cannot fit train.seq_len + 1 = 49 tokens" in err and "same.jsonl:3: chosen and rejected" in err
+    assert not run.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmstages.cli import main
@@ -68,4 +70,24 @@ def test_bad_reward_sources(base_dir, tmp_path, capsys):
     empty.write_text("\n")
     assert _grpo(base_dir, tmp_path / "x", f"data.path={empty}") == 2
     assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_long_prompts_are_cut_from_the_left_to_leave_room_for_the_replies(base_dir, tmp_path, capsys):
+    """A prompt longer than the model's context (64) less grpo.max_new_tokens keeps its end, and the run samples and
+    trains; a max_new_tokens that leaves no room for a prompt is refused before anything is written."""
+    from llmstages.data.chat import prompt_ids
+    from llmstages.model import load_tokenizer
+
+    long = "Ada lives in Oakfield and keeps a grey cat. " * 10 + "Where does Ada live?"
+    assert len(prompt_ids([{"role": "user", "content": long}], load_tokenizer(base_dir))) > 64
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": long}) + "\n" + json.dumps({"prompt": "Where does Bram live?"}) + "\n")
+    assert _grpo(base_dir, tmp_path / "run", f"data.path={data}", "grpo.prompts_per_step=2", "train.max_steps=1") == 0
+    assert "grpo: 2 prompts (1 cut from the left to leave room for 4 new tokens)" in capsys.readouterr().out
+    start = read_metrics(tmp_path / "run")[0]
+    assert start["truncated_examples"] == 1 and start["truncated_eval_prompts"] == 1 and "eval_reward" in start
+    assert _grpo(base_dir, tmp_path / "x", f"data.path={data}", "grpo.max_new_tokens=64") == 2
+    err = capsys.readouterr().err
+    assert "grpo.max_new_tokens=64 leaves no room for a prompt in the model's context of 64 tokens" in err
     assert not (tmp_path / "x").exists()

@@ -69,3 +69,23 @@ def test_not_a_reward_model(setup_dirs):
 
     with pytest.raises(UserError, match="not a reward model"):
         load_reward_model(setup_dirs / "base")
+
+
+def test_long_pairs_are_cut_or_dropped_counted_and_trained(setup_dirs, tmp_path, capsys):
+    """Pairs longer than train.seq_len + 1 are cut (a long prompt from the left, long replies from the right), a pair
+    whose replies agree on every token that fits is dropped, and the run trains on the rest, reporting both."""
+    rows = [json.loads(line) for line in (setup_dirs / "prefs.jsonl").read_text().splitlines()][:12]
+    story = "Ada lives in Oakfield and keeps a grey cat. " * 8
+    rows += [{"prompt": story + "Where does Ada live?", "chosen": "Oakfield", "rejected": "Millbrook"}] * 2
+    rows += [{"prompt": "Where does Ada live?", "chosen": "Oakfield. " + story, "rejected": "Millbrook. " + story}]
+    rows += [{"prompt": "Where does Ada live?", "chosen": story + "Yes.", "rejected": story + "No."}]  # same start
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["reward", f"model.path={setup_dirs / 'base'}", f"data.path={tmp_path / 'long.jsonl'}",
+                 f"out_dir={tmp_path / 'run'}", "peft.method=lora", *FAST, "train.max_steps=2",
+                 "data.val_fraction=0"])  # fmt: skip
+    assert code == 0
+    assert (
+        "15 pairs (0 held out; 3 truncated, 1 dropped to fit train.seq_len + 1 = 49 tokens)" in capsys.readouterr().out
+    )
+    start = read_metrics(tmp_path / "run")[0]
+    assert (start["pairs"], start["truncated_examples"], start["dropped_examples"]) == (15, 3, 1)

@@ -102,3 +102,51 @@ def test_bad_input(base_dir, tmp_path, capsys):
     assert "long.jsonl:1: example of" in err
     assert "peft.method must be one of" in _error(capsys, [*run, "peft.method=qlora"])
     assert not (tmp_path / "x").exists()  # failed starts wrote nothing
+
+
+def test_long_conversations_are_cut_counted_and_trained(base_dir, tmp_path, capsys):
+    """Conversations longer than train.seq_len + 1 are cut (not refused), counted in the banner and the step-0
+    record, and the run trains."""
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "Where does Ada live?", "completion": "Oakfield"}] * 6
+    rows += [{"prompt": "Ada lives in Oakfield. " * 30 + "Where does Ada live?", "completion": "Oakfield"}] * 3
+    reply = "Ada lives in Oakfield and keeps a cat. " * 20
+    rows += [{"messages": [{"role": "user", "content": "Tell me about Ada."}, {"role": "assistant", "content": reply}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _sft(base_dir, tmp_path / "run", f"data.path={data}", "train.max_steps=2") == 0
+    assert "10 examples (4 truncated, 0 dropped to fit train.seq_len + 1 = 49 tokens)" in capsys.readouterr().out
+    start = read_metrics(tmp_path / "run")[0]
+    assert (start["truncated_examples"], start["dropped_examples"]) == (4, 0)
+
+
+CHATML_WITH_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>You are a helpful assistant.{{ eos_token }}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)  # a template that adds a default system turn, as Qwen2's does
+
+
+def test_a_model_of_128_tokens_fine_tunes_on_the_builtin_data(tmp_path, capsys):
+    """The issue's case: a Hugging Face model with a context of 128 and train.seq_len=64 on the built-in tasks with
+    the shipped LoRA recipe. Held-out prompts plus their answers overflow the context: setup fits them (cut from
+    the left) and says so, instead of the step-0 evaluation failing after the run folder was written."""
+    from llmstages.data.tasks import builtin_tasks
+    from llmstages.eval.lm import builtin_items
+    from llmstages.stages import RECIPES
+
+    tok = tiny_tokenizer(512)
+    tok.chat_template = CHATML_WITH_SYSTEM
+    base = save_hf(hf_model("llama", vocab_size=tok.vocab_size, max_position_embeddings=128), tmp_path / "hf", tok)
+    items = builtin_items(tok, builtin_tasks(0, 1)["heldout"])[:64]  # one held-out person, 64 prompts: quick
+    assert max(len(i.prompt) for i in items) + max(len(tok.encode(i.answer)) for i in items) + 2 > 128
+    code = main(["sft", "--config", str(RECIPES / "sft/lora.yaml"), f"model.path={base}", f"out_dir={tmp_path / 'r'}",
+                 "train.seq_len=64", "train.max_steps=2", "train.batch_size=32", "train.precision=fp32",
+                 "train.eval_every=2", "train.save_every=100", "data.heldout_people=1",
+                 "data.max_eval_examples=64"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "evaluation prompts cut from the left" in out and "to fit the model's context of 128 tokens" in out
+    records = read_metrics(tmp_path / "r")
+    assert records[0]["truncated_examples"] > 0 and "task_accuracy" in records[0]
+    assert any(r["step"] == 2 and "task_accuracy" in r for r in records)
+    assert (tmp_path / "r" / "final" / "adapter_config.json").is_file()

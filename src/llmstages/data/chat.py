@@ -17,12 +17,14 @@ because masking is by position, never by token id.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmstages.data.lengths import Tally, kept_lengths
 from llmstages.data.records import iter_records
 from llmstages.data.text import list_files
 from llmstages.data.tokenizer import Tokenizer
@@ -153,16 +155,22 @@ def _builtin_render(messages: Sequence[Message], tok: Tokenizer, add_generation_
     return text, spans
 
 
-def _jinja_render(messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool) -> str:
+def _raise_exception(message: str):
+    raise UserError(f"chat template: {message}")
+
+
+@functools.lru_cache(maxsize=8)
+def _jinja_template(source: str):
+    """The compiled template (compiling it for every render made tokenizing a dataset take seconds per thousand)."""
     import jinja2
 
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
 
-    def raise_exception(message: str):
-        raise UserError(f"chat template: {message}")
 
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(tok.chat_template).render(
+def _jinja_render(messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool) -> str:
+    return _jinja_template(tok.chat_template).render(
         messages=list(messages),
         add_generation_prompt=add_generation_prompt,
         bos_token=tok.bos_token or "",
@@ -221,24 +229,40 @@ def prompt_ids(messages: Sequence[Message], tok: Tokenizer) -> list[int]:
 # Batches: padded or packed
 
 
-def fit_length(examples: list[Example], seq_len: int, truncate: bool) -> tuple[list[Example], int]:
-    """Examples cut to `seq_len + 1` tokens (truncate) or refused; returns (examples, how many were cut)."""
-    out, cut = [], 0
+def fit_example(ex: Example, limit: int) -> Example | None:
+    """`ex` within `limit` tokens by the policy of data/lengths.py: its prompt (the tokens before the first trained
+    one) cut from the left, the rest from the right; None when no trained target would be left."""
+    first = next((i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX), len(ex.labels))
+    p, r = kept_lengths(first, len(ex.input_ids) - first, limit)
+    out = Example(ex.input_ids[first - p : first + r], ex.labels[first - p : first + r], ex.where)
+    if all(label == IGNORE_INDEX for label in out.labels[1:]):  # label 0 is never a target
+        return None
+    return out
+
+
+def fit_length(
+    examples: list[Example], seq_len: int, truncate: bool, max_dropped: float = 1.0
+) -> tuple[list[Example], Tally]:
+    """Examples within `seq_len + 1` tokens (seq_len positions of shifted targets): cut by `fit_example`, or
+    refused when `truncate` is false; (the examples kept, the counts). Refused when nothing is left or more than
+    `max_dropped` of them would be dropped."""
+    limit = seq_len + 1
+    out, tally = [], Tally("example", f"train.seq_len + 1 = {limit}")
     for ex in examples:
-        if len(ex.input_ids) > seq_len + 1:
-            if not truncate:
-                raise UserError(
-                    f"{ex.where}: example of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = "
-                    f"{seq_len + 1}; raise train.seq_len or set data.truncate=true"
-                )
-            ex = Example(ex.input_ids[: seq_len + 1], ex.labels[: seq_len + 1], ex.where)
-            cut += 1
-        if all(label == IGNORE_INDEX for label in ex.labels[1:]):
-            if not truncate:
-                raise UserError(f"{ex.where}: no trained token left")
-            continue
-        out.append(ex)
-    return out, cut
+        long = len(ex.input_ids) > limit
+        if long and not truncate:
+            raise UserError(
+                f"{ex.where}: example of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = "
+                f"{limit}; raise train.seq_len or set data.truncate=true"
+            )
+        fitted = fit_example(ex, limit)
+        if fitted is None and not truncate:
+            raise UserError(f"{ex.where}: no trained token left")
+        tally.count(long, ex.where, None if fitted else f"example of {len(ex.input_ids)} tokens keeps no trained token")
+        if fitted is not None:
+            out.append(fitted)
+    tally.check(max_dropped)
+    return out, tally
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

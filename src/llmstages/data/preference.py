@@ -28,6 +28,7 @@ from llmstages.data.chat import (
     to_messages,
     tokenize_conversation,
 )
+from llmstages.data.lengths import Tally, kept_lengths
 from llmstages.data.records import iter_records
 from llmstages.data.text import list_files
 from llmstages.data.tokenizer import Tokenizer
@@ -192,19 +193,54 @@ class Pair:
     probability: float | None = None
 
 
-def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
-    """Both sides as prompt + reply + EOS, with labels only on the final reply (earlier turns are context)."""
+def _sides(pair: PreferencePair, tok: Tokenizer) -> tuple[int, list[Example]]:
+    """(prompt length, [chosen, rejected]): each side prompt + reply + EOS, labels only on the final reply."""
     n_prompt = len(prompt_ids(list(pair.prompt), tok))
     sides = []
     for reply in (pair.chosen, pair.rejected):
         ex = tokenize_conversation([*pair.prompt, {"role": "assistant", "content": reply}], tok, where=pair.where)
-        labels = [IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:]
-        if len(ex.input_ids) > seq_len + 1:
-            raise UserError(
-                f"{pair.where}: pair of {len(ex.input_ids)} tokens is longer than train.seq_len + 1 = {seq_len + 1}"
-            )
-        sides.append(Example(ex.input_ids, labels, pair.where))
-    return Pair(sides[0], sides[1], index, pair.probability)
+        sides.append(Example(ex.input_ids, [IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:], pair.where))
+    return n_prompt, sides
+
+
+def fit_pair(n_prompt: int, sides: list[Example], limit: int) -> tuple[list[Example] | None, str]:
+    """Both sides within `limit` tokens by the policy of data/lengths.py, the shared prompt cut the same on both
+    (so they stay a pair), each reply from the right: (sides, "") or (None, why) when the pair cannot be kept."""
+    longest = max(len(e.input_ids) for e in sides) - n_prompt
+    p, r = kept_lengths(n_prompt, longest, limit)
+    kept = slice(n_prompt - p, n_prompt + r)
+    cut = [Example(e.input_ids[kept], e.labels[kept], e.where) for e in sides]
+    if any(all(label == IGNORE_INDEX for label in e.labels[1:]) for e in cut):
+        return None, f"no reply token is left of a pair of {longest + n_prompt} tokens"
+    if cut[0].input_ids == cut[1].input_ids:
+        return None, f"chosen and rejected are the same in the {r} reply tokens that fit"
+    return cut, ""
+
+
+def tokenize_pair(pair: PreferencePair, tok: Tokenizer, index: int, seq_len: int) -> Pair:
+    """Both sides as prompt + reply + EOS, with labels only on the final reply (earlier turns are context), fitted
+    to `seq_len + 1` tokens (`fit_pair`); a pair that cannot be kept is an error naming its line."""
+    n_prompt, sides = _sides(pair, tok)
+    fitted, why = fit_pair(n_prompt, sides, seq_len + 1)
+    if fitted is None:
+        raise UserError(f"{pair.where}: {why} (train.seq_len + 1 = {seq_len + 1})")
+    return Pair(fitted[0], fitted[1], index, pair.probability)
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], tok: Tokenizer, limit: int, limit_name: str, max_dropped: float = 1.0
+) -> tuple[list[Pair], Tally]:
+    """The pairs tokenized and fitted to `limit` tokens (`fit_pair`), numbered 0.. in order; (pairs kept, counts).
+    Refused when none is left or more than `max_dropped` of them would be dropped (naming the first)."""
+    out, tally = [], Tally("pair", limit_name)
+    for pair in pairs:
+        n_prompt, sides = _sides(pair, tok)
+        fitted, why = fit_pair(n_prompt, sides, limit)
+        tally.count(max(len(e.input_ids) for e in sides) > limit, pair.where, why if fitted is None else None)
+        if fitted is not None:
+            out.append(Pair(fitted[0], fitted[1], len(out), pair.probability))
+    tally.check(max_dropped)
+    return out, tally
 
 
 def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from llmstages.data.chat import Message, prompt_ids
+from llmstages.data.lengths import fit_prompts
 from llmstages.data.oracle import oracle_reward
 from llmstages.data.preference import PreferencePair
 from llmstages.data.tasks import QUESTIONS, split_people
@@ -58,6 +59,7 @@ def builtin_preference_pairs(
 
     prompts, _ = builtin_prompts(world_seed, heldout_people)
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
+    ids, _ = fit_prompts(ids, max_new_tokens, model.config.block_size, "max_new_tokens")  # room for the replies
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + 17)
     was_training = model.training
     model.eval()

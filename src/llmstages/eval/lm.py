@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from llmstages.data.chat import Example, padded_batch, prompt_ids
+from llmstages.data.lengths import GenerationFit, fit_generation
 from llmstages.data.tasks import Task, answer_part, normalise
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -40,15 +41,30 @@ def conversation_item(tok: Tokenizer, msgs: list[dict]) -> EvalItem:
     return EvalItem(prompt_ids(msgs[:last], tok), msgs[last]["content"], "user")
 
 
+def fit_items(
+    items: list[EvalItem], tok: Tokenizer, context: int, max_new_tokens: int | None = None
+) -> tuple[list[EvalItem], GenerationFit]:
+    """The items with their prompts fitted to `context` together with the new tokens exact match generates
+    (`max_new_tokens`, by default the longest answer + 2), by data/lengths.py's policy: prompts cut from the left,
+    fewer new tokens only when a prompt would keep less than half the context; (items, the fitted generation)."""
+    asked = max_new_tokens or max(len(tok.encode(i.answer)) for i in items) + 2
+    gen = fit_generation([i.prompt for i in items], asked, context)
+    return [EvalItem(p, i.answer, i.kind) for p, i in zip(gen.prompts, items)], gen
+
+
 @torch.no_grad()
-def exact_match(model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64) -> dict[str, float]:
+def exact_match(
+    model: GPT, tok: Tokenizer, items: list[EvalItem], batch_size: int = 64, max_new_tokens: int | None = None
+) -> dict[str, float]:
     """Greedy answers to held-out prompts against the references, overall and per task kind: correct when the
-    reply's first clause is the reference (`task_accuracy`), exact when the whole reply is (`exact_reply`)."""
+    reply's first clause is the reference (`task_accuracy`), exact when the whole reply is (`exact_reply`).
+    Prompts too long for the model's context are fitted to it (`fit_items`)."""
     if not items:
         return {}
     hits: dict[str, list[int]] = {}
     exact: list[int] = []
-    max_new = max(len(tok.encode(i.answer)) for i in items) + 2
+    items, gen = fit_items(items, tok, model.config.block_size, max_new_tokens)
+    max_new = gen.max_new_tokens
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         out = generate(model, [i.prompt for i in chunk], max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -109,11 +125,9 @@ def task_accuracy(model: GPT, tok: Tokenizer, paths: Sequence[str], world_seed: 
         items = builtin_items(tok, builtin_tasks(world_seed, 8)["heldout"])
     if not items:
         raise UserError("--tasks: no conversation with an assistant turn to check")
-    room = max(len(tok.encode(i.answer)) for i in items) + 2  # what exact_match generates
-    fits = [i for i in items if len(i.prompt) + room <= model.config.block_size]
-    if not fits:
-        raise UserError(f"--tasks: every prompt is too long for the model's context of {model.config.block_size}")
-    return {**exact_match(model, tok, fits), "tasks": float(len(fits)), "tasks_too_long": float(len(items) - len(fits))}
+    items, gen = fit_items(items, tok, model.config.block_size)
+    result = exact_match(model, tok, items, max_new_tokens=gen.max_new_tokens)
+    return {**result, "tasks": float(len(items)), "tasks_truncated": float(gen.cut)}
 
 
 def heldout_questions(n: int, world_seed: int = 0) -> list[str]:
@@ -128,5 +142,6 @@ def show(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: i
     from llmstages.data.chat import prompt_ids
 
     ids = [prompt_ids([{"role": "user", "content": q}], tok) for q in questions]
-    out = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    gen = fit_generation(ids, max_new_tokens, model.config.block_size)
+    out = generate(model, gen.prompts, gen.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
     return [tok.decode(r[:n]).strip() for r, n in zip(out.tokens.tolist(), out.lengths.tolist())]

@@ -25,6 +25,7 @@ import torch
 
 from llmstages import losses as L
 from llmstages.data.chat import Message, prompt_ids
+from llmstages.data.lengths import fit_prompts
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT
@@ -57,6 +58,7 @@ def sample_and_score(
 ) -> Samples:
     """`samples` replies per prompt from `model` (seeded), scored by `reward_of`."""
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(samples)]
+    ids, _ = fit_prompts(ids, max_new_tokens, model.config.block_size, "max_new_tokens")  # cut from the left
     questions = [m[-1]["content"] for m in prompts for _ in range(samples)]
     replies, texts, ended = sample_many(model, tok, ids, max_new_tokens, temperature, seed, batch_size)
     scores = np.asarray(reward_of(questions, texts, ended), dtype=np.float64)

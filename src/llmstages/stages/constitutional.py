@@ -36,10 +36,11 @@ import torch
 from llmstages.config import CAIConfig, save_config
 from llmstages.data.chat import Message, prompt_ids, right_pad, tokenize_conversation
 from llmstages.data.constitution import Constitution, Principle, load_constitution
+from llmstages.data.lengths import check_room, fit_prompts
 from llmstages.data.prompts import prompt_sets
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model, load_tokenizer
+from llmstages.model import GPT, load_config, load_model, load_tokenizer
 from llmstages.model.generate import sample_many
 from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.train.loop import resolve_device
@@ -50,8 +51,10 @@ BATCH = 128
 
 # -- asking a model --------------------------------------------------------------------------------------------
 def ask(model: GPT, tok: Tokenizer, requests: Sequence[str], max_new_tokens: int) -> list[str]:
-    """The model's greedy reply to each request, sent as one user turn."""
+    """The model's greedy reply to each request, sent as one user turn (a long one cut from the left to leave room
+    for the reply: data/lengths.py)."""
     ids = [prompt_ids([{"role": "user", "content": r}], tok) for r in requests]
+    ids, _ = fit_prompts(ids, max_new_tokens, model.config.block_size, "revise.feedback_tokens")
     return [t.strip() for t in sample_many(model, tok, ids, max_new_tokens, 0.0, batch_size=BATCH)[1]]
 
 
@@ -76,13 +79,16 @@ def option_token_ids(tok: Tokenizer, options: Sequence[str], where: str) -> list
 @torch.no_grad()
 def option_probabilities(model: GPT, tok: Tokenizer, requests: Sequence[str], option_ids: Sequence[int]) -> np.ndarray:
     """(N, len(option_ids)): the next-token probabilities of the option tokens after each request's assistant
-    tag, renormalised over the options."""
+    tag, renormalised over the options. A request longer than the context is cut from the left (the tag is kept)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
     for s in range(0, len(requests), BATCH):
         rows = [prompt_ids([{"role": "user", "content": r}], tok) for r in requests[s : s + BATCH]]
+        context = getattr(getattr(model, "config", None), "block_size", None)  # None: a judge without a context
+        if context is not None:
+            rows, _ = fit_prompts(rows, 0, context, "the comparison request")
         ids, mask = right_pad(rows, tok.pad_id)
         logits = model(ids.to(device), mask=mask.to(device)).float()
         last = logits[torch.arange(len(rows)), mask.sum(-1).to(device) - 1]  # (B, V) after the assistant tag
@@ -99,9 +105,12 @@ def sample(
     temperature: float,
     max_new_tokens: int,
     seed: int,
+    key: str = "max_new_tokens",
 ) -> list[list[str]]:
-    """`n` sampled responses per prompt."""
+    """`n` sampled responses per prompt, each prompt cut from the left to leave room for them (`key` names the
+    setting of `max_new_tokens` in errors)."""
     ids = [prompt_ids(m, tok) for m in prompts for _ in range(n)]
+    ids, _ = fit_prompts(ids, max_new_tokens, model.config.block_size, key)
     texts = sample_many(model, tok, ids, max_new_tokens, temperature, seed, BATCH)[1]
     return [[t.strip() for t in texts[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
@@ -128,7 +137,10 @@ def revise(
         raise UserError(f"revise.choose must be 'all' or 'random', got '{r.choose}'")
     rng = random.Random(cfg.seed)
     principles = list(constitution.principles)
-    current = [s[0] for s in sample(m.policy, m.policy_tok, prompts, 1, r.temperature, r.max_new_tokens, cfg.seed)]
+    first_replies = sample(
+        m.policy, m.policy_tok, prompts, 1, r.temperature, r.max_new_tokens, cfg.seed, "revise.max_new_tokens"
+    )
+    current = [s[0] for s in first_replies]
     first = list(current)
     texts = [m[-1]["content"] for m in prompts]
     chains: list[list[dict]] = [[] for _ in prompts]
@@ -193,7 +205,10 @@ def label(
     option_ids = option_token_ids(m.feedback_tok, constitution.options, f"feedback model {m.feedback_path}")
     if lab.samples < 2:
         raise UserError(f"label.samples must be at least 2, got {lab.samples}")
-    replies = sample(m.policy, m.policy_tok, prompts, lab.samples, lab.temperature, lab.max_new_tokens, cfg.seed + 1)
+    replies = sample(
+        m.policy, m.policy_tok, prompts, lab.samples, lab.temperature, lab.max_new_tokens, cfg.seed + 1,
+        "label.max_new_tokens",
+    )  # fmt: skip
     keep = []  # (prompt index, a, b): every two distinct non-empty responses to the same prompt
     for i, group in enumerate(replies):
         distinct = list(dict.fromkeys(r for r in group if r))
@@ -277,6 +292,11 @@ def _check(cfg: CAIConfig) -> tuple[Constitution, list[list[Message]], torch.dev
         raise UserError(f"run.align must be 'dpo' or 'ppo', got '{cfg.run.align}'")
     if cfg.label.sample_from not in ("revised", "start"):
         raise UserError(f"label.sample_from must be 'revised' or 'start', got '{cfg.label.sample_from}'")
+    context = load_config(cfg.model.path).block_size  # room for every reply in the contexts, checked up front
+    check_room(cfg.revise.max_new_tokens, context, "revise.max_new_tokens")
+    check_room(cfg.label.max_new_tokens, context, "label.max_new_tokens")
+    feedback = load_config(cfg.feedback.path).block_size if cfg.feedback.path else context
+    check_room(cfg.revise.feedback_tokens, feedback, "revise.feedback_tokens")
     return _constitution(cfg), _prompts(cfg), resolve_device(cfg.device)
 
 

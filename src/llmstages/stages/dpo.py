@@ -20,7 +20,8 @@ import torch
 
 from llmstages import losses as L
 from llmstages.config import DPOArgs, DPOConfig
-from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.lengths import Tally, train_window
+from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pairs
 from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -44,6 +45,8 @@ class Setup:
     val: list[Pair]
     uses_adapters: bool
     """The policy trains adapters: the reference is the policy with them disabled (no second copy)."""
+    fit: Tally
+    """Pairs cut or dropped to fit the window (data/lengths.py), training and held-out together."""
 
 
 def setup(cfg: DPOConfig) -> Setup:
@@ -62,10 +65,11 @@ def setup(cfg: DPOConfig) -> Setup:
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
     if not train_pairs:
         raise UserError("no preference pair left for training")
-    train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
-    val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
+    limit, name = train_window(cfg.train.seq_len, model.config.block_size, shifted=True)
+    train, fit = tokenize_pairs(train_pairs, tok, limit, name, cfg.data.max_dropped)  # too long: cut or dropped
+    val, val_fit = tokenize_pairs(val_pairs, tok, limit, name, cfg.data.max_dropped)
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    return Setup(Path(cfg.out_dir), device, model, tok, train, val, uses_adapters)
+    return Setup(Path(cfg.out_dir), device, model, tok, train, val, uses_adapters, fit + val_fit)
 
 
 def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,10 +226,12 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
-            f"dpo: {len(s.train)} pairs ({len(s.val)} held out), loss {cfg.dpo.loss}, beta {cfg.dpo.beta}, "
+            f"dpo: {len(s.train)} pairs ({len(s.val)} held out; {s.fit.summary()}), loss {cfg.dpo.loss}, "
+            f"beta {cfg.dpo.beta}, "
             f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: {"pairs": len(s.train), **evaluate(s.model, s, ref, cfg)}, progress)
+    start = {"pairs": len(s.train), **s.fit.metrics()}
+    state = loop.run_logged(resumed, lambda: {**start, **evaluate(s.model, s, ref, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         save_model(final, s.out / "final", s.tokenizer)

@@ -20,6 +20,7 @@ import torch
 
 from llmstages import losses as L
 from llmstages.config import GRPOArgs, GRPOConfig
+from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
@@ -38,14 +39,20 @@ from llmstages.train.rollout import (
 )
 
 
-def setup(cfg: GRPOConfig) -> PolicySetup:
-    """Check the config, load the policy, the reward and the prompts; writes nothing."""
+def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
+    """Check the config, load the policy, the reward and the prompts (each cut from the left to leave room for
+    grpo.max_new_tokens in the model's context: data/lengths.py); writes nothing. Returns (the setup, how many
+    training and evaluation prompts were cut)."""
     device, _ = start_run(cfg, "grpo")
     if cfg.grpo.group_size < 2:
         raise UserError(
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
-    return load_policy(cfg, device)
+    s = load_policy(cfg, device)
+    context, key = s.model.config.block_size, "grpo.max_new_tokens"
+    s.prompts, cut = fit_prompts(s.prompts, cfg.grpo.max_new_tokens, context, key)
+    s.eval_ids, eval_cut = fit_prompts(s.eval_ids, cfg.grpo.max_new_tokens, context, key)
+    return s, {"truncated_examples": cut, "truncated_eval_prompts": eval_cut}
 
 
 def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
@@ -90,7 +97,7 @@ def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
-    s = setup(cfg)
+    s, cut = setup(cfg)
     g = cfg.grpo
     prepare_run_dir(cfg, "grpo", s.model)
     sampler = EpochSampler(len(s.prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
@@ -115,10 +122,11 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
-            f"grpo: {len(s.prompts)} prompts, {g.prompts_per_step} x {g.group_size} samples a step; "
+            f"grpo: {len(s.prompts)} prompts ({cut['truncated_examples']} cut from the left to leave room for "
+            f"{g.max_new_tokens} new tokens), {g.prompts_per_step} x {g.group_size} samples a step; "
             f"{trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: evaluate(s.model), progress)
+    state = loop.run_logged(resumed, lambda: {**cut, **evaluate(s.model)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         save_model(final, s.out / "final", s.tokenizer)

@@ -27,6 +27,7 @@ from torch import nn
 
 from llmstages import losses as L
 from llmstages.config import PPOArgs, PPOConfig
+from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
@@ -84,6 +85,14 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic]:
     if cfg.train.grad_accum != 1:
         raise UserError("PPO splits each rollout into ppo.minibatches; leave train.grad_accum at 1")
     s = load_policy(cfg, device)
+    context, key = s.model.config.block_size, "ppo.max_new_tokens"  # prompts cut from the left: data/lengths.py
+    s.prompts, cut = fit_prompts(s.prompts, p.max_new_tokens, context, key)
+    s.eval_ids, eval_cut = fit_prompts(s.eval_ids, p.max_new_tokens, context, key)
+    if cut or eval_cut:
+        print(
+            f"ppo: {cut} of {len(s.prompts)} training and {eval_cut} of {len(s.eval_ids)} evaluation prompts cut "
+            f"from the left to leave room for {p.max_new_tokens} new tokens in the model's context of {context}"
+        )
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
     critic = merge_lora(copy.deepcopy(s.model)).requires_grad_(True) if p.critic == "separate" else None
     return s, ActorCritic(s.model, critic).to(device)

@@ -19,7 +19,8 @@ import torch
 
 from llmstages import losses as L
 from llmstages.config import RewardConfig
-from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pair
+from llmstages.data.lengths import Tally, train_window
+from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pairs
 from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -50,6 +51,8 @@ class Setup:
     tokenizer: Tokenizer
     train: list[Pair]
     val: list[Pair]
+    fit: Tally
+    """Pairs cut or dropped to fit the window (data/lengths.py), training and held-out together."""
 
 
 def setup(cfg: RewardConfig) -> Setup:
@@ -65,10 +68,11 @@ def setup(cfg: RewardConfig) -> Setup:
     if not cfg.data.path:
         builtin = builtin_preference_pairs(backbone, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
     train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
-    train = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(train_pairs)]
-    val = [tokenize_pair(p, tok, i, cfg.train.seq_len) for i, p in enumerate(val_pairs)]
+    limit, name = train_window(cfg.train.seq_len, backbone.config.block_size, shifted=False)
+    train, fit = tokenize_pairs(train_pairs, tok, limit, name, cfg.data.max_dropped)  # too long: cut or dropped
+    val, val_fit = tokenize_pairs(val_pairs, tok, limit, name, cfg.data.max_dropped)
     model = RewardModel(backbone).to(device)  # the head is created after PEFT froze the trunk: it trains
-    return Setup(Path(cfg.out_dir), device, model, tok, train, val)
+    return Setup(Path(cfg.out_dir), device, model, tok, train, val, fit + val_fit)
 
 
 def batch_of(s: Setup, pairs: list[Pair]) -> dict[str, torch.Tensor]:
@@ -132,8 +136,12 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     resumed = loop.resume() if cfg.resume else False
     trainable, total = trainable_parameters(s.model)
     if progress:
-        print(f"reward: {len(s.train)} pairs ({len(s.val)} held out); {trainable:,} of {total:,} parameters trainable")
-    state = loop.run_logged(resumed, lambda: {"pairs": len(s.train), **evaluate(s.model, s, cfg)}, progress)
+        print(
+            f"reward: {len(s.train)} pairs ({len(s.val)} held out; {s.fit.summary()}); {trainable:,} of {total:,} "
+            "parameters trainable"
+        )
+    start = {"pairs": len(s.train), **s.fit.metrics()}
+    state = loop.run_logged(resumed, lambda: {**start, **evaluate(s.model, s, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):

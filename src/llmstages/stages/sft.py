@@ -28,10 +28,11 @@ from llmstages.data.chat import (
     read_conversations,
     tokenize_conversation,
 )
+from llmstages.data.lengths import Tally
 from llmstages.data.tasks import Task, builtin_tasks
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match
+from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match, fit_items
 from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
 from llmstages.model import GPT, flops_per_token, load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.peft import prepare_policy, trainable_parameters
@@ -53,7 +54,12 @@ class Setup:
     train: list[Example]
     val: list[Example]
     eval_items: list[EvalItem]
-    truncated: int
+    eval_new_tokens: int
+    """New tokens generated for each held-out prompt (its answer + 2, fewer only where the context is short)."""
+    fit: Tally
+    """Training examples cut or dropped to fit train.seq_len + 1 tokens (data/lengths.py)."""
+    eval_note: str | None
+    """What setup changed to fit the held-out prompts in the model's context (None: nothing), printed once."""
 
 
 def _examples(cfg: SFTConfig, tok: Tokenizer):
@@ -88,12 +94,16 @@ def setup(cfg: SFTConfig) -> Setup:
             f"train.seq_len={cfg.train.seq_len} is above the model's context of {model.config.block_size} tokens"
         )
     train, val, items = _examples(cfg, tok)
-    train, cut = fit_length(train, cfg.train.seq_len, cfg.data.truncate)
-    val, _ = fit_length(val, cfg.train.seq_len, truncate=True)
+    train, fit = fit_length(train, cfg.train.seq_len, cfg.data.truncate, cfg.data.max_dropped)  # too long: cut
+    val, _ = fit_length(val, cfg.train.seq_len, truncate=True, max_dropped=cfg.data.max_dropped)
     if not train:
         raise UserError("no SFT example left to train on")
+    items, new_tokens, note = items[: cfg.data.max_eval_examples], 0, None
+    if items:  # the evaluation generates within the model's context: fitted (or refused) now, not at step 0
+        items, gen = fit_items(items, tok, model.config.block_size)
+        new_tokens, note = gen.max_new_tokens, gen.note(model.config.block_size)
     prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA the model carries is merged first
-    return Setup(out, device, model, tok, train, val, items[: cfg.data.max_eval_examples], cut)
+    return Setup(out, device, model, tok, train, val, items, new_tokens, fit, note)
 
 
 def show_example(cfg: SFTConfig, index: int) -> str:
@@ -141,7 +151,7 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
                 loss, _ = lm_loss(m, b)
                 total, count = total + float(loss), count + count_targets(b)
             result.update(val_loss=total / count, val_ppl=math.exp(total / count))
-        result.update(exact_match(m, s.tokenizer, s.eval_items))
+        result.update(exact_match(m, s.tokenizer, s.eval_items, max_new_tokens=s.eval_new_tokens))
         return result
 
     loop = Loop(
@@ -159,11 +169,13 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     trainable, total = trainable_parameters(model)
     if progress:
         print(
-            f"sft: {len(s.train)} examples ({s.truncated} truncated), {len(s.eval_items)} held-out prompts; "
+            f"sft: {len(s.train)} examples ({s.fit.summary()}), {len(s.eval_items)} held-out prompts; "
             f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
             f"({trainable / total:.2%})"
         )
-    start = {"trainable_parameters": trainable, "parameters": total, "truncated_examples": s.truncated}
+        if s.eval_note:
+            print(f"sft: {s.eval_note}")
+    start = {"trainable_parameters": trainable, "parameters": total, **s.fit.metrics()}
     state = loop.run_logged(resumed, lambda: {**start, **evaluate(model)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
