@@ -380,6 +380,16 @@ CASES = [
     ("export-out-through-file", ["export", "--model", "{base}", "--out", "{file}/sub"], "notes.txt is a file, not a folder"),
     ("export-gguf-through-file", ["export", "--model", "{base}", "--format", "gguf", "--out", "{file}/m.gguf"], "notes.txt is a file, not a folder"),
     ("eval-out-through-file", ["eval", "--model", "{base}", "--out", "{file}/eval.json"], "notes.txt is a file, not a folder"),
+    ("sft-out-through-file", ["sft", "out_dir={file}/run", "model.path={base}", *RL], "notes.txt is a file, not a folder"),
+    ("pretrain-out-through-file", ["pretrain", "out_dir={file}/run", *PRE], "notes.txt is a file, not a folder"),
+    ("report-out-through-file", ["report", "{run}", "--out", "{file}/r.html"], "notes.txt is a file, not a folder"),
+    ("pretrain-seed", ["pretrain", "out_dir={new}", *PRE, "seed=18446744073709551616"], "seed must be in [0, 4294967295]"),
+    ("pretrain-lr-inf", ["pretrain", "out_dir={new}", *PRE, "train.lr=inf"], "train.lr must be a finite number"),
+    ("dpo-beta-nan", ["dpo", "out_dir={new}", "model.path={base}", "dpo.beta=nan"], "dpo.beta must be a finite number"),
+    ("ppo-kl-inf", ["ppo", "out_dir={new}", "model.path={base}", "ppo.kl_coef=inf"], "ppo.kl_coef must be a finite"),
+    ("sft-alpha-inf", ["sft", "out_dir={new}", "model.path={base}", "peft.alpha=inf"], "peft.alpha must be a finite"),
+    ("grpo-temp-inf", ["grpo", "out_dir={new}", "model.path={base}", "grpo.temperature=inf"], "grpo.temperature must be a finite"),
+    ("sft-batch-huge", ["sft", "out_dir={new}", "model.path={base}", *RL, "train.batch_size=1000000000000", "train.seq_len=48"], "train.batch_size=1000000000000 with"),
 ]  # fmt: skip
 
 

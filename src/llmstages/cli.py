@@ -165,15 +165,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history += [*turn, {"role": "assistant", "content": tok.decode(reply.ids).strip()}]
 
 
-def _check_parents(out: Path, what: str) -> None:
-    """Refuse an output path that runs through an existing file (FILE/sub): no folder can be made there."""
-    for parent in out.parents:  # the nearest that exists must be a folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{what} {out}: {parent} is a file, not a folder (nothing was written)")
-            return
-
-
 def _is_export(path: Path) -> bool:
     """A folder `export` may replace with --force: a model directory or a PEFT adapter, and nothing else."""
     known = {
@@ -194,11 +185,11 @@ def _is_export(path: Path) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     from llmstages.model import export_hf, load_model, load_tokenizer, save_model
     from llmstages.model.io import disk_full_is_an_error, resolve_model_path
-    from llmstages.outputs import claim_folder
+    from llmstages.outputs import claim_folder, refuse_through_file
     from llmstages.peft import merge_lora, peft_config
     from llmstages.peft.export import export_peft
 
-    _check_parents(Path(args.out), "--out")
+    refuse_through_file(Path(args.out), "--out")
     model = load_model(args.model, dtype=None)
     tok = load_tokenizer(args.model)
     src, out = resolve_model_path(args.model).resolve(), Path(args.out).resolve()
@@ -255,7 +246,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from llmstages.data.text import iter_documents, prepare_shards
     from llmstages.data.tokenizer import train_bpe
     from llmstages.model.io import disk_full_is_an_error
-    from llmstages.outputs import claim_folder, write_dir
+    from llmstages.outputs import claim_folder, refuse_through_file, write_dir
 
     if args.vocab_size < 300:
         raise UserError(f"--vocab-size must be at least 300 (256 bytes plus merges), got {args.vocab_size}")
@@ -264,7 +255,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     out = Path(args.out)
-    _check_parents(out, "--out")
+    refuse_through_file(out, "--out")
     ours = {"tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json"}
     claim_folder(out, "--out", lambda p: {q.name for q in p.iterdir()} <= ours and (p / "tokenizer.json").is_file())
     docs = list(iter_documents(args.data)) if args.data else builtin_corpus()
@@ -320,7 +311,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         from llmstages.outputs import claim_file
 
-        _check_parents(Path(args.out), "--out")
         claim_file(Path(args.out), "--out", _is_eval_json)
     if not args.model and not args.labels:
         raise UserError("give --model (a model to judge) or --labels (a preference file to check), or both")
@@ -675,12 +665,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_group()
         return 130
     except Exception as e:
-        from llmstages.train.loop import Interrupted
+        from llmstages.model.io import is_disk_full
+        from llmstages.train.loop import Interrupted, TrainingFailed
 
         if isinstance(e, Interrupted):
             print(f"llmstages{where}: {e}", file=sys.stderr)
             _leave_group()
             return 130
+        if isinstance(e, TrainingFailed):  # the run stopped training (a NaN/Inf loss or weights): one line, exit 1
+            print(f"llmstages: error{where}: {e}", file=sys.stderr)
+            _leave_group()
+            return 1
+        if is_disk_full(e):  # a write outside the guarded saves (metrics, a report): one line, what was written stays
+            print(f"llmstages: error{where}: no space left on device ({e})", file=sys.stderr)
+            _leave_group()
+            return 2
         if where:  # one line that names the rank, then the traceback; the launcher stops the other ranks
             print(f"llmstages: error{where}: {type(e).__name__}: {e}", file=sys.stderr)
             _leave_group()

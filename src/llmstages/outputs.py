@@ -67,9 +67,19 @@ def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def refuse_through_file(path: Path, what: str) -> None:
+    """Refuse an output path that runs through an existing file (FILE/sub): no folder can be made there."""
+    for parent in path.parents:  # the nearest that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder (nothing was written)")
+            return
+
+
 def _refuse_file(path: Path, what: str) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder; choose a folder name")
+    refuse_through_file(path, what)
 
 
 def claim_run_dir(out: Path, stage: str, resume: bool, overwrite: bool, what: str = "out_dir") -> None:
@@ -300,6 +310,7 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> Path:
 
 def claim_file(path: Path, what: str, is_own: Callable[[Path], bool]) -> None:
     """Check that a command may write the file `path`: new, or one it wrote before (`is_own`); never a folder."""
+    refuse_through_file(path, what)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
     if path.exists() and not is_own(path):

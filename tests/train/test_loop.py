@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -207,17 +208,16 @@ def test_an_isolated_bad_step_is_skipped(tmp_path):
     assert (tmp_path / "checkpoints" / "step_3").is_dir()
 
 
-def test_a_huge_learning_rate_fails_the_pretrain_run_without_a_final_model(tmp_path):
+def test_a_huge_learning_rate_fails_the_pretrain_run_without_a_final_model(tmp_path, capsys):
     """train.lr=1e30 is finite, so the config takes it; the weights blow up after the first step and every later
-    gradient is NaN: the run stops with one line naming the step, and final/ is not written."""
-    from llmstages.stages import STAGES
-    from llmstages.train.loop import TrainingFailed
+    gradient is NaN: the run stops with exit 1 and one line naming the step, and final/ is not written."""
+    from llmstages.cli import main
     from tests.stages.test_pretrain import SMALL
 
-    overrides = [f"out_dir={tmp_path}", *SMALL, "train.max_steps=4", "train.lr=1e30", "train.warmup_steps=0"]
-    with pytest.raises(TrainingFailed, match=r"^step 4: .*NaN/Inf") as e:
-        STAGES["pretrain"].run(None, overrides, progress=False)
-    assert "\n" not in str(e.value)
+    argv = ["pretrain", f"out_dir={tmp_path}", *SMALL, "train.max_steps=4", "train.lr=1e30", "train.warmup_steps=0"]
+    assert main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llmstages")]  # no progress bar
+    assert len(err) == 1 and re.match(r"llmstages: error: step 4: .*NaN/Inf", err[0]), err
     assert not (tmp_path / "final").exists() and not (tmp_path / "checkpoints").exists()
 
 

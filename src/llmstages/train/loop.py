@@ -357,10 +357,18 @@ def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> Non
     the base model's digest recorded) and the resolved `config.yaml` (rank 0; the others wait for it). When
     resuming, the checkpoint must fit `model` first."""
     from llmstages.config import save_config
+    from llmstages.model.gpt import ModelConfig
+    from llmstages.train.memory import check_batch_fits
 
     out = Path(cfg.out_dir)
     if cfg.resume and model is not None and (path := ckpt.newest_loadable(out / "checkpoints")) is not None:
         ckpt.check_fits(path, model)
+    configs = [m.config for m in (model.modules() if model is not None else []) if hasattr(m, "config")]
+    configs = [c for c in configs if isinstance(c, ModelConfig)]
+    if configs:  # a micro-batch that cannot fit is refused here, not in the first step
+        args = cfg.train
+        check_batch_fits(configs[0], args.batch_size, args.seq_len, args.precision, args.activation_checkpointing,
+                         distributed.current().device)  # fmt: skip
     d = distributed.current()
     if d.is_main:
         claim_run_lock(out)
