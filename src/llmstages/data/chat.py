@@ -17,7 +17,6 @@ because masking is by position, never by token id.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,27 +154,9 @@ def _builtin_render(messages: Sequence[Message], tok: Tokenizer, add_generation_
     return text, spans
 
 
-def _raise_exception(message: str):
-    raise UserError(f"chat template: {message}")
-
-
-@functools.lru_cache(maxsize=8)
-def _jinja_template(source: str):
-    """The compiled template (compiling it for every render made tokenizing a dataset take seconds per thousand)."""
-    import jinja2
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(source)
-
-
 def _jinja_render(messages: Sequence[Message], tok: Tokenizer, add_generation_prompt: bool) -> str:
-    return _jinja_template(tok.chat_template).render(
-        messages=list(messages),
-        add_generation_prompt=add_generation_prompt,
-        bos_token=tok.bos_token or "",
-        eos_token=tok.eos_token or "",
-    )
+    """The tokenizer's jinja template, compiled once and rendered as transformers does (data/tokenizer.py)."""
+    return tok.apply_chat_template(messages, add_generation_prompt)
 
 
 def render(

@@ -74,8 +74,10 @@ def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
     return groups
 
 
-def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic]:
-    """Check the config, load the policy, the reward and the prompts, and build policy + critic; writes nothing."""
+def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic, dict[str, int]]:
+    """Check the config, load the policy, the reward and the prompts (each cut from the left to leave room for
+    ppo.max_new_tokens in the model's context: data/lengths.py), and build policy + critic; writes nothing.
+    Returns (the setup, policy + critic, how many training and evaluation prompts were cut)."""
     device, _ = start_run(cfg, "ppo")
     p = cfg.ppo
     if p.critic not in ("shared", "separate"):
@@ -95,7 +97,8 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic]:
         )
     # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
     critic = merge_lora(copy.deepcopy(s.model)).requires_grad_(True) if p.critic == "separate" else None
-    return s, ActorCritic(s.model, critic).to(device)
+    cuts = {"truncated_examples": cut, "truncated_eval_prompts": eval_cut}
+    return s, ActorCritic(s.model, critic).to(device), cuts
 
 
 class Rollouts:
@@ -231,7 +234,7 @@ def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[st
 
 
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
-    s, ac = setup(cfg)
+    s, ac, cuts = setup(cfg)
     p = cfg.ppo
     prepare_run_dir(cfg, "ppo", ac)
     rollouts = Rollouts(s, ac, cfg)
@@ -264,7 +267,7 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
             f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
             f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: evaluate(ac), progress)
+    state = loop.run_logged(resumed, lambda: {**cuts, **evaluate(ac)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
         save_model(final.policy, s.out / "final", s.tokenizer)

@@ -93,6 +93,8 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
         fn(["Where does Ada live?", "Where does Ada live?"], ["Oakfield", ""], [True, False])
         return fn
     from llmstages.data.chat import right_pad, tokenize_conversation
+    from llmstages.data.lengths import kept_lengths
+    from llmstages.losses import IGNORE_INDEX
     from llmstages.model.heads import load_reward_model
 
     rm = load_reward_model(reward.model, device=device).eval()
@@ -102,13 +104,13 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
-        rows = [
-            tokenize_conversation(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], rm_tok
-            ).input_ids
-            for p, r in zip(prompts, responses)
-        ]
-        rows = [row if end else row[:-1] for row, end in zip(rows, ended)]  # an unfinished reply has no EOS
+        rows = []
+        for p, r, end in zip(prompts, responses, ended):
+            ex = tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}], rm_tok)
+            row = ex.input_ids if end else ex.input_ids[:-1]  # an unfinished reply has no EOS
+            start = next((i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX), len(row))  # the reply's
+            keep_p, keep_r = kept_lengths(start, len(row) - start, rm.config.block_size)  # data/lengths.py
+            rows.append(row[start - keep_p : start + keep_r])
         ids, mask = right_pad(rows, rm_tok.pad_id)
         return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
 
