@@ -85,3 +85,20 @@ def test_export_hf_from_the_cli(model_dir, tmp_path, capsys):
 
     with torch.no_grad():
         assert (hf(x).logits - load_model(model_dir)(x)).abs().max() < 1e-4
+
+
+def test_a_full_disk_outside_the_guarded_saves_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    """A write the stages do not wrap themselves (here the resolved config.yaml) that finds the disk full ends in
+    one line, exit 2, not a traceback; what was written before stays."""
+    import errno
+
+    def full(cfg, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("llmstages.config.save_config", full)
+    out = tmp_path / "run"
+    code, _, err = _run(["sft", f"model.path={model_dir}", f"out_dir={out}", "train.seq_len=24", "train.max_steps=1",
+                         "train.precision=fp32", "monitor.tensorboard=false"], capsys)  # fmt: skip
+    lines = [line for line in err.splitlines() if line.startswith("llmstages")]
+    assert code == 2 and len(lines) == 1 and "no space left on device" in lines[0], err
+    assert "Traceback" not in err and (out / "run.json").is_file()

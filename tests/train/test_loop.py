@@ -69,12 +69,22 @@ def test_no_decay_on_norms_biases_embeddings():
     assert {names[id(p)] for p in rest["params"]} >= {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.bias"}
 
 
-def test_native_bf16_detection_agrees_with_the_cpu():
+def test_native_bf16_detection_agrees_with_the_cpu(monkeypatch):
     """`auto` picks bf16 exactly where the CPU has AMX tiles or AVX512-BF16: what torch.cpu reports, and on Linux
-    what the kernel lists in /proc/cpuinfo."""
+    what the kernel lists in /proc/cpuinfo. LLMSTAGES_AUTO_PRECISION decides instead where it is set."""
     from pathlib import Path
 
+    from llmstages.errors import UserError
     from llmstages.train.loop import fast_bf16, resolve_precision
+
+    for forced in ("fp32", "bf16"):
+        monkeypatch.setenv("LLMSTAGES_AUTO_PRECISION", forced)
+        assert resolve_precision("auto", torch.device("cpu")) == forced
+        assert resolve_precision("fp32", torch.device("cpu")) == "fp32"  # only `auto` is decided by it
+    monkeypatch.setenv("LLMSTAGES_AUTO_PRECISION", "fp8")
+    with pytest.raises(UserError, match="LLMSTAGES_AUTO_PRECISION must be fp32 or bf16"):
+        resolve_precision("auto", torch.device("cpu"))
+    monkeypatch.delenv("LLMSTAGES_AUTO_PRECISION")
 
     cpu = torch.device("cpu")
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
