@@ -89,7 +89,11 @@ def world(tmp_path_factory):
         "bad_prob.jsonl": [{"prompt": "q", "chosen": "a", "rejected": "b", "probability": 3}],
         "no_chosen.jsonl": [{"prompt": "q", "rejected": "b"}],
         "empty_prompt.jsonl": [{"prompt": "   "}],
-    }
+        "sg_empty_human.jsonl": [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+                                 {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "yo"}]}],
+        "sg_ends_human.jsonl": [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+                                                   {"from": "human", "value": "more?"}]}],
+    }  # fmt: skip
     for name, rows in files.items():
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         p[name.split(".")[0]] = str(root / name)
@@ -100,6 +104,7 @@ def world(tmp_path_factory):
     (root / "bad.yaml").write_text("train: [1, 2\n")
     p["bad_yaml"] = str(root / "bad.yaml")
     _damaged(root, p)
+    _campaign_rerun(root, p)
     fns = root / "fns"
     fns.mkdir()
     (fns / "userfns.py").write_text(USER_FNS)
@@ -161,6 +166,22 @@ def _damaged(root: Path, p: dict[str, str]) -> None:
     (root / "loop_a").symlink_to(root / "loop_b")
     (root / "loop_b").symlink_to(root / "loop_a")
     p["loop"] = str(root / "loop_a")
+
+
+def _campaign_rerun(root: Path, p: dict[str, str]) -> None:
+    """Inputs of the rerun of the campaign: damaged recipes, a damaged demo folder and run, a folder whose plots/
+    holds a user's picture."""
+    (root / "binary.yaml").write_bytes(b"\xff\xfe: 1\n")
+    (root / "dup.yaml").write_text("train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    (root / "demo_torn").mkdir()
+    (root / "demo_torn" / "demo.json").write_text("{oops")
+    shutil.copytree(root / "run", root / "run_bad_metrics")
+    with open(root / "run_bad_metrics" / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe{garbage\n{}\n")
+    (root / "pictures" / "plots").mkdir(parents=True)
+    (root / "pictures" / "plots" / "pretrain.png").write_bytes(b"\x89PNG\r\n\x1a\n my own picture")
+    for name in ("binary.yaml", "dup.yaml", "demo_torn", "run_bad_metrics", "pictures"):
+        p[name.split(".")[0]] = str(root / name)
 
 
 def _base(path: Path) -> Path:
@@ -389,6 +410,20 @@ CASES = [
     ("ppo-kl-inf", ["ppo", "out_dir={new}", "model.path={base}", "ppo.kl_coef=inf"], "ppo.kl_coef must be a finite"),
     ("sft-alpha-inf", ["sft", "out_dir={new}", "model.path={base}", "peft.alpha=inf"], "peft.alpha must be a finite"),
     ("grpo-temp-inf", ["grpo", "out_dir={new}", "model.path={base}", "grpo.temperature=inf"], "grpo.temperature must be a finite"),
+    # the campaign's rerun
+    ("sft-sharegpt-empty-human", ["sft", "out_dir={new}", "model.path={base}", "data.path=[{sg_empty_human}]"], "sg_empty_human.jsonl:2: message 1 is an empty user turn"),
+    ("sft-sharegpt-ends-human", ["sft", "out_dir={new}", "model.path={base}", "data.path=[{sg_ends_human}]"], "sg_ends_human.jsonl:1: message 3 is a user turn after the last reply"),
+    ("demo-through-file", ["demo", "--out", "{file}/demo", "--quick"], "notes.txt is a file, not a folder"),
+    ("demo-torn-mark", ["demo", "--out", "{demo_torn}", "--quick"], "demo.json: damaged demo mark"),
+    ("sft-yaml-binary", ["sft", "--config", "{binary}", "out_dir={new}", "model.path={base}"], "binary.yaml: not a UTF-8 text file"),
+    ("sft-yaml-dup", ["sft", "--config", "{dup}", "out_dir={new}", "model.path={base}"], "dup.yaml: line 3 invalid YAML (key 'lr' is given twice)"),
+    ("cai-constitution-binary", ["cai", "revise", "out_dir={new}", "model.path={base}", "constitution={binary}"], "binary.yaml: the constitution is not UTF-8 text"),
+    ("report-torn-metrics", ["report", "{run_bad_metrics}", "--out", "{new}/r.html"], "not a JSON record (the run's metrics file is damaged)"),
+    ("report-users-picture", ["report", "{run}", "--out", "{pictures}/report.html"], "holds other files than this command's plots"),
+    ("memory-type", ["estimate-memory", "--model", "llama_tiny", "--seq-len", "abc"], "estimate-memory: argument --seq-len: invalid int value: 'abc'"),
+    ("gen-type", ["generate", "--model", "{base}", "--prompt", "Ada", "--top-k", "abc"], "generate: argument --top-k: invalid int value"),
+    ("sft-rank-huge", ["sft", "out_dir={new}", "model.path={base}", "peft.method=lora", "peft.rank=100000000"], "peft.rank=100000000: the adapters would take"),
+    ("sft-bottleneck-huge", ["sft", "out_dir={new}", "model.path={base}", "peft.method=adapter", "peft.bottleneck=1000000000"], "peft.bottleneck=1000000000: the adapters would take"),
     ("sft-batch-huge", ["sft", "out_dir={new}", "model.path={base}", *RL, "train.batch_size=1000000000000", "train.seq_len=48"], "train.batch_size=1000000000000 with"),
 ]  # fmt: skip
 

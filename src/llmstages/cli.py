@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from llmstages.errors import UserError
 
@@ -491,10 +492,22 @@ def _add_stage(sub, name: str) -> argparse.ArgumentParser:
     return s
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a missing or unknown option, a value of the wrong type) are the one line every other
+    bad input gets, exit code 2, instead of the usage text and a line in another form."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("llmstages").strip()
+        where = f"{command}: " if command else ""
+        print(f"llmstages: error: {where}{message} (see llmstages {command or ''} --help)".replace("  ", " "),
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmstages import __version__
 
-    p = argparse.ArgumentParser(prog="llmstages", description=__doc__)
+    p = _Parser(prog="llmstages", description=__doc__)
     p.add_argument("--version", action="version", version=f"llmstages {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -652,7 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0), or the one-line error of _Parser (2)
+        return e.code if isinstance(e.code, int) else 2
     where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1" else ""
     try:
         return args.func(args)

@@ -287,9 +287,17 @@ def machine() -> dict[str, Any]:
 
 def _claim(out: Path, seeds: dict[str, Any]) -> None:
     """The folder is this demo's: new, empty, or made by a demo with the same seeds (whose steps are reused)."""
+    from llmstages.outputs import refuse_through_file
+
+    refuse_through_file(out, "--out")
     mark = out / "demo.json"
     if mark.is_file():
-        made = json.loads(mark.read_text())
+        try:
+            made = json.loads(mark.read_text())
+        except (ValueError, OSError) as e:  # not JSON, not UTF-8, unreadable
+            raise UserError(f"{mark}: damaged demo mark ({type(e).__name__}); choose another --out") from None
+        if not isinstance(made, dict):
+            raise UserError(f"{mark}: damaged demo mark (got {made!r}); choose another --out")
         if made != seeds:
             raise UserError(f"{out} holds a demo run with {made}; this one has {seeds}: choose another --out")
         return

@@ -52,7 +52,8 @@ SHAREGPT_ROLES = {
 
 def check_turns(msgs: list[Message], where: str) -> list[Message]:
     """A trainable conversation: an optional system turn first, then user and assistant turns alternating from a
-    user turn, at least one assistant reply, and no empty reply (it would train the model to say nothing)."""
+    user turn, ending on an assistant reply, with no empty turn (an empty reply would train the model to say
+    nothing; an empty question, or one left unanswered at the end, is a damaged record)."""
     turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -65,8 +66,15 @@ def check_turns(msgs: list[Message], where: str) -> list[Message]:
     if not any(m["role"] == "assistant" for m in turns):
         raise UserError(f"{where}: conversation has no assistant turn (nothing to train on)")
     for i, m in enumerate(msgs, 1):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise UserError(f"{where}: message {i} is an empty assistant reply")
+        if m["role"] in ("assistant", "user") and not m["content"].strip():
+            raise UserError(
+                f"{where}: message {i} is an empty {m['role']} {'reply' if m['role'] == 'assistant' else 'turn'}"
+            )
+    if turns[-1]["role"] != "assistant":
+        raise UserError(
+            f"{where}: message {len(msgs)} is a user turn after the last reply (nothing trains on it): end the "
+            "conversation on an assistant reply"
+        )
     return msgs
 
 

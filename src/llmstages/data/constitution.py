@@ -74,9 +74,11 @@ def load_constitution(path: str | Path) -> Constitution:
 
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UserError(f"{path}: cannot read the constitution ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the constitution is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("principles"), list) or not tree["principles"]:

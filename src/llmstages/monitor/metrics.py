@@ -134,12 +134,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(line, record) of each line of a metrics file. A torn last line (a crash mid-write) is dropped; a bad line
     before it is an error naming file and line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, raw in enumerate(lines, 1):
         try:
+            line = raw.decode("utf-8")
             out.append((line, json.loads(line)))
-        except json.JSONDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if n == len(lines):
                 break
             raise UserError(f"{path}:{n}: not a JSON record (the run's metrics file is damaged)") from None

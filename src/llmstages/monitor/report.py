@@ -58,7 +58,7 @@ def stage_runs(path: Path) -> dict[str, Path]:
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": MARK})
     return buf.getvalue()
 
 
@@ -323,11 +323,22 @@ def check_target(dirs: list[str | Path], out: str | Path | None = None) -> None:
     target = Path(out) if out else Path(dirs[0]) / "report.html"
     claim_file(target, "--out", lambda p: p.read_text(errors="replace").startswith(HEAD))
     plots = target.parent / "plots"
-    if plots.exists() and (not plots.is_dir() or any(p.suffix != ".png" for p in plots.iterdir())):
+    if plots.exists() and (not plots.is_dir() or not all(_is_our_plot(p) for p in plots.iterdir())):
         raise UserError(f"{plots} exists and holds other files than this command's plots; choose another --out")
 
 
 HEAD = "<!doctype html><html><head><meta charset='utf-8'><title>llmstages report"
+MARK = "llmstages report"
+"""Written into every plot's PNG text chunk (Software): what tells this command's plots from a user's pictures."""
+
+
+def _is_our_plot(path: Path) -> bool:
+    """A PNG this command wrote: its text chunk (within the first few KiB, before the image data) names MARK."""
+    if path.suffix != ".png" or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + MARK.encode() in head
 
 
 def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -335,25 +346,27 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
     paths = [Path(d) for d in dirs]
     runs = {p: stage_runs(p) for p in paths}
     target = Path(out) if out else paths[0] / "report.html"
-    plots = target.parent / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
     names = [n for n in STAGE_ORDER if any(n in r for r in runs.values())]
     names += [n for r in runs.values() for n in r if n not in names]
-    sections = []
+    sections, pngs = [], {}  # everything is read and drawn first: a damaged run writes nothing
     for name in names:
         per_dir = {p.name if len(paths) > 1 else name: r[name] for p, r in runs.items() if name in r}
         png = plot_stage(name, per_dir)
         if png:
-            (plots / f"{name.replace('/', '_')}.png").write_bytes(png)
+            pngs[f"{name.replace('/', '_')}.png"] = png
             sections.append(f"<h2>{html.escape(name)}</h2>{_img(png)}{_health(per_dir)}")
     title = "llmstages report: " + ", ".join(html.escape(str(p)) for p in paths)
     summaries = _summaries(paths)
     seeds = "".join(f"<p class='seeds'>{html.escape(k)}: {html.escape(_seeds(v))}</p>" for k, v in summaries.items())
     glance = glance_figure(summaries)
     if glance:
-        (plots / "glance.png").write_bytes(glance)
+        pngs["glance.png"] = glance
     top = seeds + (_img(glance) if glance else "") + _targets_table(summaries) + _samples_html(paths)
     body = top + "".join(sections) + _summary_table(paths) + _frontier(paths)
+    plots = target.parent / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, png in pngs.items():
+        (plots / name).write_bytes(png)
     target.write_text(
         f"{HEAD}{title.removeprefix('llmstages report')}</title>"
         f"<style>{STYLE}</style></head><body><h1>{title}</h1>{body}</body></html>\n"

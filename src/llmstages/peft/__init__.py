@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,6 +74,8 @@ def apply_lora(
         raise UserError(
             f"peft.target_modules {target_modules!r} matched no linear module; there are: {', '.join(kinds)}"
         )
+    sizes = [(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names]
+    _refuse_beyond_memory(16 * rank * sum(i + o for i, o in sizes), f"peft.rank={rank}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -93,8 +96,24 @@ def apply_lora(
     return names
 
 
+def _refuse_beyond_memory(need: float, setting: str) -> None:
+    """Refuse adapters whose parameters with their gradients and AdamW moments (16 bytes each in fp32) exceed the
+    machine's memory, before they are built: `peft.rank=100000000` was killed by the kernel instead."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return
+    if need > memory:
+        raise UserError(
+            f"{setting}: the adapters would take {need / 2**30:.1f} GiB with their gradients and optimizer state, "
+            f"more than this machine's {memory / 2**30:.1f} GiB"
+        )
+
+
 def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "relu", dropout: float = 0.0) -> int:
     """Insert bottleneck adapters after attention and MLP in every block and freeze the rest."""
+    blocks, d = len(getattr(model, "blocks", [])), model.config.d_model  # two adapters a block, d x b each way
+    _refuse_beyond_memory(16 * blocks * 2 * 2 * bottleneck * d, f"peft.bottleneck={bottleneck}")
     for p in model.parameters():
         p.requires_grad_(False)
     n = insert_adapters(model, bottleneck, activation, dropout)
