@@ -73,7 +73,7 @@ def test_chat_template_renders_as_transformers_does(tmp_path):
         want = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
         assert ours.apply_chat_template(MESSAGES, gen) == want
     assert '"Où habite Ada? \\"quotes\\" <b>"' in want  # tojson keeps non-ASCII and HTML characters
-    with pytest.raises(UserError, match=r"^chat template: the system message must come first$"):
+    with pytest.raises(UserError, match=r"tokenizer_config.json: chat template: the system message must come first$"):
         ours.apply_chat_template([MESSAGES[1], MESSAGES[0]])
 
 
@@ -112,5 +112,5 @@ def test_a_template_file_is_named_and_its_own_rules_pass(tmp_path):
     # a template that refuses the check's plain conversation with its own raise_exception works: it is loaded
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('only tool calls, please') }}")
     tok = Tokenizer.load(tmp_path)
-    with pytest.raises(UserError, match=r"^chat template: only tool calls, please$"):
+    with pytest.raises(UserError, match=r"chat_template.jinja: chat template: only tool calls, please$"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -124,6 +124,8 @@ def render_chat_template(
             bos_token=bos_token,
             eos_token=eos_token,
         )
+    except TemplateRaised as e:  # the template's own refusal: its message, and where the template came from
+        raise TemplateRaised(f"{source}: {e}") from None
     except UserError:
         raise
     except Exception as e:  # a template is the user's code: undefined names, wrong types, sandbox refusals
