@@ -202,3 +202,199 @@ def test_head_logprobs_equal_the_plain_ones_with_gradients(wrapped, temperature)
     torch.testing.assert_close(ent * mask, want_ent, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads(logp, ent), grads(want_logp, want_ent)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GRPO family. One 2 x 3 rollout worked by hand: row 0 has ratios (1.5, 0.7, 1) and A = 1, row 1 ratios
+# (1.1, 0.5) and A = -2 with a third, masked token whose huge ratio must not count. Clip [1 - 0.2, 1 + 0.28].
+
+
+def _rollout():
+    log_ratio = torch.tensor(
+        [[math.log(1.5), math.log(0.7), 0.0], [math.log(1.1), math.log(0.5), 9.0]], dtype=torch.float64
+    )
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    return old + log_ratio, old, t(1.0, -2.0), mask
+
+
+def _term(rho: float, a: float, lo: float = 0.2, hi: float = 0.28) -> float:
+    return -min(rho * a, min(max(rho, 1 - lo), 1 + hi) * a)
+
+
+# row 0, A = 1: 1.5 clips to 1.28, 0.7 is not clipped (A > 0, the min keeps 0.7), 1 stays -> -1.28, -0.7, -1
+# row 1, A = -2: 1.1 stays -> 2.2; 0.5 clips up to 0.8 -> max(1.0, 1.6) = 1.6
+ROW0, ROW1 = [-1.28, -0.7, -1.0], [2.2, 1.6]
+
+
+def test_the_hand_worked_terms_are_the_formula():
+    assert [_term(r, 1.0) for r in (1.5, 0.7, 1.0)] == pytest.approx(ROW0)
+    assert [_term(r, -2.0) for r in (1.1, 0.5)] == pytest.approx(ROW1)
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("grpo", (sum(ROW0) / 3 + sum(ROW1) / 2) / 2),  # mean per reply, then over replies
+        ("dr_grpo", (sum(ROW0) + sum(ROW1)) / (2 * 4)),  # B * max_length, max_length = 4
+        ("dapo", (sum(ROW0) + sum(ROW1)) / 5),  # every token of the batch alike
+        ("bnpo", (sum(ROW0) + sum(ROW1)) / 5),  # active tokens of this batch
+    ],
+)
+def test_policy_loss_types_closed_form(loss_type, expected):
+    logp, old, adv, mask = _rollout()
+    loss, stats = L.policy_loss(logp, old, adv, mask, loss_type, clip_low=0.2, clip_high=0.28, max_length=4)
+    assert math.isclose(loss, expected, rel_tol=1e-9)
+    # one token clipped below (row 1's 0.5 with A < 0), one above (row 0's 1.5 with A > 0), of 5 active tokens
+    assert math.isclose(stats["clip_low_fraction"], 0.2) and math.isclose(stats["clip_high_fraction"], 0.2)
+    assert math.isclose(stats["clip_fraction"], 0.4) and "kl" not in stats
+    # the sum form divided by its normaliser is the mean form
+    num, _ = L.policy_loss(logp, old, adv, mask, loss_type, 0.2, 0.28, max_length=4, reduction="sum")
+    assert math.isclose(num / L.policy_loss_normalizer(mask, loss_type, max_length=4), expected, rel_tol=1e-9)
+
+
+def test_gspo_closed_form_and_its_sequence_ratio():
+    logp, old, adv, mask = _rollout()
+    # s_0 = (1.5 * 0.7 * 1)^(1/3) = 1.0164 (inside [0.8, 1.28]) -> -s_0; s_1 = (1.1 * 0.5)^(1/2) = 0.7416, A = -2:
+    # clipped up to 0.8 -> 1.6. The masked token of row 1 is not in its mean.
+    s0, s1 = 1.05 ** (1 / 3), 0.55**0.5
+    loss, stats = L.policy_loss(logp, old, adv, mask, "gspo", clip_low=0.2, clip_high=0.28)
+    assert math.isclose(loss, (_term(s0, 1.0) + _term(s1, -2.0)) / 2, rel_tol=1e-9)
+    assert math.isclose(loss, (-s0 + 1.6) / 2, rel_tol=1e-9)
+    assert math.isclose(stats["ratio_mean"], (s0 + s1) / 2, rel_tol=1e-9)
+    assert stats["clip_low_fraction"] == 0.5 and stats["clip_high_fraction"] == 0.0  # over replies
+    # one reply unclipped: loss = -s A with s = exp(mean log ratio), so d loss / d logp_t = -A s / n
+    lp = logp[:1].clone().requires_grad_(True)
+    loss, stats = L.policy_loss(lp, old[:1], t(3.0), mask[:1], "gspo", clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    assert math.isclose(stats["ratio_mean"], math.exp((math.log(1.5) + math.log(0.7)) / 3), rel_tol=1e-9)
+    torch.testing.assert_close(lp.grad, torch.full((1, 3), -3.0 * s0 / 3, dtype=torch.float64))
+
+
+def test_ratio_one_gives_minus_the_mean_advantage_and_the_kl_term():
+    """On-policy (old = pi): the clip is inactive and the terms are -A_i + beta KL_it. KL to a reference with
+    log r = ref - pi = (log 2, 0) on row 0 and (log 1/2) on row 1: k3 = r - 1 - log r, k1 = -log r."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    ref = logp + torch.tensor([[LOG2, 0.0], [-LOG2, 7.0]], dtype=torch.float64)
+    adv, beta = t(0.5, -1.0), 0.1
+    k3 = [[1 - LOG2, 0.0], [-0.5 + LOG2]]
+    k1 = [[-LOG2, 0.0], [LOG2]]
+    expect = {
+        "grpo": (-0.5 + 1.0) / 2,
+        "gspo": (-0.5 + 1.0) / 2,
+        "dapo": (2 * -0.5 + 1.0) / 3,
+        "bnpo": (2 * -0.5 + 1.0) / 3,
+        "dr_grpo": (2 * -0.5 + 1.0) / (2 * 5),
+    }
+    for loss_type, value in expect.items():
+        loss, stats = L.policy_loss(logp, logp, adv, mask, loss_type, max_length=5)
+        assert math.isclose(loss, value, abs_tol=1e-12), loss_type
+        assert stats["clip_fraction"] == 0 and math.isclose(stats["ratio_mean"], 1.0)
+    for kind, kl in (("k3", k3), ("k1", k1)):
+        per_reply = (sum(kl[0]) / 2 + kl[1][0]) / 2
+        per_token = (sum(kl[0]) + kl[1][0]) / 3
+        loss, stats = L.policy_loss(logp, logp, adv, mask, "grpo", ref_logp=ref, beta=beta, kl_estimator=kind)
+        assert math.isclose(loss, (-0.5 + 1.0) / 2 + beta * per_reply, rel_tol=1e-9)
+        assert math.isclose(stats["kl"], per_token, rel_tol=1e-9, abs_tol=1e-12)
+        loss, _ = L.policy_loss(logp, logp, adv, mask, "gspo", ref_logp=ref, beta=beta, kl_estimator=kind)
+        assert math.isclose(loss, (-0.5 + 1.0) / 2 + beta * per_reply, rel_tol=1e-9)
+        loss, _ = L.policy_loss(logp, logp, adv, mask, "dapo", ref_logp=ref, beta=beta, kl_estimator=kind)
+        assert math.isclose(loss, (2 * -0.5 + 1.0) / 3 + beta * per_token, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="ref_logp"):
+        L.policy_loss(logp, logp, adv, mask, "grpo", beta=0.1)
+
+
+def test_equal_lengths_grpo_dapo_and_dr_grpo_agree_up_to_the_constant():
+    g = torch.Generator().manual_seed(1)
+    logp, old = torch.randn(4, 6, generator=g).double(), torch.randn(4, 6, generator=g).double()
+    adv, mask = torch.randn(4, generator=g).double(), torch.ones(4, 6, dtype=torch.float64)
+    grpo, _ = L.policy_loss(logp, old, adv, mask, "grpo", 0.2, 0.28)
+    dapo, _ = L.policy_loss(logp, old, adv, mask, "dapo", 0.2, 0.28)
+    dr, _ = L.policy_loss(logp, old, adv, mask, "dr_grpo", 0.2, 0.28, max_length=10)
+    assert math.isclose(grpo, dapo, rel_tol=1e-12) and math.isclose(dr, grpo * 6 / 10, rel_tol=1e-12)
+    # one token per reply: the sequence ratio is the token ratio, so gspo is grpo
+    gspo, _ = L.policy_loss(logp[:, :1], old[:, :1], adv, mask[:, :1], "gspo", 0.2, 0.28)
+    grpo1, _ = L.policy_loss(logp[:, :1], old[:, :1], adv, mask[:, :1], "grpo", 0.2, 0.28)
+    assert math.isclose(gspo, grpo1, rel_tol=1e-12)
+    # the old function is the dapo numerator with a symmetric clip and beta 0 (on what the stage calls today)
+    old_form, _, _ = L.grpo_loss(logp, old, logp, adv, mask, clip=0.2, beta=0.0)
+    num, _ = L.policy_loss(logp, old, adv, mask, "dapo", 0.2, reduction="sum")
+    assert math.isclose(old_form, num, rel_tol=1e-12)
+
+
+def test_clip_higher_is_asymmetric():
+    """DAPO's clip-higher: with clip_low 0.2 and clip_high 0.28 a ratio of 1.25 on a positive advantage is no longer
+    clipped (term -1.25 instead of -1.2), while 0.75 on a negative advantage is still clipped up to 0.8."""
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    up = torch.tensor([[math.log(1.25)]], dtype=torch.float64)
+    down = torch.tensor([[math.log(0.75)]], dtype=torch.float64)
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    sym, s = L.policy_loss(up, zero, t(1.0), mask, "dapo", clip_low=0.2)
+    asym, a = L.policy_loss(up, zero, t(1.0), mask, "dapo", clip_low=0.2, clip_high=0.28)
+    assert math.isclose(sym, -1.2) and math.isclose(asym, -1.25)
+    assert s["clip_high_fraction"] == 1.0 and a["clip_high_fraction"] == 0.0
+    low, s = L.policy_loss(down, zero, t(-1.0), mask, "dapo", clip_low=0.2, clip_high=0.28)
+    assert math.isclose(low, 0.8) and s["clip_low_fraction"] == 1.0 and s["clip_high_fraction"] == 0.0
+    # the gradient of a clipped token is zero, of an unclipped one -A rho
+    lp = up.clone().requires_grad_(True)
+    L.policy_loss(lp, zero, t(1.0), mask, "dapo", clip_low=0.2)[0].backward()
+    assert lp.grad.item() == 0.0
+    lp = up.clone().requires_grad_(True)
+    L.policy_loss(lp, zero, t(1.0), mask, "dapo", clip_low=0.2, clip_high=0.28)[0].backward()
+    assert math.isclose(lp.grad.item(), -1.25)
+
+
+def test_policy_loss_refuses_unknown_options():
+    x = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="loss_type"):
+        L.policy_loss(x, x, torch.zeros(1), x, "ppo")
+    with pytest.raises(ValueError, match="max_length"):
+        L.policy_loss(x, x, torch.zeros(1), x, "dr_grpo")
+    with pytest.raises(ValueError, match="estimator"):
+        L.advantages(torch.zeros(2), 2, "gae")
+
+
+def test_advantage_estimators_closed_form():
+    # groups (1, 2, 6) and (0, 0, 3): means 3 and 1, deviations (-2, -1, 3) and (-1, -1, 2),
+    # unbiased variances 14 / 2 = 7 and 6 / 2 = 3
+    r = t(1.0, 2.0, 6.0, 0.0, 0.0, 3.0)
+    s7, s3 = math.sqrt(7), math.sqrt(3)
+    group = [-2 / s7, -1 / s7, 3 / s7, -1 / s3, -1 / s3, 2 / s3]
+    torch.testing.assert_close(L.advantages(r, 3, "group"), t(*group), rtol=1e-5, atol=0)
+    torch.testing.assert_close(L.advantages(r, 3, "group", scale=False), t(-2.0, -1.0, 3.0, -1.0, -1.0, 2.0))
+    # RLOO: r_i minus the mean of the two others: 1 - 4, 2 - 3.5, 6 - 1.5; 0 - 1.5, 0 - 1.5, 3 - 0
+    torch.testing.assert_close(L.advantages(r, 3, "rloo"), t(-3.0, -1.5, 4.5, -1.5, -1.5, 3.0))
+    # REINFORCE++-baseline: the deviations (mean 0) over their batch std, sqrt(20 / 5) = 2
+    rpp = L.advantages(r, 3, "reinforce_pp")
+    torch.testing.assert_close(rpp, t(-1.0, -0.5, 1.5, -0.5, -0.5, 1.0), rtol=1e-5, atol=0)
+    # a group of equal rewards gets 0 from group and rloo alike
+    assert L.advantages(t(2.0, 2.0), 2, "rloo").abs().sum() == 0 and L.advantages(t(2.0, 2.0), 2).abs().sum() == 0
+    # rloo is G / (G - 1) times the unscaled group advantage
+    torch.testing.assert_close(L.advantages(r, 3, "rloo"), 1.5 * L.advantages(r, 3, "group", scale=False))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_closed_form():
+    # z0 from the mismatched rows: mean of (-6 + 6.5, -7 + 6, -1 + 2) = (0.5 - 1 + 1) / 3 = 1/6
+    kl_pol = t(-6.0, -7.0, -1.0).requires_grad_(True)
+    z0 = L.kto_reference_point(kl_pol, t(-6.5, -6.0, -2.0))
+    assert math.isclose(z0, 1 / 6, rel_tol=1e-12) and not z0.requires_grad
+    assert L.kto_reference_point(t(-1.0), t(0.0)) == 0  # clamped: a KL is not negative
+    # log-ratios h = (1, -1, 0.5), rows desirable, undesirable, undesirable; beta 0.5, w_d 1, w_u 1.5
+    pol, ref = t(-3.0, -5.0, -2.0), t(-4.0, -4.0, -2.5)
+    des = torch.tensor([True, False, False])
+    loss, rewards = L.kto_loss(pol, ref, des, z0, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    expected = (
+        (1 - _sigmoid(0.5 * (1 - 1 / 6)))
+        + 1.5 * (1 - _sigmoid(0.5 * (1 / 6 + 1)))
+        + 1.5 * (1 - _sigmoid(0.5 * (1 / 6 - 0.5)))
+    ) / 3
+    assert math.isclose(loss, expected, rel_tol=1e-12)
+    torch.testing.assert_close(rewards, t(0.5, -0.5, 0.25))
+    # at h = z0 every row loses w / 2
+    loss, _ = L.kto_loss(t(1.0, 1.0), t(1.0, 1.0), torch.tensor([True, False]), 0.0, 0.1, 2.0, 4.0)
+    assert math.isclose(loss, (1.0 + 2.0) / 2)

@@ -368,3 +368,175 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     carry ignore_index in `targets`, so only the completion counts."""
     mask = targets != ignore_index
     return token_logprobs(logits, targets, ignore_index).sum(-1), mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GRPO family: one clipped policy-gradient objective, normalised per sequence, per token or by a constant,
+# with a token- or sequence-level importance ratio; and the advantage estimators that feed it.
+
+POLICY_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "gspo")
+ADVANTAGE_ESTIMATORS = ("group", "rloo", "reinforce_pp")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "grpo",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    max_length: int | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped policy loss of the GRPO family, one step, as TRL's GRPOTrainer computes it.
+
+    logp, old_logp, ref_logp, mask: (B, T) per-token log-probs of the B replies under the policy, the policy that
+    sampled them and the reference; advantages: (B,), one per reply. With the ratio rho and A_i the reply's
+    advantage, each token's term is
+        l_it = -min(rho A_i, clip(rho, 1 - clip_low, 1 + clip_high) A_i) + beta * KL_it,
+    KL_it the `kl_estimator` (k1/k2/k3: kl_estimate) of KL(pi || ref); beta 0 needs no reference (ref_logp None).
+    clip_high None is clip_low (symmetric); clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025).
+    The ratio and the normalisation depend on `loss_type` (n_i = sum_t mask_it, the length of reply i):
+        grpo     rho_it = exp(logp - old_logp); loss = 1/B sum_i 1/n_i sum_t l_it  (Shao et al. 2024, DeepSeekMath)
+        dr_grpo  rho_it; loss = sum_it l_it / (B * max_length): no length bias  (Liu et al. 2025, "Understanding
+                 R1-Zero-like training"); max_length is the step's new-token limit, a constant
+        dapo     rho_it; loss = sum_it l_it / sum_i n_i, every token of the batch weighted alike  (Yu et al. 2025)
+        bnpo     the same sum over the active tokens of this batch (TRL's bnpo normalises each micro-batch on its
+                 own, dapo over the whole generation batch; they agree for one micro-batch per step)
+        gspo     one ratio per reply, s_i = exp(1/n_i sum_t (logp - old_logp)_it), clipped at the sequence level:
+                 loss = 1/B sum_i [-min(s_i A_i, clip(s_i) A_i) + beta/n_i sum_t KL_it]  (Zheng et al. 2025, GSPO)
+    Sums run over mask_it = 1 only. reduction "sum" returns the numerator whose division by
+    policy_loss_normalizer(mask, loss_type, max_length) is the "mean" loss: a loop that sums losses over
+    micro-batches and divides by the summed normalisers keeps grpo, dr_grpo and dapo exact under accumulation.
+    Stats (detached): clip_low_fraction (rho < 1 - clip_low with A < 0: the clip binds below), clip_high_fraction
+    (rho > 1 + clip_high with A > 0), clip_fraction (either), ratio_mean, and kl (mean over tokens) when beta > 0;
+    fractions are over tokens, or over replies for gspo. TRL logs the same clip_ratio/low_mean, high_mean.
+    """
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(POLICY_LOSS_TYPES)}, got {loss_type!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    clip_high = clip_low if clip_high is None else clip_high
+    mask = mask.to(logp.dtype)
+    lengths = mask.sum(-1).clamp(min=1)  # (B,)
+    log_ratio = logp - old_logp  # (B, T)
+    if loss_type == "gspo":
+        log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / lengths[:, None]  # (B, 1)
+    ratio = torch.exp(log_ratio)  # (B, T), or (B, 1) for gspo
+    a = advantages[:, None].to(ratio.dtype)
+    terms = -torch.min(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)  # (B, T) or (B, 1)
+    stats: dict[str, torch.Tensor] = {}
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("policy_loss: beta != 0 needs ref_logp")
+        kl = kl_estimate(logp, ref_logp, kl_estimator)
+        terms = terms + beta * kl  # (B, T)
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    terms = terms.expand_as(mask)
+    if loss_type in ("grpo", "gspo"):
+        numerator = ((terms * mask).sum(-1) / lengths).sum()
+    else:
+        numerator = (terms * mask).sum()
+    low = ((ratio < 1 - clip_low) & (a < 0)).to(mask.dtype)
+    high = ((ratio > 1 + clip_high) & (a > 0)).to(mask.dtype)
+    stat_mask = torch.ones_like(ratio) if loss_type == "gspo" else mask
+    stats["clip_low_fraction"] = masked_mean(low, stat_mask).detach()
+    stats["clip_high_fraction"] = masked_mean(high, stat_mask).detach()
+    stats["clip_fraction"] = masked_mean(torch.maximum(low, high), stat_mask).detach()
+    stats["ratio_mean"] = masked_mean(ratio.detach(), stat_mask)
+    if reduction == "sum":
+        return numerator, stats
+    return numerator / policy_loss_normalizer(mask, loss_type, max_length), stats
+
+
+def policy_loss_normalizer(mask: torch.Tensor, loss_type: str, max_length: int | None = None) -> float:
+    """What policy_loss(..., reduction="sum") is divided by to give its mean: the number of replies B (grpo,
+    gspo), B * max_length (dr_grpo) or the number of active tokens sum(mask) (dapo, bnpo). mask: (B, T)."""
+    if loss_type in ("grpo", "gspo"):
+        return float(mask.size(0))
+    if loss_type == "dr_grpo":
+        if max_length is None:
+            raise ValueError("dr_grpo normalises by a constant: pass max_length (the new-token limit)")
+        return float(mask.size(0) * max_length)
+    if loss_type in ("dapo", "bnpo"):
+        return max(float(mask.sum()), 1.0)
+    raise ValueError(f"loss_type must be one of {', '.join(POLICY_LOSS_TYPES)}, got {loss_type!r}")
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019): each reward minus the mean of the other
+    G - 1 rewards of its group, A_i = r_i - (sum_j r_j - r_i) / (G - 1) = G / (G - 1) * (r_i - mean_group).
+    rewards: (N * G,) ordered group by group; G >= 2. Not scaled (TRL's RLOOTrainer can whiten over the batch
+    on top: normalize_advantages)."""
+    if group_size < 2:
+        raise ValueError(f"RLOO needs a group of at least 2, got {group_size}")
+    r = rewards.view(-1, group_size)
+    return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025, "REINFORCE++", arXiv 2501.03262, the variant for outcome rewards
+    with several samples per prompt, as OpenRLHF's `reinforce_baseline`): subtract the group's mean reward, then
+    normalise over the whole batch, A = (a - mean_batch(a)) / (std_batch(a) + eps) with a = r - mean_group(r)
+    and the unbiased std over all N * G replies. Differences from OpenRLHF: one advantage per reply (no KL folded
+    into a per-token return, the KL is a loss term here), normalised over replies rather than over tokens (a long
+    reply does not weigh more in the statistics). rewards: (N * G,) ordered group by group."""
+    r = rewards.view(-1, group_size)
+    a = (r - r.mean(-1, keepdim=True)).reshape(-1)
+    return (a - a.mean()) / (a.std() + eps)
+
+
+def advantages(
+    rewards: torch.Tensor, group_size: int, estimator: str = "group", scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """One advantage per reply from its scalar reward, by `estimator`: group (GRPO's group_advantages, divided
+    by the group's std when `scale`), rloo (rloo_advantages) or reinforce_pp (reinforce_pp_advantages); `scale`
+    concerns group only. rewards: (N * G,) ordered group by group; returns (N * G,)."""
+    if estimator == "group":
+        return group_advantages(rewards, group_size, eps, scale)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_size)
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(rewards, group_size, eps)
+    raise ValueError(f"advantage estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got {estimator!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO (Ethayarajh et al. 2024): unpaired desirable / undesirable completions. Inputs are per-sequence summed
+# log-probs of the completion tokens, as for DPO.
+
+
+def kto_reference_point(kl_pol: torch.Tensor, kl_ref: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0, an estimate of KL(pi || ref): the mean of log pi(y'|x) - log ref(y'|x) over
+    mismatched pairs (each prompt x with another row's completion y', TRL shifts the completions by one within
+    the batch), detached and clamped at 0 (a KL is not negative). kl_pol, kl_ref: (B,) summed log-probs.
+    Returns a scalar tensor."""
+    return (kl_pol - kl_ref).mean().detach().clamp(min=0)
+
+
+def kto_loss(
+    pol: torch.Tensor,
+    ref: torch.Tensor,
+    desirable: torch.Tensor,
+    z0: torch.Tensor | float,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7), mean over rows of
+        w_d (1 - sigmoid(beta (h - z0)))  for desirable rows,  w_u (1 - sigmoid(beta (z0 - h)))  for undesirable,
+    h = pol - ref, the row's log-ratio; z0 from kto_reference_point (no gradient). pol, ref: (B,) summed
+    completion log-probs; desirable: (B,) bool. Returns (loss, rewards beta * h per row, detached)."""
+    h = pol - ref
+    z0 = torch.as_tensor(z0, dtype=h.dtype, device=h.device)
+    desirable = desirable.to(torch.bool)
+    loss = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (h - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - h))),
+    )
+    return loss.mean(), (beta * h).detach()
