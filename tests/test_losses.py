@@ -398,3 +398,20 @@ def test_kto_closed_form():
     # at h = z0 every row loses w / 2
     loss, _ = L.kto_loss(t(1.0, 1.0), t(1.0, 1.0), torch.tensor([True, False]), 0.0, 0.1, 2.0, 4.0)
     assert math.isclose(loss, (1.0 + 2.0) / 2)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_the_sum_form_is_exact_under_accumulation(loss_type):
+    """A loop summing policy_loss(reduction="sum") over micro-batches and dividing by the summed
+    policy_loss_normalizer (the Loop's count_fn) gets the loss of the whole batch at once, replies of any length."""
+    g = torch.Generator().manual_seed(2)
+    logp, old = torch.randn(5, 4, generator=g).double(), torch.randn(5, 4, generator=g).double()
+    adv = torch.randn(5, generator=g).double()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    kw = dict(loss_type=loss_type, clip_low=0.2, clip_high=0.28, max_length=6)
+    whole, _ = L.policy_loss(logp, old, adv, mask, **kw)
+    parts = [slice(0, 2), slice(2, 5)]
+    num = sum(L.policy_loss(logp[p], old[p], adv[p], mask[p], reduction="sum", **kw)[0] for p in parts)
+    total = sum(L.policy_loss_normalizer(mask[p], loss_type, max_length=6) for p in parts)
+    assert isinstance(total, int)
+    assert math.isclose(num / total, whole, rel_tol=1e-12)

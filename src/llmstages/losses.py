@@ -453,17 +453,18 @@ def policy_loss(
     return numerator / policy_loss_normalizer(mask, loss_type, max_length), stats
 
 
-def policy_loss_normalizer(mask: torch.Tensor, loss_type: str, max_length: int | None = None) -> float:
+def policy_loss_normalizer(mask: torch.Tensor, loss_type: str, max_length: int | None = None) -> int:
     """What policy_loss(..., reduction="sum") is divided by to give its mean: the number of replies B (grpo,
-    gspo), B * max_length (dr_grpo) or the number of active tokens sum(mask) (dapo, bnpo). mask: (B, T)."""
+    gspo), B * max_length (dr_grpo) or the number of active tokens sum(mask) (dapo, bnpo), at least 1. mask: (B, T).
+    An int, so that it serves as a training loop's count of a micro-batch's units (Loop's count_fn)."""
     if loss_type in ("grpo", "gspo"):
-        return float(mask.size(0))
+        return max(mask.size(0), 1)
     if loss_type == "dr_grpo":
         if max_length is None:
             raise ValueError("dr_grpo normalises by a constant: pass max_length (the new-token limit)")
-        return float(mask.size(0) * max_length)
+        return mask.size(0) * max_length
     if loss_type in ("dapo", "bnpo"):
-        return max(float(mask.sum()), 1.0)
+        return max(int(mask.sum()), 1)
     raise ValueError(f"loss_type must be one of {', '.join(POLICY_LOSS_TYPES)}, got {loss_type!r}")
 
 
