@@ -324,9 +324,17 @@ class RewardConfig(StageArgs):
 @dataclass
 class RewardSourceArgs:
     fn: str | None = "llmstages.data.oracle:oracle_reward"
-    """A Python callable `module:function(prompts, responses, ended) -> list[float]`."""
+    """A Python callable `module:function(prompts, responses, ended, **columns) -> list[float]`; each column of the
+    prompt file other than the prompt (e.g. `answer`) comes as a list aligned with the replies, to a function that
+    names it or takes **kwargs."""
     model: str | None = None
     """A reward-model directory (from `llmstages reward`); used instead of `fn` when set."""
+    fns: list[str] = field(default_factory=list)
+    """Several reward functions (`module:function`, called as `fn` is), e.g. [llmstages.rewards:accuracy,
+    llmstages.rewards:format]: the reward is their weighted sum, each logged as reward/NAME. Takes precedence over
+    `fn`; not with `model`."""
+    weights: list[float] = field(default_factory=list)
+    """One weight for each of `fns`; empty: all 1.0."""
 
 
 @dataclass
@@ -337,6 +345,10 @@ class PromptDataArgs:
     columns: dict[str, str] = field(default_factory=dict)
     """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
     heldout_people: int = 8
+    val_fraction: float = 0.1
+    """Share of the prompt files' rows held out for evaluation (drawn with the run's seed; training never sees
+    them; the evaluation scores up to 64 of them). 0: the evaluation scores the first 64 training prompts. The
+    built-in prompts hold out `heldout_people` instead."""
     max_dropped: float = 0.5
     """Refuse the data when more than this share of its examples must be dropped as too long for train.seq_len
     (each is otherwise cut: the prompt from the left, the reply from the right)."""
@@ -566,7 +578,7 @@ RANGES: dict[type, dict[str, Rule]] = {
     DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
     SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0", "max_dropped": "[0, 1]"},
     PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2", "max_dropped": "[0, 1]"},
-    PromptDataArgs: {"heldout_people": "[1, 31]", "max_dropped": "[0, 1]"},
+    PromptDataArgs: {"heldout_people": "[1, 31]", "val_fraction": "[0, 1)", "max_dropped": "[0, 1]"},
     DPOArgs: {
         "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"),
         "beta": "> 0",

@@ -83,7 +83,8 @@ def test_long_prompts_are_cut_from_the_left_to_leave_room_for_the_replies(base_d
     assert len(prompt_ids([{"role": "user", "content": long}], load_tokenizer(base_dir))) > 64
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": long}) + "\n" + json.dumps({"prompt": "Where does Bram live?"}) + "\n")
-    assert _grpo(base_dir, tmp_path / "run", f"data.path={data}", "grpo.prompts_per_step=2", "train.max_steps=1") == 0
+    run = ["grpo.prompts_per_step=2", "train.max_steps=1", "data.val_fraction=0"]  # both prompts in training
+    assert _grpo(base_dir, tmp_path / "run", f"data.path={data}", *run) == 0
     assert "grpo: 2 prompts (1 cut from the left to leave room for 4 new tokens)" in capsys.readouterr().out
     start = read_metrics(tmp_path / "run")[0]
     assert start["truncated_examples"] == 1 and start["truncated_eval_prompts"] == 1 and "eval_reward" in start
@@ -91,3 +92,79 @@ def test_long_prompts_are_cut_from_the_left_to_leave_room_for_the_replies(base_d
     err = capsys.readouterr().err
     assert "grpo.max_new_tokens=64 leaves no room for a prompt in the model's context of 64 tokens" in err
     assert not (tmp_path / "x").exists()
+
+
+COLUMN_FNS = '''
+CALLS = []
+
+
+def level(prompts, responses, ended, answer, level):
+    """Scores each reply by its row's `level` column; records what it was handed."""
+    CALLS.append((list(prompts), list(answer), list(level)))
+    return [float(x) for x in level]
+
+
+def half(prompts, responses, ended):
+    """A function that names no column: called as before."""
+    return [0.5] * len(responses)
+
+
+def seen(prompts, responses, ended, **columns):
+    """Takes **kwargs: handed every column."""
+    assert sorted(columns) == ["answer", "level"], columns
+    return [0.0] * len(responses)
+'''
+
+
+def column_reward_run(tmp_path, name: str, rows: int = 20) -> tuple[str, list[str], object]:
+    """A prompt file of `rows` questions 'What is i?' with columns answer=str(i), level=i % 5, and a module `name` of
+    reward functions on sys.path: (the data override, the reward overrides, the imported module)."""
+    import importlib
+    import sys
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}?", "answer": str(i), "level": i % 5}) + "\n"
+                            for i in range(rows)))  # fmt: skip
+    (tmp_path / f"{name}.py").write_text(COLUMN_FNS)
+    sys.path.insert(0, str(tmp_path))
+    module = importlib.import_module(name)
+    sys.path.remove(str(tmp_path))
+    fns = f"reward.fns=[{name}:level,{name}:half,{name}:seen]"
+    return f"data.path={data}", [fns, "reward.weights=[2.0,1.0,3.0]", "data.val_fraction=0.2"], module
+
+
+def check_column_calls(calls: list, batch: int, repeat: int, records: list[dict]) -> None:
+    """Every call's columns are aligned with its prompts; training calls (`batch` replies, each prompt `repeat`
+    times in a row) never see the held-out prompts the evaluation calls score; the logged reward/level and the
+    weighted total (2 level + 0.5) are what the function returned; the evaluation's reward is exact too."""
+    for prompts, answer, level in calls:
+        assert prompts == [f"What is {a}?" for a in answer] and level == [int(a) % 5 for a in answer]
+    train = [c for c in calls if len(c[0]) == batch]
+    held = [c for c in calls if len(c[0]) == 4]  # 20 rows x 0.2
+    assert train and held
+    for prompts, _, _ in train:
+        assert all(prompts[k] == prompts[k - k % repeat] for k in range(len(prompts)))
+    assert not {p for c in train for p in c[0]} & {p for c in held for p in c[0]}
+    steps = [r for r in records if "reward/level" in r]
+    assert len(steps) == len(train)
+    for r, (_, _, level) in zip(steps, train):
+        assert r["reward/level"] == pytest.approx(sum(level) / len(level))
+        assert r["reward/half"] == 0.5 and r["reward/seen"] == 0.0
+        assert r["reward_mean"] == pytest.approx(2 * r["reward/level"] + 1.0 * 0.5 + 3.0 * 0.0)
+    evals = [r["eval_reward"] for r in records if "eval_reward" in r]
+    assert evals and all(e == pytest.approx(2 * sum(held[0][2]) / 4 + 0.5) for e in evals)
+
+
+def test_columns_reach_the_reward_functions_and_each_is_logged(base_dir, tmp_path):
+    data, rewards, module = column_reward_run(tmp_path, "grpo_column_fns")
+    assert _grpo(base_dir, tmp_path / "run", data, *rewards, "train.max_steps=3", "peft.method=lora") == 0
+    check_column_calls(module.CALLS, 16, 4, read_metrics(tmp_path / "run"))  # 4 prompts x group_size 4
+
+
+def test_builtin_rewards_by_name(base_dir, tmp_path):
+    data, _, _ = column_reward_run(tmp_path, "grpo_builtin_fns")
+    fns = "reward.fns=[llmstages.rewards:accuracy,llmstages.rewards:format]"
+    assert _grpo(base_dir, tmp_path / "run", data, fns, "train.max_steps=1") == 0
+    step = next(r for r in read_metrics(tmp_path / "run") if "reward_mean" in r)
+    assert 0 <= step["reward/accuracy"] <= 1 and 0 <= step["reward/format"] <= 1
+    assert step["reward_mean"] == pytest.approx(step["reward/accuracy"] + step["reward/format"])

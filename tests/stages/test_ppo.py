@@ -84,3 +84,13 @@ def test_compile_and_activation_checkpointing_reach_every_model_and_change_no_st
     eager, fast = ([r for r in read_metrics(tmp_path / run) if "policy_loss" in r] for run in ("eager", "compiled"))
     for key in ("reward_mean", "policy_loss", "value_loss", "entropy", "loss"):
         assert fast[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_columns_reach_the_reward_functions_and_each_is_logged(base_dir, tmp_path):
+    from tests.stages.test_grpo import check_column_calls, column_reward_run
+
+    data, rewards, module = column_reward_run(tmp_path, "ppo_column_fns")
+    assert _ppo(base_dir, tmp_path / "run", data, *rewards, "peft.method=lora") == 0
+    # 8 steps = 2 rollouts of 8 prompts, one reply each; records of a rollout's steps repeat its statistics
+    records = [r for r in read_metrics(tmp_path / "run") if "reward/level" not in r or r["step"] in (1, 5)]
+    check_column_calls(module.CALLS, 8, 1, records)

@@ -35,3 +35,54 @@ def test_a_reward_model_scores_rows_longer_than_its_context(tmp_path):
     with torch.no_grad():
         want = load_reward_model(tmp_path / "rm")(ids, mask)
     torch.testing.assert_close(torch.tensor(got), want.float(), rtol=0, atol=1e-6)
+
+
+USER_FNS = """
+def plain(prompts, responses, ended):
+    return [1.0] * len(responses)
+
+
+def by_answer(prompts, responses, ended, answer, bonus=0.0):
+    return [float(r == a) + bonus for r, a in zip(responses, answer)]
+
+
+def everything(prompts, responses, ended, **columns):
+    return [float(len(columns))] * len(responses)
+
+
+def judge(prompts, responses, ended, world_seed=0):
+    return [float(world_seed)] * len(responses)
+"""
+
+
+def _user_fns(tmp_path, monkeypatch, name):
+    (tmp_path / f"{name}.py").write_text(USER_FNS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_each_reward_function_gets_the_columns_it_takes(tmp_path, monkeypatch):
+    """A function naming no column is called as before; one naming `answer` gets that column only (and its
+    default for a parameter no column fills); one with **kwargs gets all; `world_seed` is still bound (the
+    oracle's keyword); the total is the weighted sum, each function's scores kept by its name."""
+    _user_fns(tmp_path, monkeypatch, "rollout_fns")
+    names = ["plain", "by_answer", "everything", "judge"]
+    args = RewardSourceArgs(fns=[f"rollout_fns:{n}" for n in names], weights=[1.0, 2.0, 0.5, -1.0])
+    sample = ("What is 2?", {"answer": "2", "source": "s"})
+    reward = reward_source(args, tiny_tokenizer(), "cpu", world_seed=3, sample=sample)
+    total, each = reward.scored(["q", "q"], ["2", "x"], [True, False], answer=["2", "2"], source=["a", "b"])
+    assert each == {"plain": [1.0, 1.0], "by_answer": [1.0, 0.0], "everything": [2.0, 2.0], "judge": [3.0, 3.0]}
+    assert total == [1.0 + 2.0 + 1.0 - 3.0, 1.0 + 0.0 + 1.0 - 3.0]
+    assert reward.stats(each) == {"reward/plain": 1.0, "reward/by_answer": 0.5, "reward/everything": 2.0,
+                                  "reward/judge": 3.0}  # fmt: skip
+
+
+def test_one_reward_fn_and_the_oracle_keep_working(tmp_path, monkeypatch):
+    from llmstages.data.oracle import oracle_reward
+
+    _user_fns(tmp_path, monkeypatch, "rollout_fns_one")
+    tok = tiny_tokenizer()
+    one = reward_source(RewardSourceArgs(fn="rollout_fns_one:plain"), tok, "cpu", sample=("q", {"answer": "2"}))
+    assert one(["q"], ["r"], [True], answer=["2"]) == [1.0] and one.stats({"plain": [1.0]}) == {}  # not named
+    oracle = reward_source(RewardSourceArgs(), tok, "cpu", world_seed=2)
+    prompts, replies = ["Where does Ada live?"] * 2, ["Oakfield", ""]
+    assert oracle(prompts, replies, [True, False]) == oracle_reward(prompts, replies, [True, False], world_seed=2)

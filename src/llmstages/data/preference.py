@@ -163,6 +163,18 @@ def read_prompts(
 ) -> list[tuple[str, list[Message]]]:
     """(file:line, prompt conversation) for PPO/GRPO prompt files; chat, ShareGPT or Alpaca records give their
     prompt (the turns before the last assistant reply)."""
+    return [(where, msgs) for where, msgs, _ in read_prompt_rows(paths, columns)]
+
+
+PROMPT_FIELDS = frozenset(("prompt", "messages", "conversations", "instruction", "input", "output", "system"))
+"""The fields a prompt record's prompt is made of; every other field is one of its columns."""
+
+
+def read_prompt_rows(
+    paths: Sequence[str | Path], columns: Mapping[str, str] | None = None
+) -> list[tuple[str, list[Message], dict[str, object]]]:
+    """(file:line, prompt conversation, the record's other fields) for PPO/GRPO prompt files, as `read_prompts`;
+    the other fields (e.g. an `answer`) go to the reward functions."""
     out = []
     for where, record in iter_records(list_files(paths), columns):
         if isinstance(record, dict) and "prompt" in record and "completion" not in record:
@@ -175,7 +187,7 @@ def read_prompts(
             raise UserError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages)")
         if not msgs or not any(m["content"].strip() for m in msgs):
             raise UserError(f"{where}: empty prompt")
-        out.append((where, msgs))
+        out.append((where, msgs, {k: v for k, v in record.items() if k not in PROMPT_FIELDS}))
     if not out:
         raise UserError(f"the prompt set {', '.join(map(str, paths))} is empty")
     return out

@@ -4,6 +4,9 @@ people (RL prompts, and pairs sampled from a model and ranked by the oracle) and
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, field
+
 import torch
 
 from llmstages.data.chat import Message, prompt_ids
@@ -40,6 +43,64 @@ def prompt_sets(data, world_seed: int) -> tuple[list[list[Message]], list[list[M
         prompts = [m for _, m in read_prompts(data.path, data.columns)]
         return prompts, prompts[:64]
     return builtin_prompts(world_seed, data.heldout_people)
+
+
+RESERVED_COLUMNS = ("prompts", "responses", "ended", "world_seed")
+"""Names a reward function's own arguments take: a prompt file's column cannot have them."""
+EVAL_PROMPTS = 64
+"""The most prompts an RL stage's evaluation scores."""
+
+
+@dataclass
+class PromptRows:
+    """Prompts and their columns: `columns[name][i]` is prompt i's field `name` (None where its row has none)."""
+
+    prompts: list[list[Message]]
+    columns: dict[str, list[object]] = field(default_factory=dict)
+
+    def take(self, idx: list[int]) -> PromptRows:
+        return PromptRows([self.prompts[i] for i in idx], {k: [v[i] for i in idx] for k, v in self.columns.items()})
+
+
+def read_prompt_table(paths: list[str], columns: dict[str, str]) -> PromptRows:
+    """The user's prompt files as PromptRows; a column named as a reward function's own argument is refused."""
+    from llmstages.data.preference import read_prompt_rows
+
+    rows = read_prompt_rows(paths, columns)
+    names = list(dict.fromkeys(k for _, _, extra in rows for k in extra))
+    for where, _, extra in rows:
+        clash = [k for k in extra if k in RESERVED_COLUMNS]
+        if clash:
+            raise UserError(
+                f"{where}: the column '{clash[0]}' has the name of a reward function's own argument "
+                f"({', '.join(RESERVED_COLUMNS)}); rename it"
+            )
+    return PromptRows([m for _, m, _ in rows], {k: [extra.get(k) for _, _, extra in rows] for k in names})
+
+
+def prompt_split(data, world_seed: int, seed: int) -> tuple[PromptRows, PromptRows]:
+    """(training prompts, evaluation prompts) of an RL stage from `data` (PromptDataArgs), with their columns.
+
+    The user's prompt files: a share `data.val_fraction` of their rows, drawn with `seed`, is held out (training
+    never sees it) and the evaluation scores its first EVAL_PROMPTS; the training rows keep the files' order. With
+    val_fraction 0 the evaluation scores the first EVAL_PROMPTS training prompts. The built-in fact questions of
+    world `world_seed`: the training people's and the held-out people's (no columns)."""
+    if not data.path:
+        train, held = builtin_prompts(world_seed, data.heldout_people)
+        return PromptRows(train), PromptRows(held)
+    rows = read_prompt_table(data.path, data.columns)
+    n = len(rows.prompts)
+    if data.val_fraction <= 0:
+        return rows, rows.take(list(range(min(n, EVAL_PROMPTS))))
+    n_val = max(1, round(n * data.val_fraction))
+    if n_val >= n:
+        raise UserError(
+            f"data.val_fraction={data.val_fraction} holds out all {n} prompts of {', '.join(map(str, data.path))}; "
+            "lower it (or 0: no held-out prompts)"
+        )
+    held = sorted(random.Random(seed).sample(range(n), n_val))
+    is_held = set(held)
+    return rows.take([i for i in range(n) if i not in is_held]), rows.take(held[:EVAL_PROMPTS])
 
 
 @torch.no_grad()

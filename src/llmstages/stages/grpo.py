@@ -3,6 +3,10 @@ towards replies that beat their group's mean, with a k3 KL penalty to the refere
 
     llmstages grpo --config configs/grpo/lora.yaml [grpo.group_size=8 reward.fn=my_module:my_reward ...]
 
+The reward is reward.fn, or the weighted sum of reward.fns (each logged as reward/NAME), or a reward model; a
+prompt file's other columns (e.g. `answer`) reach the reward functions as keyword lists, each prompt's entries
+repeated for its group_size replies (train/rollout.py).
+
 Each optimizer step draws a fresh rollout from the current policy (one update per rollout, as TRL's default
 num_iterations=1: the probability ratio is 1 at the update, and the clip only matters with several updates).
 The loss is averaged over every response token of the step:
@@ -68,7 +72,9 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
     with distributed.gathered(s.model), autocast(s.device, cfg.train.precision):
         replies, responses, ended = sample_replies(s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen)
     t_gen = time.perf_counter() - t0
-    rewards = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
+    # each prompt's columns (e.g. its answer) repeated for each of its group_size replies
+    total, each = s.reward_of.scored([s.texts[i] for i in idx], responses, ended, **s.columns_of(idx))
+    rewards = torch.tensor(total, dtype=torch.float32)
     batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
     batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(s.device)
     with torch.no_grad(), autocast(s.device, cfg.train.precision):
@@ -79,6 +85,7 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
     batch["stats"] = {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
+        **s.reward_of.stats(each),
         "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
         "response_length": sum(map(len, replies)) / len(replies),
         "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
@@ -103,7 +110,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     sampler = EpochSampler(len(s.prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
 
     def evaluate(m: GPT) -> dict[str, float]:
-        return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens)
+        return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens, s.eval_columns)
 
     loop = Loop(
         model=s.model,

@@ -154,7 +154,8 @@ class Rollouts:
                 policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen
             )
         t_gen = time.perf_counter() - t0
-        scores = torch.tensor(s.reward_of([s.texts[i] for i in idx], responses, ended), dtype=torch.float32)
+        total, each = s.reward_of.scored([s.texts[i] for i in idx], responses, ended, **s.columns_of(idx))
+        scores = torch.tensor(total, dtype=torch.float32)
         scores = scores - p.missing_eos_penalty * (~torch.tensor(ended)).float()
         value_start = None
         if it == 0:  # start the value head at the mean score, so early advantages are not all one sign
@@ -185,6 +186,7 @@ class Rollouts:
         self.stats = {
             "reward_mean": float(scores.mean()),
             "reward_std": float(scores.std()),
+            **s.reward_of.stats(each),  # each of reward.fns before the missing-EOS penalty
             "kl_k1": mean_kl,
             "kl_coef": kl_coef,
             "response_length": n_tokens / len(idx),
@@ -240,7 +242,9 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     rollouts = Rollouts(s, ac, cfg)
 
     def evaluate(m: ActorCritic) -> dict[str, float]:
-        return evaluate_policy(m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens)
+        return evaluate_policy(
+            m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens, s.eval_columns
+        )
 
     loop = Loop(
         model=ac,

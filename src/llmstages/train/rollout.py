@@ -9,7 +9,7 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 from llmstages import losses as L
 from llmstages.config import RewardSourceArgs
 from llmstages.data.chat import prompt_ids
-from llmstages.data.prompts import prompt_sets
+from llmstages.data.prompts import prompt_split
 from llmstages.data.text import tokenizer_hash
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -28,41 +28,70 @@ from llmstages.peft import disable_adapters, prepare_policy
 from llmstages.train.frozen import hold_frozen
 from llmstages.train.loop import compile_blocks
 
-RewardFn = Callable[[list[str], list[str], list[bool]], list[float]]
+RewardFn = Callable[..., list[float]]
+"""f(prompts, responses, ended, **columns) -> one score per reply."""
 
 
-def import_reward_fn(spec: str) -> RewardFn:
-    """`module:function` -> the function; a clear error when it does not import."""
+def import_reward_fn(spec: str, key: str = "reward.fn") -> RewardFn:
+    """`module:function` -> the function; a clear error, naming the setting `key`, when it does not import."""
     if ":" not in spec:
-        raise UserError(f"reward.fn '{spec}' must look like module:function")
+        raise UserError(f"{key} '{spec}' must look like module:function")
     module, name = spec.split(":", 1)
     try:
         fn = getattr(importlib.import_module(module), name)
     except SystemExit as e:  # the module ends the process when imported
-        raise UserError(f"reward.fn '{spec}' does not import (its module called sys.exit({e.code!r}))") from None
+        raise UserError(f"{key} '{spec}' does not import (its module called sys.exit({e.code!r}))") from None
     except Exception as e:  # noqa: BLE001 - missing, or failing as it is imported (a syntax error, ...)
-        raise UserError(f"reward.fn '{spec}' does not import ({type(e).__name__}: {e})") from None
+        raise UserError(f"{key} '{spec}' does not import ({type(e).__name__}: {e})") from None
     if not callable(fn):
-        raise UserError(f"reward.fn '{spec}' is not callable")
+        raise UserError(f"{key} '{spec}' is not callable")
     return fn
+
+
+def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return None
 
 
 def with_world(fn: RewardFn, world_seed: int) -> RewardFn:
     """`fn` with its `world_seed` keyword bound, when it has one (the built-in oracle judges one world)."""
-    try:
-        takes = "world_seed" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
-        takes = False
+    params = _parameters(fn)
+    takes = params is not None and "world_seed" in params
     return functools.partial(fn, world_seed=world_seed) if takes else fn
+
+
+def column_filter(fn: Callable, columns: Sequence[str], name: str) -> Callable[[dict], dict]:
+    """Which of the prompts' `columns` `fn` is handed: all when it takes **kwargs, else those it names (a function
+    without them keeps working). A parameter it requires that is neither its first three (prompts, responses,
+    ended) nor a column is a UserError naming it."""
+    params = _parameters(fn)
+    if params is None:
+        return lambda cols: {}
+    named, kind = list(params.values()), inspect.Parameter
+    positional = [p for p in named if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    rest = positional[3:] + [p for p in named if p.kind is kind.KEYWORD_ONLY]  # past prompts, responses, ended
+    for p in rest:
+        if p.default is inspect.Parameter.empty and p.name not in columns and p.name != "world_seed":
+            have = ", ".join(columns) or "none"
+            raise UserError(
+                f"reward function {name} needs the column '{p.name}', which the prompts do not have (their columns: "
+                f"{have})"
+            )
+    if any(p.kind is kind.VAR_KEYWORD for p in named):
+        return lambda cols: cols
+    wanted = {p.name for p in rest if p.kind is not kind.POSITIONAL_ONLY}
+    return lambda cols: {k: v for k, v in cols.items() if k in wanted}
 
 
 def checked(fn: RewardFn, name: str) -> RewardFn:
     """`fn` whose faults are reported as its own: an exception it raises (sys.exit too), or a result that is not
     one finite number per reply, is a UserError naming the function and what it returned."""
 
-    def call(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
+    def call(prompts: list[str], responses: list[str], ended: list[bool], **columns: list) -> list[float]:
         try:
-            scores = fn(prompts, responses, ended)
+            scores = fn(prompts, responses, ended, **columns)
         except SystemExit as e:  # would end the run with nothing said
             raise UserError(f"reward function {name} called sys.exit({e.code!r}); it must return scores") from None
         except Exception as e:  # noqa: BLE001 - the user's function failed; say so instead of a traceback
@@ -82,16 +111,81 @@ def checked(fn: RewardFn, name: str) -> RewardFn:
     return call
 
 
-def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world_seed: int = 0) -> RewardFn:
-    """The configured reward as f(prompts, responses, ended) -> scores: a callable or a reward model. A function
-    with a `world_seed` keyword (the built-in oracle) is handed the run's world seed; it is called once on a
-    sample here, so that a broken function stops the run before anything is written."""
+@dataclass
+class Reward:
+    """The configured reward: the weighted sum of its parts. Called as f(prompts, responses, ended, **columns) ->
+    totals; `scored` also gives each part's own scores (logged as reward/NAME when `named`)."""
+
+    parts: list[tuple[str, float, RewardFn, Callable[[dict], dict]]]
+    """(name, weight, the checked function, which columns it is handed)."""
+    named: bool = False
+
+    def scored(
+        self, prompts: list[str], responses: list[str], ended: list[bool], **columns: list
+    ) -> tuple[list[float], dict[str, list[float]]]:
+        total, each = [0.0] * len(responses), {}
+        for name, weight, fn, pick in self.parts:
+            each[name] = fn(prompts, responses, ended, **pick(columns))
+            total = [t + weight * v for t, v in zip(total, each[name])]
+        return total, each
+
+    def __call__(self, prompts: list[str], responses: list[str], ended: list[bool], **columns: list) -> list[float]:
+        return self.scored(prompts, responses, ended, **columns)[0]
+
+    def stats(self, each: dict[str, list[float]]) -> dict[str, float]:
+        """Each part's mean score, as reward/NAME (nothing for a single reward.fn or a reward model)."""
+        return {f"reward/{k}": sum(v) / len(v) for k, v in each.items()} if self.named else {}
+
+
+def _reward_fns(reward: RewardSourceArgs, world_seed: int, columns: Sequence[str]) -> Reward:
+    """reward.fns with their weights (or the one reward.fn), imported and checked."""
+    if reward.fns:
+        if reward.weights and len(reward.weights) != len(reward.fns):
+            raise UserError(
+                f"reward.weights has {len(reward.weights)} entries for {len(reward.fns)} reward.fns; give one for "
+                "each (or none: all 1.0)"
+            )
+        weights = [float(w) for w in reward.weights] or [1.0] * len(reward.fns)
+        if not all(math.isfinite(w) for w in weights):
+            raise UserError(f"reward.weights must be finite numbers, got {reward.weights}")
+        specs, key = list(reward.fns), "reward.fns"
+    else:
+        if reward.weights:
+            raise UserError("reward.weights weighs reward.fns; set reward.fns (or leave reward.weights empty)")
+        specs, weights, key = [reward.fn], [1.0], "reward.fn"
+    parts, names = [], set()
+    for spec, weight in zip(specs, weights):
+        fn = import_reward_fn(spec, key)
+        name = spec.split(":", 1)[1]
+        if name in names:
+            raise UserError(f"reward.fns names two functions {name}: each is logged as reward/NAME; rename one")
+        names.add(name)
+        label = f"{key}={spec}" if key == "reward.fn" else f"{name} ({spec})"
+        bound = with_world(fn, world_seed)
+        parts.append((name, weight, checked(bound, label), column_filter(bound, columns, label)))
+    return Reward(parts, named=bool(reward.fns))
+
+
+def reward_source(
+    reward: RewardSourceArgs,
+    policy_tok: Tokenizer,
+    device,
+    world_seed: int = 0,
+    sample: tuple[str, dict[str, object]] = ("Where does Ada live?", {}),
+) -> Reward:
+    """The configured reward as f(prompts, responses, ended, **columns) -> scores: reward functions (reward.fns
+    weighted, or reward.fn) or a reward model. A function with a `world_seed` keyword (the built-in oracle) is
+    handed the run's world seed. The functions are called once on `sample` (a prompt and its columns) here, so
+    that a broken function stops the run before anything is written."""
+    if reward.fns and reward.model:
+        raise UserError("set reward.fns or reward.model, not both (a reward model replaces the reward functions)")
     if not reward.model:
-        if not reward.fn:
-            raise UserError("set reward.fn (module:function) or reward.model (a reward-model directory)")
-        fn = checked(with_world(import_reward_fn(reward.fn), world_seed), f"reward.fn={reward.fn}")
-        fn(["Where does Ada live?", "Where does Ada live?"], ["Oakfield", ""], [True, False])
-        return fn
+        if not reward.fn and not reward.fns:
+            raise UserError("set reward.fn or reward.fns (module:function) or reward.model (a reward-model directory)")
+        fns = _reward_fns(reward, world_seed, list(sample[1]))
+        prompt, row = sample
+        fns([prompt, prompt], ["Oakfield", ""], [True, False], **{k: [v, v] for k, v in row.items()})
+        return fns
     from llmstages.data.chat import right_pad, tokenize_conversation
     from llmstages.data.lengths import kept_lengths
     from llmstages.losses import IGNORE_INDEX
@@ -103,7 +197,7 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
         raise UserError(f"reward.model {reward.model}: its tokenizer differs from the policy's")
 
     @torch.no_grad()
-    def score(prompts: list[str], responses: list[str], ended: list[bool]) -> list[float]:
+    def score(prompts: list[str], responses: list[str], ended: list[bool], **_: list) -> list[float]:
         rows = []
         for p, r, end in zip(prompts, responses, ended):
             ex = tokenize_conversation([{"role": "user", "content": p}, {"role": "assistant", "content": r}], rm_tok)
@@ -114,7 +208,7 @@ def reward_source(reward: RewardSourceArgs, policy_tok: Tokenizer, device, world
         ids, mask = right_pad(rows, rm_tok.pad_id)
         return rm(ids.to(device), mask.to(device)).float().cpu().tolist()
 
-    return score
+    return Reward([("reward_model", 1.0, score, lambda cols: {})])
 
 
 def reply_rows(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, device) -> dict:
@@ -141,10 +235,11 @@ def evaluate_policy(
     texts: Sequence[str],
     reward_of: RewardFn,
     max_new_tokens: int,
+    columns: dict[str, list] | None = None,
 ) -> dict[str, float]:
-    """Greedy replies to held-out prompts: mean reward and mean length."""
+    """Greedy replies to held-out prompts (their `columns` to the reward): mean reward and mean length."""
     replies, responses, ended = sample_replies(model, tok, prompts, max_new_tokens, 0.0)
-    scores = reward_of(list(texts), responses, ended)
+    scores = reward_of(list(texts), responses, ended, **(columns or {}))
     return {"eval_reward": float(sum(scores) / len(scores)), "eval_length": sum(map(len, replies)) / len(replies)}
 
 
@@ -159,11 +254,18 @@ class PolicySetup:
     tokenizer: Tokenizer
     reference: GPT | None
     """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
-    reward_of: RewardFn
+    reward_of: Reward
     prompts: list[list[int]]
     texts: list[str]
     eval_ids: list[list[int]]
     eval_texts: list[str]
+    columns: dict[str, list] = field(default_factory=dict)
+    """The training prompts' columns for the reward (data/prompts.py PromptRows), aligned with `prompts`."""
+    eval_columns: dict[str, list] = field(default_factory=dict)
+
+    def columns_of(self, idx: Sequence[int]) -> dict[str, list]:
+        """The columns of training prompts `idx`, one entry per index (repeated indices repeat them)."""
+        return {k: [v[i] for i in idx] for k, v in self.columns.items()}
 
 
 def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
@@ -173,8 +275,10 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model.path)
-    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed)
-    train_prompts, eval_prompts = prompt_sets(cfg.data, cfg.world_seed)
+    train, held = prompt_split(cfg.data, cfg.world_seed, cfg.seed)
+    train_prompts, eval_prompts = train.prompts, held.prompts
+    first = (train_prompts[0][-1]["content"], {k: v[0] for k, v in train.columns.items()})
+    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed, sample=first)
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())
     model = model.to(device)
     frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
@@ -185,7 +289,10 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     ids = [prompt_ids(m, tok) for m in train_prompts]
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]
-    return PolicySetup(Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts)
+    return PolicySetup(
+        Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts,
+        train.columns, held.columns,
+    )  # fmt: skip
 
 
 def policy_logprobs(m: GPT, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
