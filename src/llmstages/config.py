@@ -347,8 +347,8 @@ class PromptDataArgs:
     heldout_people: int = 8
     val_fraction: float = 0.1
     """Share of the prompt files' rows held out for evaluation (drawn with the run's seed; training never sees
-    them; the evaluation scores up to 64 of them). 0: the evaluation scores the first 64 training prompts. The
-    built-in prompts hold out `heldout_people` instead."""
+    them; the evaluation scores up to 64 of them) in PPO and GRPO; CAI revises every row. 0: the evaluation scores
+    the first 64 training prompts. The built-in prompts hold out `heldout_people` instead."""
     max_dropped: float = 0.5
     """Refuse the data when more than this share of its examples must be dropped as too long for train.seq_len
     (each is otherwise cut: the prompt from the left, the reply from the right)."""

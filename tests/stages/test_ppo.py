@@ -94,3 +94,20 @@ def test_columns_reach_the_reward_functions_and_each_is_logged(base_dir, tmp_pat
     # 8 steps = 2 rollouts of 8 prompts, one reply each; records of a rollout's steps repeat its statistics
     records = [r for r in read_metrics(tmp_path / "run") if "reward/level" not in r or r["step"] in (1, 5)]
     check_column_calls(module.CALLS, 8, 1, records)
+
+
+def test_exact_resume_keeps_each_reward_logged(base_dir, tmp_path, monkeypatch):
+    """The rollout's reward/NAME statistics go into the checkpoint with it: a run resumed mid-rollout logs them as
+    the uninterrupted run does."""
+    from tests.stages.test_grpo import column_reward_run
+
+    data, rewards, _ = column_reward_run(tmp_path, "ppo_resume_fns")
+    run = [data, *rewards, "peft.method=lora"]
+    assert _ppo(base_dir, tmp_path / "a", *run) == 0
+    stop_after_step(monkeypatch, 1)
+    assert _ppo(base_dir, tmp_path / "b", *run) == 130
+    monkeypatch.undo()
+    assert _ppo(base_dir, tmp_path / "b", *run, "resume=true") == 0
+    keys = ("reward/level", "reward/half", "reward_mean", "loss")
+    assert trace(tmp_path / "b", *keys) == trace(tmp_path / "a", *keys)
+    assert len(trace(tmp_path / "a", "reward/level")) == 8
