@@ -434,6 +434,9 @@ CASES = [
     ("gen-type", ["generate", "--model", "{base}", "--prompt", "Ada", "--top-k", "abc"], "generate: argument --top-k: invalid int value"),
     ("sft-rank-huge", ["sft", "out_dir={new}", "model.path={base}", "peft.method=lora", "peft.rank=100000000"], "peft.rank=100000000: the adapters would take"),
     ("sft-bottleneck-huge", ["sft", "out_dir={new}", "model.path={base}", "peft.method=adapter", "peft.bottleneck=1000000000"], "peft.bottleneck=1000000000: the adapters would take"),
+    ("grpo-loss-type", ["grpo", "out_dir={new}", "model.path={base}", "grpo.loss_type=ppo"], "grpo.loss_type must be one of dapo, grpo, dr_grpo, bnpo, gspo"),
+    ("grpo-advantage", ["grpo", "out_dir={new}", "model.path={base}", "grpo.advantage=gae"], "grpo.advantage must be one of group, rloo, reinforce_pp"),
+    ("grpo-clip-high", ["grpo", "out_dir={new}", "model.path={base}", "grpo.clip_high=-0.1"], "grpo.clip_high must be > 0"),
     ("sft-batch-huge", ["sft", "out_dir={new}", "model.path={base}", *RL, "train.batch_size=1000000000000", "train.seq_len=48"], "train.batch_size=1000000000000 with"),
 ]  # fmt: skip
 

@@ -364,6 +364,16 @@ class GRPOArgs:
     kl_beta: float = 0.05
     """Weight of the k3 KL estimate to the reference in the loss."""
     clip: float = 0.2
+    """The ratio's lower clip, 1 - clip (and its upper one, 1 + clip, unless clip_high is set)."""
+    clip_high: float | None = None
+    """The ratio's upper clip, 1 + clip_high; above `clip` it is DAPO's clip-higher. None: clip (symmetric)."""
+    loss_type: str = "dapo"
+    """How the per-token terms are normalised (losses.policy_loss): dapo (over every response token of the step:
+    the loss this stage has always had), grpo (per reply, then over replies), dr_grpo (by a constant: replies x
+    max_new_tokens), bnpo, or gspo (one length-normalised importance ratio per reply)."""
+    advantage: str = "group"
+    """group (GRPO: within-group mean, and std with scale_advantages), rloo (leave-one-out mean) or reinforce_pp
+    (group mean, then the batch's std)."""
     scale_advantages: bool = True
     """Divide by the group's standard deviation (GRPO); false keeps only the mean baseline (Dr. GRPO)."""
 
@@ -594,6 +604,9 @@ RANGES: dict[type, dict[str, Rule]] = {
         "temperature": "> 0",
         "kl_beta": ">= 0",
         "clip": "> 0",
+        "clip_high": "> 0",
+        "loss_type": ("dapo", "grpo", "dr_grpo", "bnpo", "gspo"),
+        "advantage": ("group", "rloo", "reinforce_pp"),
     },
     PPOArgs: {
         "rollout_size": "> 0",

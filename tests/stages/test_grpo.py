@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -168,3 +169,34 @@ def test_builtin_rewards_by_name(base_dir, tmp_path):
     step = next(r for r in read_metrics(tmp_path / "run") if "reward_mean" in r)
     assert 0 <= step["reward/accuracy"] <= 1 and 0 <= step["reward/format"] <= 1
     assert step["reward_mean"] == pytest.approx(step["reward/accuracy"] + step["reward/format"])
+
+
+def test_the_legacy_objective_is_dapo_of_the_family(base_dir, tmp_path):
+    """The stage's default (grpo_loss, summed over tokens, divided by the step's token count) and the family's
+    policy_loss with bnpo (the same normalisation for one micro-batch a step) train the same run: the two code
+    paths agree step by step (fp32)."""
+    short = ["train.max_steps=3", "train.eval_every=100", "peft.method=lora"]
+    assert _grpo(base_dir, tmp_path / "dapo", *short) == 0
+    assert _grpo(base_dir, tmp_path / "bnpo", *short, "grpo.loss_type=bnpo") == 0
+    a, b = trace(tmp_path / "dapo", "reward_mean", "loss"), trace(tmp_path / "bnpo", "reward_mean", "loss")
+    assert len(a) == len(b) == 3
+    for (_, ra, la), (_, rb, lb) in zip(a, b):
+        assert ra == rb and la == pytest.approx(lb, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["grpo.loss_type=grpo", "grpo.advantage=rloo"],
+        ["grpo.loss_type=dr_grpo", "grpo.clip_high=0.28", "grpo.kl_beta=0"],
+        ["grpo.loss_type=gspo", "grpo.advantage=reinforce_pp"],
+    ],
+    ids=["grpo-rloo", "dr_grpo-clip_higher", "gspo-reinforce_pp"],
+)
+def test_the_family_trains(base_dir, tmp_path, options):
+    assert _grpo(base_dir, tmp_path, "train.max_steps=2", "train.eval_every=100", "peft.method=lora", *options) == 0
+    steps = [r for r in read_metrics(tmp_path) if "reward_mean" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert {"clip_low_fraction", "clip_high_fraction", "ratio_mean"} <= set(steps[0])
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # one update per rollout: the ratio starts at 1
+    assert ("kl_k3" in steps[0]) == ("grpo.kl_beta=0" not in options)

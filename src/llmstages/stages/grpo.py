@@ -9,9 +9,11 @@ repeated for its group_size replies (train/rollout.py).
 
 Each optimizer step draws a fresh rollout from the current policy (one update per rollout, as TRL's default
 num_iterations=1: the probability ratio is 1 at the update, and the clip only matters with several updates).
-The loss is averaged over every response token of the step:
+By default (grpo.loss_type=dapo) the loss is averaged over every response token of the step:
     A_i = (r_i - mean(r_group)) / std(r_group)
     loss = mean_t [ -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * k3(pi, ref)_t ]
+grpo.loss_type, grpo.clip_high and grpo.advantage pick the rest of the family (losses.policy_loss and
+losses.advantages: GRPO's per-reply mean, Dr. GRPO, BNPO, GSPO; DAPO's clip-higher; RLOO, REINFORCE++).
 Rollouts are seeded by (seed, step), so a resumed run samples what the uninterrupted run sampled.
 """
 
@@ -76,7 +78,7 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
     total, each = s.reward_of.scored([s.texts[i] for i in idx], responses, ended, **s.columns_of(idx))
     rewards = torch.tensor(total, dtype=torch.float32)
     batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
-    batch["adv"] = L.group_advantages(rewards, g.group_size, scale=g.scale_advantages).to(s.device)
+    batch["adv"] = L.advantages(rewards, g.group_size, g.advantage, scale=g.scale_advantages).to(s.device)
     with torch.no_grad(), autocast(s.device, cfg.train.precision):
         batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
         batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
@@ -94,13 +96,21 @@ def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -
 
 
 def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
-    """losses.grpo_loss on one rollout, summed over its response tokens (the loop divides by their count)."""
+    """The policy loss of one rollout in its sum form; the loop divides by the step's policy_loss_normalizer."""
     tmask = (batch["targets"] != L.IGNORE_INDEX).float()
     logp = policy_logprobs(m, batch, g.temperature)
-    loss, kl, clip_frac = L.grpo_loss(
-        logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip, g.kl_beta
-    )
-    return loss, {**batch["stats"], "kl_k3": float(kl), "clip_fraction": float(clip_frac)}
+    if g.loss_type == "dapo" and g.clip_high is None:  # grpo_loss is this case term for term, in the order of
+        # operations every earlier run (and the demo's measured targets) used
+        loss, kl, clip_frac = L.grpo_loss(
+            logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip, g.kl_beta
+        )
+        return loss, {**batch["stats"], "kl_k3": float(kl), "clip_fraction": float(clip_frac)}
+    loss, stats = L.policy_loss(logp, batch["old_logp"], batch["adv"], tmask, g.loss_type, g.clip, g.clip_high,
+                                ref_logp=batch["ref_logp"], beta=g.kl_beta, max_length=g.max_new_tokens,
+                                reduction="sum")  # fmt: skip
+    if "kl" in stats:
+        stats["kl_k3"] = stats.pop("kl")
+    return loss, {**batch["stats"], **{k: float(v) for k, v in stats.items()}}
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
@@ -120,7 +130,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         next_batches=functools.partial(rollout, s, cfg, sampler),
         loss_fn=functools.partial(grpo_step_loss, g=g),
         evaluate=evaluate,
-        count_fn=lambda b: int((b["targets"] != L.IGNORE_INDEX).sum()),
+        count_fn=lambda b: L.policy_loss_normalizer(b["targets"] != L.IGNORE_INDEX, g.loss_type, g.max_new_tokens),
         health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
         monitor=cfg.monitor,
         frozen_source=functools.partial(base_weights, cfg.model.path),
