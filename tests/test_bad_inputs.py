@@ -312,6 +312,10 @@ CASES = [
     ("ppo-fns-raises", ["ppo", "out_dir={new}", "model.path={base}", *RL, "reward.fns=[llmstages.rewards:format,userfns:raises]"], "reward function raises (userfns:raises) raised ValueError: my scorer broke"),
     ("grpo-fns-count", ["grpo", "out_dir={new}", "model.path={base}", *RL, "reward.fns=[userfns:too_few]"], "reward function too_few (userfns:too_few) must return one finite number per reply (2), returned [1.0]"),
     ("grpo-val-fraction", ["grpo", "out_dir={new}", "model.path={base}", "data.val_fraction=1"], "data.val_fraction must be in [0, 1)"),
+    ("grpo-builtin", ["grpo", "out_dir={new}", "model.path={base}", "data.builtin=chess"], "data.builtin must be one of facts, arithmetic, got 'chess'"),
+    ("grpo-arithmetic-oracle", ["grpo", "out_dir={new}", "model.path={base}", *RL, "data.builtin=arithmetic"], "data.builtin=arithmetic: the built-in oracle (reward.fn) judges fact questions, not sums"),
+    ("ppo-arithmetic-digits", ["ppo", "out_dir={new}", "model.path={base}", "data.arithmetic_digits=4"], "data.arithmetic_digits must be in [1, 3]"),
+    ("grpo-arithmetic-room", ["grpo", "out_dir={new}", "model.path={base}", *RL, "data.builtin=arithmetic", "data.arithmetic_digits=1", "reward.fns=[llmstages.rewards:accuracy]"], "2000 training and 64 held-out arithmetic problems with data.arithmetic_digits=1: at most 67 in all"),
     # Constitutional AI
     ("cai-rounds", ["cai", "revise", "out_dir={new}", "model.path={base}", "revise.rounds=0"], "revise.rounds"),
     ("cai-samples", ["cai", "label", "out_dir={new}", "model.path={base}", "label.samples=1"], "label.samples"),

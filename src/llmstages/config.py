@@ -340,10 +340,20 @@ class RewardSourceArgs:
 @dataclass
 class PromptDataArgs:
     path: list[str] = field(default_factory=list)
-    """Prompt files ({"prompt"}, chat or ShareGPT records). Empty: the built-in fact questions about the training
-    people."""
+    """Prompt files ({"prompt"}, GSM8K's {"question", "answer"}, chat or ShareGPT records). Empty: the built-in
+    prompts chosen by `builtin`."""
     columns: dict[str, str] = field(default_factory=dict)
     """The file's field for each field a format needs, e.g. {prompt: question, completion: answer}."""
+    builtin: str = "facts"
+    """The built-in prompts when `path` is empty: facts (questions about the world's training people, evaluated on
+    its held-out people) or arithmetic (data/arithmetic.py: +, -, * problems, plain and word problems, with an
+    `answer` column for the reward functions; evaluated on a held-out split of 64 problems)."""
+    arithmetic_digits: int = 2
+    """The most digits of an arithmetic operand (1 to 3)."""
+    arithmetic_train: int = 2000
+    """How many arithmetic training problems (none of them among the held-out ones)."""
+    arithmetic_words: float = 0.5
+    """Share of the arithmetic problems phrased as word problems; the others read "What is 59 + 27? ..."."""
     heldout_people: int = 8
     val_fraction: float = 0.1
     """Share of the prompt files' rows held out for evaluation (drawn with the run's seed; training never sees
@@ -588,7 +598,15 @@ RANGES: dict[type, dict[str, Rule]] = {
     DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
     SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0", "max_dropped": "[0, 1]"},
     PreferenceDataArgs: {"val_fraction": "[0, 1)", "samples": ">= 2", "max_dropped": "[0, 1]"},
-    PromptDataArgs: {"heldout_people": "[1, 31]", "val_fraction": "[0, 1)", "max_dropped": "[0, 1]"},
+    PromptDataArgs: {
+        "heldout_people": "[1, 31]",
+        "val_fraction": "[0, 1)",
+        "max_dropped": "[0, 1]",
+        "builtin": ("facts", "arithmetic"),
+        "arithmetic_digits": "[1, 3]",
+        "arithmetic_train": "> 0",
+        "arithmetic_words": "[0, 1]",
+    },
     DPOArgs: {
         "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"),
         "beta": "> 0",

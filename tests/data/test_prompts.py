@@ -72,3 +72,30 @@ def test_bad_prompt_files(tmp_path):
         prompt_split(PromptDataArgs(path=[_file(tmp_path, [{"prompt": "q"}])]), 0, 0)
     with pytest.raises(UserError, match=r"p.jsonl:2: the column 'ended' has the name of a reward function's own"):
         prompt_split(PromptDataArgs(path=[_file(tmp_path, [{"prompt": "a"}, {"prompt": "b", "ended": 1}])]), 0, 0)
+
+
+def test_builtin_arithmetic_rows_carry_their_answers_and_hold_out_their_own_problems():
+    from llmstages.data.arithmetic import arithmetic_problems
+
+    data = PromptDataArgs(builtin="arithmetic", arithmetic_train=300, arithmetic_digits=3, arithmetic_words=0.3)
+    train, held = prompt_split(data, world_seed=2, seed=9)
+    problems = arithmetic_problems(2, 300, EVAL_PROMPTS, digits=3, word_share=0.3)
+    for rows, want in zip((train, held), problems):
+        assert _texts(rows) == [p.question for p in want] and rows.columns == {"answer": [p.answer for p in want]}
+    assert len(held.prompts) == EVAL_PROMPTS and set(_texts(train)).isdisjoint(_texts(held))
+    assert prompt_split(data, world_seed=2, seed=1) == (train, held)  # fixed by the world seed, not the run's
+    assert _texts(prompt_split(data, world_seed=3, seed=9)[1]) != _texts(held)
+
+
+def test_gsm8k_files_are_read_as_they_come(tmp_path):
+    rows = [
+        {"question": "Ada has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "What is 10 * 12?", "answer": "#### 120", "id": 2},
+    ]
+    train, _ = prompt_split(PromptDataArgs(path=[_file(tmp_path, rows)], val_fraction=0), 0, 0)
+    assert _texts(train) == [r["question"] for r in rows]
+    assert train.columns == {"answer": ["3 + 4 = 7\n#### 7", "#### 120"], "id": [None, 2]}
+    # a chat record's own `question` field stays a column: only a record without a prompt is read as GSM8K
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "question": "q"}
+    train, _ = prompt_split(PromptDataArgs(path=[_file(tmp_path, [chat], "c.jsonl")], val_fraction=0), 0, 0)
+    assert _texts(train) == ["hi"] and train.columns == {"question": ["q"]}

@@ -111,3 +111,15 @@ def test_exact_resume_keeps_each_reward_logged(base_dir, tmp_path, monkeypatch):
     keys = ("reward/level", "reward/half", "reward_mean", "loss")
     assert trace(tmp_path / "b", *keys) == trace(tmp_path / "a", *keys)
     assert len(trace(tmp_path / "a", "reward/level")) == 8
+
+
+def test_builtin_arithmetic_with_verifiable_rewards(base_dir, tmp_path):
+    """data.builtin=arithmetic: PPO trains on the problems' training split with the `answer` column reaching
+    llmstages.rewards:accuracy, each reward logged by name."""
+    fns = "reward.fns=[llmstages.rewards:accuracy,llmstages.rewards:format]"
+    extra = ["data.builtin=arithmetic", "data.arithmetic_train=100", fns, "peft.method=lora", "train.max_steps=2"]
+    assert _ppo(base_dir, tmp_path, *extra, "train.eval_every=2") == 0
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "reward/accuracy" in r]
+    assert len(steps) == 2 and all(0 <= r["reward/format"] <= 1 for r in steps)
+    assert any("eval_reward" in r for r in records)

@@ -174,9 +174,12 @@ def read_prompt_rows(
     paths: Sequence[str | Path], columns: Mapping[str, str] | None = None
 ) -> list[tuple[str, list[Message], dict[str, object]]]:
     """(file:line, prompt conversation, the record's other fields) for PPO/GRPO prompt files, as `read_prompts`;
-    the other fields (e.g. an `answer`) go to the reward functions."""
+    the other fields (e.g. an `answer`) go to the reward functions. A GSM8K record ({"question", "answer"}, none
+    of PROMPT_FIELDS) is read as it comes: its `question` is the prompt and its `answer` a column."""
     out = []
     for where, record in iter_records(list_files(paths), columns):
+        if isinstance(record, dict) and isinstance(record.get("question"), str) and not PROMPT_FIELDS & set(record):
+            record = {"prompt": record["question"], **{k: v for k, v in record.items() if k != "question"}}
         if isinstance(record, dict) and "prompt" in record and "completion" not in record:
             msgs = _messages(record["prompt"], where, "prompt")
         elif isinstance(record, dict) and any(k in record for k in ("messages", "conversations", "instruction")):
@@ -184,7 +187,9 @@ def read_prompt_rows(
             last = max(i for i, m in enumerate(full) if m["role"] == "assistant")
             msgs = full[:last]
         else:
-            raise UserError(f"{where}: a prompt record needs 'prompt' (a string or a list of messages)")
+            raise UserError(
+                f"{where}: a prompt record needs 'prompt' (a string or a list of messages) or 'question' (GSM8K)"
+            )
         if not msgs or not any(m["content"].strip() for m in msgs):
             raise UserError(f"{where}: empty prompt")
         out.append((where, msgs, {k: v for k, v in record.items() if k not in PROMPT_FIELDS}))

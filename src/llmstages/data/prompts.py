@@ -1,6 +1,6 @@
 """Built-in prompts and preference pairs for the alignment stages: fact questions about the world's training
 people (RL prompts, and pairs sampled from a model and ranked by the oracle) and about its held-out people
-(evaluation), or the user's prompt files."""
+(evaluation), arithmetic problems with their answers (data/arithmetic.py), or the user's prompt files."""
 
 from __future__ import annotations
 
@@ -36,12 +36,16 @@ def builtin_prompts(world_seed: int, heldout: int) -> tuple[list[list[Message]],
 
 def prompt_sets(data, world_seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
     """(training prompts, evaluation prompts) from `data` (PromptDataArgs): the user's prompt files (evaluated on
-    their first 64) or the built-in fact questions of world `world_seed` (training people / held-out people)."""
+    their first 64) or the built-in prompts of world `world_seed` chosen by `data.builtin` (fact questions:
+    training people / held-out people; arithmetic: its training / held-out problems)."""
     if data.path:
         from llmstages.data.preference import read_prompts
 
         prompts = [m for _, m in read_prompts(data.path, data.columns)]
         return prompts, prompts[:64]
+    if data.builtin == "arithmetic":
+        train, held = arithmetic_rows(data, world_seed)
+        return train.prompts, held.prompts
     return builtin_prompts(world_seed, data.heldout_people)
 
 
@@ -78,13 +82,33 @@ def read_prompt_table(paths: list[str], columns: dict[str, str]) -> PromptRows:
     return PromptRows([m for _, m, _ in rows], {k: [extra.get(k) for _, _, extra in rows] for k in names})
 
 
+def arithmetic_rows(data, world_seed: int) -> tuple[PromptRows, PromptRows]:
+    """The built-in arithmetic problems of `world_seed` (data/arithmetic.py, sized by `data`'s arithmetic_* keys):
+    (training rows, EVAL_PROMPTS held-out rows), each with its `answer` column."""
+    from llmstages.data.arithmetic import arithmetic_problems
+
+    train, held = arithmetic_problems(
+        world_seed, data.arithmetic_train, EVAL_PROMPTS, data.arithmetic_digits, data.arithmetic_words
+    )
+
+    def rows(problems) -> PromptRows:
+        return PromptRows(
+            [[{"role": "user", "content": p.question}] for p in problems], {"answer": [p.answer for p in problems]}
+        )
+
+    return rows(train), rows(held)
+
+
 def prompt_split(data, world_seed: int, seed: int) -> tuple[PromptRows, PromptRows]:
     """(training prompts, evaluation prompts) of an RL stage from `data` (PromptDataArgs), with their columns.
 
     The user's prompt files: a share `data.val_fraction` of their rows, drawn with `seed`, is held out (training
     never sees it) and the evaluation scores its first EVAL_PROMPTS; the training rows keep the files' order. With
-    val_fraction 0 the evaluation scores the first EVAL_PROMPTS training prompts. The built-in fact questions of
-    world `world_seed`: the training people's and the held-out people's (no columns)."""
+    val_fraction 0 the evaluation scores the first EVAL_PROMPTS training prompts. The built-in prompts of world
+    `world_seed` (`data.builtin`): the fact questions of the training people and of the held-out people (no
+    columns), or the arithmetic problems' training and held-out splits (an `answer` column)."""
+    if not data.path and data.builtin == "arithmetic":
+        return arithmetic_rows(data, world_seed)
     if not data.path:
         train, held = builtin_prompts(world_seed, data.heldout_people)
         return PromptRows(train), PromptRows(held)

@@ -273,6 +273,12 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     its reward (called once on a sample) and its training and evaluation prompts."""
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
+    r = cfg.reward
+    if not cfg.data.path and cfg.data.builtin == "arithmetic" and not (r.fns or r.model) and "oracle" in (r.fn or ""):
+        raise UserError(
+            "data.builtin=arithmetic: the built-in oracle (reward.fn) judges fact questions, not sums; set "
+            "reward.fns=[llmstages.rewards:accuracy,llmstages.rewards:format] (or your own functions of `answer`)"
+        )
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model.path)
     train, held = prompt_split(cfg.data, cfg.world_seed, cfg.seed)
