@@ -441,6 +441,9 @@ CASES = [
     ("grpo-loss-type", ["grpo", "out_dir={new}", "model.path={base}", "grpo.loss_type=ppo"], "grpo.loss_type must be one of dapo, grpo, dr_grpo, bnpo, gspo"),
     ("grpo-advantage", ["grpo", "out_dir={new}", "model.path={base}", "grpo.advantage=gae"], "grpo.advantage must be one of group, rloo, reinforce_pp"),
     ("grpo-clip-high", ["grpo", "out_dir={new}", "model.path={base}", "grpo.clip_high=-0.1"], "grpo.clip_high must be > 0"),
+    ("grpo-iterations", ["grpo", "out_dir={new}", "model.path={base}", "grpo.iterations=0"], "grpo.iterations must be >= 1, got 0"),
+    ("grpo-sampling-rounds", ["grpo", "out_dir={new}", "model.path={base}", "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=0"], "grpo.max_sampling_rounds must be >= 1"),
+    ("grpo-dynamic-sampling", ["grpo", "out_dir={new}", "model.path={base}", "grpo.dynamic_sampling=maybe"], "grpo.dynamic_sampling must be true or false"),
     ("sft-batch-huge", ["sft", "out_dir={new}", "model.path={base}", *RL, "train.batch_size=1000000000000", "train.seq_len=48"], "train.batch_size=1000000000000 with"),
 ]  # fmt: skip
 

@@ -386,6 +386,18 @@ class GRPOArgs:
     (group mean, then the batch's std)."""
     scale_advantages: bool = True
     """Divide by the group's standard deviation (GRPO); false keeps only the mean baseline (Dr. GRPO)."""
+    iterations: int = 1
+    """Optimizer steps per rollout (TRL's num_iterations): each step after a rollout's first trains on it again,
+    so the ratio to the sampling policy moves from 1 and the clip binds. train.max_steps counts optimizer steps."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards all equal (no signal) are dropped and more prompts drawn until
+    prompts_per_step groups have signal, at most max_sampling_rounds rounds (short of it, the step trains on what
+    it has); dropped_groups, sampling_rounds and missing_groups are logged."""
+    max_sampling_rounds: int = 3
+    """Rounds of prompts_per_step prompts dynamic sampling draws at most per rollout."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: replies that reach max_new_tokens without an EOS are masked out of the loss
+    (their reward still counts in their group's advantages); the fraction is logged as overlong_filtered."""
 
 
 @dataclass
@@ -625,6 +637,8 @@ RANGES: dict[type, dict[str, Rule]] = {
         "clip_high": "> 0",
         "loss_type": ("dapo", "grpo", "dr_grpo", "bnpo", "gspo"),
         "advantage": ("group", "rloo", "reinforce_pp"),
+        "iterations": ">= 1",
+        "max_sampling_rounds": ">= 1",
     },
     PPOArgs: {
         "rollout_size": "> 0",

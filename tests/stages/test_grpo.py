@@ -200,3 +200,176 @@ def test_the_family_trains(base_dir, tmp_path, options):
     assert {"clip_low_fraction", "clip_high_fraction", "ratio_mean"} <= set(steps[0])
     assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # one update per rollout: the ratio starts at 1
     assert ("kl_k3" in steps[0]) == ("grpo.kl_beta=0" not in options)
+
+
+SIGNAL_FNS = '''
+import os
+import time
+from pathlib import Path
+
+
+def half_signal(prompts, responses, ended):
+    """Even-numbered questions score 1 whatever the reply (their groups carry no signal); odd-numbered ones score
+    the reply's length in characters. With GRPO_TEST_HOLD naming a path that exists, waits (to be killed there)."""
+    hold = os.environ.get("GRPO_TEST_HOLD")
+    if hold and Path(hold).exists():
+        time.sleep(600)
+    return [1.0 if int(p.split()[-1].rstrip("?")) % 2 == 0 else float(len(r)) for p, r in zip(prompts, responses)]
+'''
+
+
+def half_signal_run(tmp_path, name: str) -> list[str]:
+    """24 questions 'What is i?' and a module `name` (written into tmp_path, to put on sys.path) whose reward gives
+    the even-numbered ones the same score for every reply: the overrides of a run on them."""
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}?"}) + "\n" for i in range(24)))
+    (tmp_path / f"{name}.py").write_text(SIGNAL_FNS)
+    return [f"data.path={data}", f"reward.fn={name}:half_signal", "data.val_fraction=0.2"]
+
+
+def record_batches(monkeypatch) -> list[dict]:
+    """The batches the loss is computed on, recorded (the loop binds grpo_step_loss when the run starts)."""
+    from llmstages.stages import grpo
+
+    seen, real = [], grpo.grpo_step_loss
+
+    def recorded(m, batch, g):
+        seen.append({k: v.detach().clone() for k, v in batch.items() if k != "stats"})
+        return real(m, batch, g)
+
+    monkeypatch.setattr(grpo, "grpo_step_loss", recorded)
+    return seen
+
+
+def test_iterations_train_each_rollout_again_where_the_ratio_moves(base_dir, tmp_path, monkeypatch):
+    """grpo.iterations=2: steps 1-2 train on one rollout and steps 3-4 on the next (the same rollout statistics);
+    a rollout's first step has ratio 1, its second does not (the policy moved since it sampled), so the clip can
+    bind; the loss is finite."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = half_signal_run(tmp_path, "grpo_signal_iterations")
+    seen = record_batches(monkeypatch)
+    short = ["train.max_steps=4", "train.eval_every=100", "peft.method=none", "grpo.clip_high=0.28"]
+    assert _grpo(base_dir, tmp_path / "run", *run, *short, "grpo.iterations=2") == 0
+    steps = [r for r in read_metrics(tmp_path / "run") if "reward_mean" in r]
+    assert len(steps) == len(seen) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+    moved = [abs(r["ratio_mean"] - 1) > 1e-4 for r in steps]
+    assert moved == [False, True, False, True], [r["ratio_mean"] for r in steps]
+    assert steps[1]["kl_k3"] > 0
+    for a, b in ((0, 1), (2, 3)):
+        assert steps[a]["reward_mean"] == steps[b]["reward_mean"]
+        assert all(seen[a][k].equal(seen[b][k]) for k in seen[a])  # the same rollout, old log-probs and all
+    assert not seen[1]["input_ids"].equal(seen[2]["input_ids"]) or not seen[1]["adv"].equal(seen[2]["adv"])
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(base_dir, tmp_path, monkeypatch):
+    """Half the prompts give every reply the same reward: dynamic sampling drops those groups and draws more
+    prompts until the step has prompts_per_step groups with signal (every group trained on has rewards that
+    differ), logging what it dropped and how many rounds it drew; with one round allowed the step trains on the
+    groups with signal it has, and logs how many were missing."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = half_signal_run(tmp_path, "grpo_signal_dynamic")
+    seen = record_batches(monkeypatch)
+    short = ["train.max_steps=3", "train.eval_every=100", "peft.method=lora", "grpo.dynamic_sampling=true"]
+    assert _grpo(base_dir, tmp_path / "run", *run, *short) == 0
+    steps = [r for r in read_metrics(tmp_path / "run") if "reward_mean" in r]
+    assert len(steps) == len(seen) == 3
+    for r, b in zip(steps, seen):
+        assert r["missing_groups"] == 0 and b["adv"].numel() == 4 * 4  # prompts_per_step x group_size
+        assert bool((b["adv"].view(4, 4).abs().sum(-1) > 0).all()) and r["zero_advantage_groups"] == 0
+    assert sum(r["dropped_groups"] for r in steps) > 0 and max(r["sampling_rounds"] for r in steps) >= 2
+    assert all(1 <= r["sampling_rounds"] <= 3 for r in steps)
+
+    seen.clear()
+    assert _grpo(base_dir, tmp_path / "one", *run, *short, "train.max_steps=1", "grpo.max_sampling_rounds=1") == 0
+    (step,) = [r for r in read_metrics(tmp_path / "one") if "reward_mean" in r]
+    assert step["sampling_rounds"] == 1 and step["missing_groups"] == step["dropped_groups"] > 0
+    assert seen[0]["adv"].numel() == 4 * (4 - step["missing_groups"])
+
+
+def test_overlong_filter_masks_the_unfinished_replies(base_dir, tmp_path, monkeypatch):
+    """Every third reply is made to end with an EOS after 2 tokens; the others reach max_new_tokens unfinished.
+    With grpo.overlong_filter the loss counts exactly the finished replies' tokens (the unfinished rows hold no
+    target) and overlong_filtered is the unfinished share."""
+    from llmstages.model import load_tokenizer
+    from llmstages.stages import grpo
+
+    eos, real, drawn = load_tokenizer(base_dir).eos_id, grpo.sample_replies, []
+
+    def some_end(model, tok, prompts, max_new_tokens, temperature, gen):
+        replies, _, _ = real(model, tok, prompts, max_new_tokens, temperature, gen)
+        replies = [r[:2] + [eos] if k % 3 == 0 else r for k, r in enumerate(replies)]
+        ended = [r[-1] == eos for r in replies]
+        drawn.append((replies, ended))
+        return replies, [tok.decode(r) for r in replies], ended
+
+    monkeypatch.setattr(grpo, "sample_replies", some_end)
+    seen = record_batches(monkeypatch)
+    short = ["train.max_steps=1", "train.eval_every=100", "peft.method=lora", "grpo.overlong_filter=true"]
+    assert _grpo(base_dir, tmp_path / "run", *short) == 0
+    [(replies, ended)], [batch] = drawn, seen
+    counted = batch["targets"] != -100
+    assert 0 < sum(len(r) for r, e in zip(replies, ended) if e) == int(counted.sum()) < sum(map(len, replies))
+    for row, r, e in zip(counted, replies, ended):
+        assert int(row.sum()) == (len(r) if e else 0)
+    (step,) = [r for r in read_metrics(tmp_path / "run") if "reward_mean" in r]
+    assert step["overlong_filtered"] == pytest.approx(ended.count(False) / len(ended))
+
+
+def test_dapo_with_dynamic_sampling_and_iterations_resumes_after_kill_9(base_dir, tmp_path):
+    """The issue's run (loss_type=dapo, clip_high=0.28, dynamic_sampling, iterations=2) killed with SIGKILL while it
+    samples its third rollout, its newest checkpoint written after step 3, in the middle of the second rollout:
+    resumed, it logs the losses, rewards and sampling figures of the uninterrupted run. Every run is a process of
+    its own, with the same threads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from llmstages.train.checkpoint import newest_loadable
+
+    root = Path(__file__).resolve().parents[2]
+    run = half_signal_run(tmp_path, "grpo_signal_killed")
+    opts = ["grpo.loss_type=dapo", "grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.iterations=2",
+            "train.save_every=3", "train.eval_every=100", "peft.method=lora"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+
+    def start(out: Path, *extra: str, hold: Path | None = None) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "llmstages", "grpo", f"model.path={base_dir}", f"out_dir={out}", *FAST, *run,
+                *opts, *extra]  # fmt: skip
+        hold_env = {"GRPO_TEST_HOLD": str(hold)} if hold else {}
+        with open(tmp_path / f"{out.name}{len(extra)}.err", "w") as err:  # what it says, for a failure's message
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env={**env, **hold_env})
+        procs.append(proc)
+        proc.said = err.name  # type: ignore[attr-defined]
+        return proc
+
+    def said(proc: subprocess.Popen) -> str:
+        return Path(proc.said).read_text()[-2000:]  # type: ignore[attr-defined]
+
+    a, b, procs = tmp_path / "a", tmp_path / "b", []
+    try:
+        straight = start(a)
+        killed = start(b, hold=b / "checkpoints" / "step_3")  # its reward waits once step_3 is written
+        deadline = time.monotonic() + 120
+        while not (b / "checkpoints" / "step_3").is_dir():
+            assert killed.poll() is None, said(killed)
+            assert time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.05)
+        time.sleep(0.5)  # step 4 trains on the held rollout; the next rollout's reward waits
+        killed.send_signal(signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+        assert newest_loadable(b / "checkpoints").name == "step_3"  # in the middle of rollout 2 (steps 3 and 4)
+        assert straight.wait() == 0, said(straight)
+        resumed = start(b, "resume=true")
+        assert resumed.wait() == 0, said(resumed)
+    finally:
+        for proc in procs:  # none left behind when an assertion fails
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    keys = ("loss", "reward_mean", "ratio_mean", "dropped_groups", "sampling_rounds", "clip_fraction")
+    assert [r[0] for r in trace(b, *keys)] == [1, 2, 3, 4, 5, 6]
+    assert trace(b, *keys) == trace(a, *keys)
+    assert len({r[3] for r in trace(a, *keys)}) > 1  # the ratio moves on a rollout's second step

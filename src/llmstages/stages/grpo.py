@@ -8,13 +8,17 @@ prompt file's other columns (e.g. `answer`) reach the reward functions as keywor
 repeated for its group_size replies (train/rollout.py).
 
 Each optimizer step draws a fresh rollout from the current policy (one update per rollout, as TRL's default
-num_iterations=1: the probability ratio is 1 at the update, and the clip only matters with several updates).
+num_iterations=1: the probability ratio is 1 at the update, and the clip only matters with several updates);
+grpo.iterations > 1 trains that many steps on each rollout (the rollout is in each checkpoint written in its
+middle, so a resumed run continues it exactly).
 By default (grpo.loss_type=dapo) the loss is averaged over every response token of the step:
     A_i = (r_i - mean(r_group)) / std(r_group)
     loss = mean_t [ -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) + beta * k3(pi, ref)_t ]
 grpo.loss_type, grpo.clip_high and grpo.advantage pick the rest of the family (losses.policy_loss and
 losses.advantages: GRPO's per-reply mean, Dr. GRPO, BNPO, GSPO; DAPO's clip-higher; RLOO, REINFORCE++).
-Rollouts are seeded by (seed, step), so a resumed run samples what the uninterrupted run sampled.
+DAPO's dynamic sampling (grpo.dynamic_sampling: groups whose rewards all equal are replaced by groups of further
+prompts) and overlong filtering (grpo.overlong_filter: replies cut at max_new_tokens leave the loss) are options.
+Rollouts are seeded by (seed, rollout), so a resumed run samples what the uninterrupted run sampled.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, autocast, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
 from llmstages.train.rollout import (
     PolicySetup,
     evaluate_policy,
@@ -61,38 +65,130 @@ def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
     return s, {"truncated_examples": cut, "truncated_eval_prompts": eval_cut}
 
 
-def rollout(s: PolicySetup, cfg: GRPOConfig, sampler: EpochSampler, step: int) -> list[dict]:
-    """Step `step`'s batch: group_size replies to each of its prompts, scored, with group-relative advantages and
-    the old and reference log-probs. Seeded by (seed, step, rank): a resumed run samples the same."""
-    g, d = cfg.grpo, distributed.current()
-    t0 = time.perf_counter()
-    idx = [i for i in sampler(step, 0) for _ in range(g.group_size)]
-    gen = torch.Generator(device=s.device).manual_seed(cfg.seed * 1_000_003 + step + 7919 * d.dp_rank)
-    s.model.eval()
-    prompts = [s.prompts[i] for i in idx]
-    # fsdp: sampling runs the model's parts token by token; it samples in the precision it trains in
-    with distributed.gathered(s.model), autocast(s.device, cfg.train.precision):
-        replies, responses, ended = sample_replies(s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen)
-    t_gen = time.perf_counter() - t0
-    # each prompt's columns (e.g. its answer) repeated for each of its group_size replies
-    total, each = s.reward_of.scored([s.texts[i] for i in idx], responses, ended, **s.columns_of(idx))
-    rewards = torch.tensor(total, dtype=torch.float32)
-    batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
-    batch["adv"] = L.advantages(rewards, g.group_size, g.advantage, scale=g.scale_advantages).to(s.device)
-    with torch.no_grad(), autocast(s.device, cfg.train.precision):
-        batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
-        batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
-    s.model.train()
-    groups = rewards.view(-1, g.group_size)
-    batch["stats"] = {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        **s.reward_of.stats(each),
-        "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
-        "response_length": sum(map(len, replies)) / len(replies),
-        "rollout_tokens_per_s": sum(map(len, replies)) / max(t_gen, 1e-9),
-    }
-    return [batch]
+ROLLOUT_KEYS = ("input_ids", "targets", "mask", "adv", "old_logp", "ref_logp")
+
+
+class Rollouts:
+    """The rollout in progress, handed to the loop as its batches (the loop's `next_batches`).
+
+    Every grpo.iterations optimizer steps a new rollout is drawn from the current policy (`sample`); each step of
+    it trains on the whole rollout, so from its second step on the ratio to the sampling policy moves from 1 and
+    the clip binds. A checkpoint written in the middle of a rollout holds it (`saved` / `restore`: its sampling
+    policy is gone by then, so it could not be drawn again), and the resumed run continues it exactly."""
+
+    def __init__(self, s: PolicySetup, cfg: GRPOConfig) -> None:
+        self.s, self.cfg, self.g = s, cfg, cfg.grpo
+        g = self.g
+        self.sampler = EpochSampler(len(s.prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
+        # dynamic sampling's further rounds: their own shuffles (seeds above every run's seed), so round 0 draws
+        # what a run without it draws
+        rounds = max(g.max_sampling_rounds - 1, 1)
+        self.more = EpochSampler(len(s.prompts), g.prompts_per_step, rounds, cfg.seed + 2**32)
+        self.it = -1  # the rollout held (none yet)
+        self.batch: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, float] = {}
+        self.t_gen = 0.0  # seconds spent sampling the current rollout
+
+    def batches(self, step: int) -> list[dict]:
+        """Optimizer step `step`'s batch: rollout step // iterations, drawn when not held."""
+        it = step // self.g.iterations
+        if self.it != it:
+            self.sample(it)
+        return [{**self.batch, "stats": self.stats}]
+
+    def _round(self, idx: list[int], gen: torch.Generator) -> tuple[list, list, list[bool], torch.Tensor, dict]:
+        """group_size replies to each prompt of `idx`: (prompts, replies, ended, rewards (N * G,), each reward
+        function's scores); the sampling time is added to self.t_gen."""
+        s, g = self.s, self.g
+        t0 = time.perf_counter()
+        idx = [i for i in idx for _ in range(g.group_size)]
+        prompts = [s.prompts[i] for i in idx]
+        # fsdp: sampling runs the model's parts token by token; it samples in the precision it trains in
+        with distributed.gathered(s.model), autocast(s.device, self.cfg.train.precision):
+            replies, responses, ended = sample_replies(
+                s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen
+            )
+        self.t_gen += time.perf_counter() - t0
+        # each prompt's columns (e.g. its answer) repeated for each of its group_size replies
+        total, each = s.reward_of.scored([s.texts[i] for i in idx], responses, ended, **s.columns_of(idx))
+        return prompts, replies, ended, torch.tensor(total, dtype=torch.float32), each
+
+    def sample(self, it: int) -> None:
+        """Rollout `it`: group_size replies to each of its prompts, scored, with advantages and the old and
+        reference log-probs. Seeded by (seed, it, rank): a resumed run samples the same.
+
+        With grpo.dynamic_sampling, groups whose rewards all equal (no signal: every advantage is 0) are dropped
+        and further rounds of prompts_per_step prompts are drawn with the same generator until prompts_per_step
+        groups have signal (the first ones kept), at most grpo.max_sampling_rounds rounds; short of that, the step
+        trains on the groups it has (missing_groups logged), or on the first round's when none has signal. With
+        grpo.overlong_filter, replies that reached max_new_tokens without an EOS keep their reward and their
+        place in their group's advantages, and leave the loss (their targets are masked: none of their tokens
+        counts)."""
+        s, g, d = self.s, self.g, distributed.current()
+        self.t_gen = 0.0
+        gen = torch.Generator(device=s.device).manual_seed(self.cfg.seed * 1_000_003 + it + 7919 * d.dp_rank)
+        s.model.eval()
+        G = g.group_size
+        rounds = [self._round(self.sampler(it, 0), gen)]
+        kept: list[tuple[int, int]] = []  # (round, group) of the groups with signal, in the order drawn
+        dropped = 0
+        while g.dynamic_sampling:
+            r = rounds[-1][3].view(-1, G)
+            signal = (r.max(-1).values != r.min(-1).values).tolist()
+            kept += [(len(rounds) - 1, k) for k, ok in enumerate(signal) if ok]
+            dropped += signal.count(False)
+            if len(kept) >= g.prompts_per_step or len(rounds) == g.max_sampling_rounds:
+                break
+            rounds.append(self._round(self.more(it, len(rounds) - 1), gen))
+        if g.dynamic_sampling and kept:
+            rows = [(r, k * G + j) for r, k in kept[: g.prompts_per_step] for j in range(G)]
+            prompts, replies, ended = ([rounds[r][c][i] for r, i in rows] for c in range(3))
+            rewards = torch.stack([rounds[r][3][i] for r, i in rows])
+            each = {n: [rounds[r][4][n][i] for r, i in rows] for n in rounds[0][4]}
+        else:
+            prompts, replies, ended, rewards, each = rounds[0]
+        batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
+        batch["adv"] = L.advantages(rewards, G, g.advantage, scale=g.scale_advantages).to(s.device)
+        with torch.no_grad(), autocast(s.device, self.cfg.train.precision):
+            batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
+            batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
+        s.model.train()
+        groups = rewards.view(-1, G)
+        n_sampled = sum(len(x) for rnd in rounds for x in rnd[1])
+        stats = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            **s.reward_of.stats(each),
+            "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
+            "response_length": sum(map(len, replies)) / len(replies),
+            "rollout_tokens_per_s": n_sampled / max(self.t_gen, 1e-9),
+        }
+        if g.dynamic_sampling:
+            stats["dropped_groups"] = float(dropped)
+            stats["sampling_rounds"] = float(len(rounds))
+            stats["missing_groups"] = float(max(g.prompts_per_step - len(kept), 0))
+        if g.overlong_filter:
+            unfinished = torch.tensor([not e for e in ended], device=s.device)
+            batch["targets"] = batch["targets"].masked_fill(unfinished[:, None], L.IGNORE_INDEX)
+            stats["overlong_filtered"] = float(unfinished.float().mean())
+        self.it, self.batch, self.stats = it, batch, stats
+
+    def saved(self, state: LoopState) -> dict[str, torch.Tensor]:
+        """The rollout, when the checkpoint falls in its middle (the loop's `on_save`); nothing at a boundary."""
+        if self.it < 0 or state.step % self.g.iterations == 0:
+            return {}
+        saved = {f"rollout.{k}": self.batch[k] for k in ROLLOUT_KEYS}
+        # float64: the statistics are logged again after a resume, and must read as the uninterrupted run's do
+        saved.update({f"rollout_stats.{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.stats.items()})
+        return {"rollout_it": torch.tensor([self.it]), **saved}
+
+    def restore(self, extra: dict[str, torch.Tensor]) -> None:
+        """Take back the rollout a checkpoint holds (nothing when it holds none)."""
+        if "rollout_it" not in extra:
+            return
+        self.it = int(extra["rollout_it"])
+        self.batch = {k: extra[f"rollout.{k}"].to(self.s.device) for k in ROLLOUT_KEYS}
+        self.stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
 
 
 def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -117,7 +213,7 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     s, cut = setup(cfg)
     g = cfg.grpo
     prepare_run_dir(cfg, "grpo", s.model)
-    sampler = EpochSampler(len(s.prompts), g.prompts_per_step, 1, cfg.seed)  # under ddp: per rank
+    rollouts = Rollouts(s, cfg)
 
     def evaluate(m: GPT) -> dict[str, float]:
         return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens, s.eval_columns)
@@ -127,15 +223,18 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
         args=cfg.train,
         run_dir=s.out,
         device=s.device,
-        next_batches=functools.partial(rollout, s, cfg, sampler),
+        next_batches=rollouts.batches,
         loss_fn=functools.partial(grpo_step_loss, g=g),
         evaluate=evaluate,
         count_fn=lambda b: L.policy_loss_normalizer(b["targets"] != L.IGNORE_INDEX, g.loss_type, g.max_new_tokens),
+        on_save=rollouts.saved,
         health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
         monitor=cfg.monitor,
         frozen_source=functools.partial(base_weights, cfg.model.path),
     )
     resumed = loop.resume() if cfg.resume else False
+    if resumed:
+        rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
