@@ -243,8 +243,8 @@ def record_batches(monkeypatch) -> list[dict]:
 
 def test_iterations_train_each_rollout_again_where_the_ratio_moves(base_dir, tmp_path, monkeypatch):
     """grpo.iterations=2: steps 1-2 train on one rollout and steps 3-4 on the next (the same rollout statistics);
-    a rollout's first step has ratio 1, its second does not (the policy moved since it sampled), so the clip can
-    bind; the loss is finite."""
+    a rollout's first step has ratio 1, its second does not (the policy moved since it sampled), so the clip
+    binds there (on the family's path and on the stage's default objective); the loss is finite."""
     monkeypatch.syspath_prepend(str(tmp_path))
     run = half_signal_run(tmp_path, "grpo_signal_iterations")
     seen = record_batches(monkeypatch)
@@ -259,6 +259,11 @@ def test_iterations_train_each_rollout_again_where_the_ratio_moves(base_dir, tmp
         assert steps[a]["reward_mean"] == steps[b]["reward_mean"]
         assert all(seen[a][k].equal(seen[b][k]) for k in seen[a])  # the same rollout, old log-probs and all
     assert not seen[1]["input_ids"].equal(seen[2]["input_ids"]) or not seen[1]["adv"].equal(seen[2]["adv"])
+    # the stage's default objective (grpo_loss): with a larger step the clip binds on the rollout's second update
+    default = ["train.max_steps=2", "train.eval_every=100", "peft.method=none", "train.lr=1e-2", "grpo.iterations=2"]
+    assert _grpo(base_dir, tmp_path / "default", *run, *default) == 0
+    clipped = [r["clip_fraction"] for r in read_metrics(tmp_path / "default") if "reward_mean" in r]
+    assert clipped[0] == 0 and clipped[1] > 0
 
 
 def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(base_dir, tmp_path, monkeypatch):
