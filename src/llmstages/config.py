@@ -253,7 +253,8 @@ class PreferenceDataArgs:
 @dataclass
 class DPOArgs:
     loss: str = "dpo"
-    """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, simpo (reference-free) or orpo (reference-free)."""
+    """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, simpo (reference-free), orpo (reference-free) or kto
+    (unpaired {"prompt","completion","label"} rows; pairs are read as two rows)."""
     beta: float = 0.1
     label_smoothing: float = 0.1
     """cDPO only: the assumed probability that a label is flipped; pairs that carry a `probability` (soft labels,
@@ -263,6 +264,10 @@ class DPOArgs:
     rpo_alpha: float = 0.0
     """> 0: add rpo_alpha x the chosen reply's mean token NLL to the loss (RPO, Pang et al. 2024; TRL's
     rpo_alpha), which keeps the likelihood of the preferred replies from falling with the rejected ones."""
+    kto_desirable_weight: float = 1.0
+    """KTO: the weight of the desirable rows' loss (lambda_D; raise it when they are fewer than the undesirable)."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: the weight of the undesirable rows' loss (lambda_U)."""
 
 
 @dataclass
@@ -620,12 +625,14 @@ RANGES: dict[type, dict[str, Rule]] = {
         "arithmetic_words": "[0, 1]",
     },
     DPOArgs: {
-        "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo"),
+        "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto"),
         "beta": "> 0",
         "label_smoothing": "[0, 0.5)",
         "simpo_gamma": ">= 0",
         "orpo_lambda": ">= 0",
         "rpo_alpha": ">= 0",
+        "kto_desirable_weight": ">= 0",
+        "kto_undesirable_weight": ">= 0",
     },
     GRPOArgs: {
         "group_size": ">= 2",

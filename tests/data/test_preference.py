@@ -126,3 +126,64 @@ def test_pairs_whose_replies_become_the_same_are_dropped_and_counted(tmp_path):
         tokenize_pairs(pairs, tok, 24, "train.seq_len + 1 = 24", max_dropped=0.5)
     with pytest.raises(UserError, match="f.jsonl:2: chosen and rejected are the same"):
         tokenize_pair(pairs[1], tok, 0, 23)
+
+
+def test_unpaired_feedback_rows_with_every_label_form_and_pairs_split_into_rows(tmp_path):
+    """KTO's rows: labels true/false, 1/0 (and their text, as CSV cells give), message-list prompts; a pair record
+    gives two rows, chosen desirable and rejected not; a bad label is refused naming its line."""
+    from llmstages.data.preference import read_feedback
+
+    conv = [{"role": "user", "content": "Hi"}]
+    rows = [
+        {"prompt": "Where does Ada live?", "completion": "Oakfield", "label": True},
+        {"prompt": "Where does Ada live?", "completion": "Ashford", "label": False},
+        {"prompt": conv, "completion": [*conv, {"role": "assistant", "content": "Hello"}], "label": 1},
+        {"prompt": "q", "completion": "no", "label": 0},
+        {"prompt": "Where does Bo live?", "chosen": "Millbrook", "rejected": "Millbrook or maybe"},
+    ]
+    f = tmp_path / "fb.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_feedback([f])
+    assert [(r.completion, r.desirable) for r in got] == [
+        ("Oakfield", True), ("Ashford", False), ("Hello", True), ("no", False),
+        ("Millbrook", True), ("Millbrook or maybe", False),
+    ]  # fmt: skip
+    assert got[2].prompt == tuple(conv) and got[5].where.endswith("fb.jsonl:5")
+    csv = tmp_path / "fb.csv"
+    csv.write_text("question,answer,label\nq1,yes,true\nq2,no,0\n")
+    got = read_feedback([csv], {"prompt": "question", "completion": "answer"})
+    assert [(r.completion, r.desirable) for r in got] == [("yes", True), ("no", False)]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[0], "label": 2}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: 'label' must be true or false \(or 1 / 0\), got 2"):
+        read_feedback([bad])
+    bad.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    with pytest.raises(UserError, match="bad.jsonl:1: feedback record has no 'label'"):
+        read_feedback([bad])
+
+
+def test_feedback_batches_pair_each_prompt_with_the_previous_rows_completion():
+    """The kl_* rows of a KTO batch: row i's prompt with row i - 1's completion (the first takes the last's), cut
+    to the window by the long-example policy; prompts cut from the left, completions from the right."""
+    from llmstages.data.preference import Feedback, feedback_batch, tokenize_feedback
+
+    tok = tiny_tokenizer()
+    rows = [Feedback(({"role": "user", "content": q},), a, good, f"f:{i}")
+            for i, (q, a, good) in enumerate([("Where does Ada live?", "Oakfield", True), ("Hi", "Hello there", False),
+                                              ("Who?", "Bo", True)])]  # fmt: skip
+    tokenized, tally = tokenize_feedback(rows, tok, 64, "64")
+    assert [r.index for r in tokenized] == [0, 1, 2] and tally.dropped == 0
+    b = feedback_batch(tokenized, tok.pad_id, 64)
+    assert b["desirable"].tolist() == [True, False, True]
+    for i in range(3):
+        ex, prev = tokenized[i].example, tokenized[i - 1].example
+        prompt_len = len(prompt_ids(list(rows[i].prompt), tok))
+        m = len(prompt_ids(list(rows[i - 1].prompt), tok))
+        want = ex.input_ids[:prompt_len] + prev.input_ids[m:]
+        assert b["kl_input_ids"][i, : len(want) - 1].tolist() == want[:-1]
+        targets = b["kl_targets"][i]
+        assert targets[targets != -100].tolist() == prev.input_ids[m:]  # only the completion is scored
+    short, _ = tokenize_feedback(rows, tok, 8, "8")
+    assert all(len(r.example.input_ids) <= 8 for r in short)
+    assert all(len(r) <= 7 for r in feedback_batch(short, tok.pad_id, 8)["kl_input_ids"])

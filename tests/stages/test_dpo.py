@@ -103,7 +103,7 @@ def test_bad_input(setup_dirs, tmp_path, capsys):
     code = main(["dpo", f"model.path={setup_dirs / 'base'}", f"data.path={same}", f"out_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert code == 2 and "same.jsonl:1: preference record has no 'rejected'" in err
-    code = _dpo(setup_dirs, tmp_path / "o", "dpo.loss=kto")
+    code = _dpo(setup_dirs, tmp_path / "o", "dpo.loss=rso")
     assert code == 2 and "dpo.loss must be one of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -210,3 +210,96 @@ def test_long_hh_pairs_are_cut_and_trained_or_refused_past_max_dropped(setup_dir
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "2 of 4 pairs cannot fit train.seq_len + 1 = 49 tokens" in err and "same.jsonl:3: chosen and rejected" in err
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO: unpaired rows
+
+
+@pytest.fixture(scope="module")
+def feedback(setup_dirs):
+    """Unpaired rows: the bare town is desirable, the hedged one not; labels in every accepted form."""
+    towns = ["Oakfield", "Millbrook", "Ashford", "Riverton"]
+    rows = []
+    for i in range(40):
+        q = f"Where does person {i} live?"
+        rows += [{"prompt": q, "completion": towns[i % 4], "label": [True, 1][i % 2]},
+                 {"prompt": q, "completion": f"{towns[i % 4]} or maybe", "label": [False, 0][i % 2]}]  # fmt: skip
+    path = setup_dirs / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_kto_learns_the_desirable_completions(setup_dirs, feedback, tmp_path):
+    """On held-out rows the desirable completions' rewards rise well above the undesirable ones' (both 0 at
+    step 0, policy == reference)."""
+    assert _dpo(setup_dirs, tmp_path, f"data.path={feedback}", "dpo.loss=kto", "peft.method=lora", "dpo.beta=1",
+                "train.max_steps=16", "train.eval_every=8") == 0  # fmt: skip
+    records = read_metrics(tmp_path)
+    start, end = records[0], [r for r in records if "val_rewards/desirable" in r][-1]
+    assert start["rows"] == 72 and abs(start["val_rewards/desirable"]) < 1e-6 and start["val_kto_z0"] == 0
+    assert start["val_loss"] == pytest.approx(0.5, abs=1e-6)
+    assert end["val_rewards/desirable"] - end["val_rewards/undesirable"] > 0.5  # about 1.4 here
+    assert end["val_loss"] < 0.45
+    assert [r for r in records if r.get("step", 0) > 0 and "kto_z0" in r]
+    assert (tmp_path / "final/model.safetensors").is_file()
+
+
+def test_kto_first_loss_is_the_closed_form_at_policy_equals_reference(setup_dirs, feedback, tmp_path):
+    """At step 0 the policy is the reference: every log-ratio is 0 and so is z0, and kto_loss is the mean of
+    w (1 - sigmoid(0)) = w / 2 over the rows, w = kto_desirable_weight or kto_undesirable_weight by label; the
+    stage's own scoring of a batch (forward, mismatched rows, reference) gives exactly that, and so does the first
+    logged loss with equal weights."""
+    from llmstages import losses as L
+    from llmstages.config import DPOConfig, load_config
+    from llmstages.stages import dpo
+
+    extra = ["dpo.loss=kto", "peft.method=lora", "dpo.kto_desirable_weight=3", "dpo.kto_undesirable_weight=0.5"]
+    cfg = load_config(DPOConfig, None, [f"model.path={setup_dirs / 'base'}", f"data.path={feedback}",
+                                        f"out_dir={tmp_path / 'x'}", *FAST, *extra])  # fmt: skip
+    s = dpo.setup(cfg)
+    ref = dpo.Reference(s, cfg)
+    batch = s.batch(s.train[:6])
+    good = batch["desirable"]
+    assert 0 < int(good.sum()) < 6
+    pol = dpo.sequence_scores(s.model, batch)[0]
+    ref_rows = ref.computed(batch)
+    assert torch.equal(pol, ref_rows)  # LoRA's B starts at 0: the policy is the reference
+    loss, stats = dpo.kto_score(s.model, batch, "train", ref, cfg.dpo)
+    w = torch.where(good, 3.0, 0.5)
+    by_hand = L.kto_loss(pol.detach(), ref_rows, good, 0.0, 0.1, 3.0, 0.5)[0]
+    assert float(loss.detach()) / 6 == pytest.approx(float(by_hand), abs=1e-7)
+    assert float(by_hand) == pytest.approx(float((w * 0.5).mean()), abs=1e-7)
+    assert stats["kto_z0"] == 0 and stats["rewards/desirable"] == 0
+    assert _dpo(setup_dirs, tmp_path / "run", f"data.path={feedback}", "dpo.loss=kto", "peft.method=lora",
+                "train.max_steps=1") == 0  # fmt: skip
+    (first,) = trace(tmp_path / "run", "loss")
+    assert first[1] == pytest.approx(0.5, abs=1e-7)
+
+
+def test_kto_resume_is_exact(setup_dirs, feedback, tmp_path, monkeypatch):
+    kto = [f"data.path={feedback}", "dpo.loss=kto", "peft.method=lora"]
+    assert _dpo(setup_dirs, tmp_path / "a", *kto) == 0
+    stop_after_step(monkeypatch, 3)
+    assert _dpo(setup_dirs, tmp_path / "b", *kto) == 130
+    monkeypatch.undo()
+    assert _dpo(setup_dirs, tmp_path / "b", *kto, "resume=true") == 0
+    assert trace(tmp_path / "b", "loss") == trace(tmp_path / "a", "loss")
+
+
+def test_kto_refuses_precompute_and_bad_labels(setup_dirs, feedback, tmp_path, capsys):
+    code = _dpo(setup_dirs, tmp_path / "o", f"data.path={feedback}", "dpo.loss=kto", "ref.precompute=true")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "ref.precompute does not apply to dpo.loss=kto" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(feedback.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "q", "completion": "a",
+                   "label": "good"}) + "\n")  # fmt: skip
+    code = _dpo(setup_dirs, tmp_path / "o", f"data.path={bad}", "dpo.loss=kto")
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl:2: 'label' must be true or false (or 1 / 0), got 'good'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_kto_trains_on_preference_pairs_split_into_rows(setup_dirs, tmp_path):
+    assert _dpo(setup_dirs, tmp_path, "dpo.loss=kto", "peft.method=none", "train.max_steps=2") == 0
+    assert read_metrics(tmp_path)[0]["rows"] == 72  # 40 pairs: 80 rows, 8 held out

@@ -5,7 +5,9 @@ Records (JSONL, or a JSON array):
   assistant replies, or whole conversations that share the prompt);
 - HH-RLHF style {"chosen", "rejected"}: two whole dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...") that share a
   prefix; the prompt is split off at the last "Assistant:" turn they have in common;
-- prompts only, {"prompt"}: string or message list.
+- prompts only, {"prompt"}: string or message list;
+- unpaired feedback (KTO), {"prompt", "completion", "label"}: the label true / false (or 1 / 0); preference pairs
+  are read as two such rows (chosen: true, rejected: false).
 Every record becomes a conversation (a list of messages) for the prompt and a reply string per side.
 """
 
@@ -22,6 +24,7 @@ from llmstages.data.chat import (
     Example,
     Message,
     chat_messages,
+    fit_example,
     padded_batch,
     prompt_ids,
     right_pad,
@@ -198,6 +201,62 @@ def read_prompt_rows(
     return out
 
 
+@dataclass(frozen=True)
+class Feedback:
+    """One unpaired judgement (KTO): a completion of a prompt, desirable or not."""
+
+    prompt: tuple[Message, ...]
+    completion: str
+    desirable: bool
+    where: str = ""
+
+
+def _label(value: object, where: str) -> bool:
+    """A feedback label: a bool, 1 / 0, or their text (CSV cells are text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise UserError(f"{where}: 'label' must be true or false (or 1 / 0), got {value!r}")
+
+
+def to_feedback(record: object, where: str) -> list[Feedback]:
+    """The feedback rows of one record: a {"prompt", "completion", "label"} row, or the two rows of a preference
+    pair (chosen desirable, rejected not)."""
+    if isinstance(record, dict) and "label" not in record and ("chosen" in record or "rejected" in record):
+        pair = to_pair(record, where)
+        return [Feedback(pair.prompt, pair.chosen, True, where), Feedback(pair.prompt, pair.rejected, False, where)]
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("prompt", "completion", "label"):
+        if key not in record:
+            raise UserError(f"{where}: feedback record has no '{key}' (or give a chosen/rejected pair)")
+    prompt = _messages(record["prompt"], where, "prompt")
+    completion = _reply(record["completion"], prompt, where, "completion")
+    if not completion.strip():
+        raise UserError(f"{where}: empty completion")
+    return [Feedback(tuple(prompt), completion, _label(record["label"], where), where)]
+
+
+def read_feedback(paths: Sequence[str | Path], columns: Mapping[str, str] | None = None) -> list[Feedback]:
+    """The feedback rows of the files, `columns` applied first; pairs give two rows each."""
+    rows = [row for where, record in iter_records(list_files(paths), columns) for row in to_feedback(record, where)]
+    if not rows:
+        raise UserError(f"no feedback records in {', '.join(map(str, paths))}")
+    return rows
+
+
+def unpaired(pairs: Sequence[PreferencePair]) -> list[Feedback]:
+    """Pairs as feedback rows: chosen desirable, rejected not."""
+    return [
+        Feedback(p.prompt, reply, good, p.where)
+        for p in pairs
+        for reply, good in ((p.chosen, True), (p.rejected, False))
+    ]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenized pairs (reward model, DPO)
 
@@ -275,14 +334,67 @@ def pair_batch(pairs: list[Pair], pad_id: int, whole: bool = False) -> dict[str,
     return batch
 
 
-def split_pairs(
-    data, seed: int, pairs: list[PreferencePair] | None = None
-) -> tuple[list[PreferencePair], list[PreferencePair]]:
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenized feedback rows (KTO)
+
+
+@dataclass
+class Row:
+    example: Example
+    """prompt + completion + EOS, fitted to the window, labels only on the completion."""
+    desirable: bool
+    index: int
+
+
+def tokenize_feedback(
+    rows: Sequence[Feedback], tok: Tokenizer, limit: int, limit_name: str, max_dropped: float = 1.0
+) -> tuple[list[Row], Tally]:
+    """The rows tokenized and fitted to `limit` tokens (chat.fit_example: the prompt cut from the left, the
+    completion from the right), numbered 0.. in order; (rows kept, counts). Refused as `tokenize_pairs` is."""
+    out, tally = [], Tally("row", limit_name)
+    for row in rows:
+        n_prompt = len(prompt_ids(list(row.prompt), tok))
+        ex = tokenize_conversation(
+            [*row.prompt, {"role": "assistant", "content": row.completion}], tok, where=row.where
+        )
+        ex = Example(ex.input_ids, [IGNORE_INDEX] * n_prompt + ex.labels[n_prompt:], row.where)
+        fitted = fit_example(ex, limit)
+        why = None if fitted else f"no completion token is left of a row of {len(ex.input_ids)} tokens"
+        tally.count(len(ex.input_ids) > limit, row.where, why)
+        if fitted is not None:
+            out.append(Row(fitted, row.desirable, len(out)))
+    tally.check(max_dropped)
+    return out, tally
+
+
+def mismatched(prompt_of: Example, completion_of: Example, limit: int) -> Example:
+    """`prompt_of`'s prompt followed by `completion_of`'s completion, fitted to `limit` tokens: a row of KTO's
+    reference point, which scores completions under prompts they do not answer."""
+    cut = next(i for i, label in enumerate(completion_of.labels) if label != IGNORE_INDEX)
+    first = next(i for i, label in enumerate(prompt_of.labels) if label != IGNORE_INDEX)
+    ids = prompt_of.input_ids[:first] + completion_of.input_ids[cut:]
+    ex = Example(ids, [IGNORE_INDEX] * first + completion_of.labels[cut:], prompt_of.where)
+    return fit_example(ex, limit) or ex
+
+
+def feedback_batch(rows: list[Row], pad_id: int, limit: int) -> dict[str, torch.Tensor]:
+    """The rows (input_ids, targets, mask as chat.padded_batch), then under kl_* the same prompts each with the
+    previous row's completion (row i with completion i - 1, the last one's going to the first: TRL's KTOTrainer
+    shift), `desirable` and `index`."""
+    batch = padded_batch([r.example for r in rows], pad_id)
+    shifted = [mismatched(r.example, rows[i - 1].example, limit) for i, r in enumerate(rows)]
+    batch |= {f"kl_{k}": v for k, v in padded_batch(shifted, pad_id).items()}
+    batch["desirable"] = torch.tensor([r.desirable for r in rows])
+    batch["index"] = torch.tensor([r.index for r in rows])
+    return batch
+
+
+def split_pairs(data, seed: int, pairs: list | None = None, read=read_preferences) -> tuple[list, list]:
     """(train, validation) pairs from `data` (a PreferenceDataArgs), or from `pairs` when given: val_path when
-    set, else a seeded share of them."""
-    pairs = read_preferences(data.path, data.columns) if pairs is None else pairs
+    set, else a seeded share of them. `read` reads the files (read_feedback: KTO's rows)."""
+    pairs = read(data.path, data.columns) if pairs is None else pairs
     if data.val_path:
-        return pairs, read_preferences(data.val_path, data.columns)
+        return pairs, read(data.val_path, data.columns)
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     n_val = int(len(pairs) * data.val_fraction)
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]

@@ -1,4 +1,5 @@
-"""Stage 3a, direct preference optimisation: DPO and its relatives on (prompt, chosen, rejected) pairs.
+"""Stage 3a, direct preference optimisation: DPO and its relatives on (prompt, chosen, rejected) pairs, and KTO
+on unpaired (prompt, completion, desirable or not) rows.
 
     llmstages dpo --config configs/dpo/lora.yaml [dpo.loss=ipo dpo.beta=0.5 ref.precompute=true ...]
 
@@ -7,6 +8,8 @@ setup: load the policy, tokenize the pairs (only the final reply is scored: prom
 main:  the reference is the policy with its adapters disabled (LoRA/adapters: no second copy), a frozen copy
        (full fine-tuning), or log-probs computed once up front (ref.precompute=true). Chosen and rejected go
        through the model in one concatenated forward; the loss comes from losses.py, picked by name.
+       KTO (dpo.loss=kto) scores single rows instead, and its reference point z0 from the same prompts each with
+       another row's completion (no gradient), as TRL's KTOTrainer does.
 """
 
 from __future__ import annotations
@@ -21,7 +24,18 @@ import torch
 from llmstages import losses as L
 from llmstages.config import DPOArgs, DPOConfig
 from llmstages.data.lengths import Tally, train_window
-from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pairs
+from llmstages.data.preference import (
+    Pair,
+    Row,
+    feedback_batch,
+    pair_batch,
+    read_feedback,
+    read_preferences,
+    split_pairs,
+    tokenize_feedback,
+    tokenize_pairs,
+    unpaired,
+)
 from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
@@ -32,7 +46,7 @@ from llmstages.train.loop import EpochSampler, Loop, compile_blocks, prepare_run
 from llmstages.train.rollout import policy_logprobs
 
 REFERENCE_FREE = ("simpo", "orpo")
-LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo")
+LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
 
 
 @dataclass
@@ -41,12 +55,25 @@ class Setup:
     device: torch.device
     model: GPT
     tokenizer: Tokenizer
-    train: list[Pair]
-    val: list[Pair]
+    train: list[Pair] | list[Row]
+    val: list[Pair] | list[Row]
+    """Pairs, or KTO's feedback rows."""
     uses_adapters: bool
     """The policy trains adapters: the reference is the policy with them disabled (no second copy)."""
     fit: Tally
     """Pairs cut or dropped to fit the window (data/lengths.py), training and held-out together."""
+    kto: bool
+    limit: int
+    """Tokens a row may hold (KTO's mismatched rows are fitted to it too)."""
+
+    @property
+    def unit(self) -> str:
+        return "rows" if self.kto else "pairs"
+
+    def batch(self, items: list) -> dict[str, torch.Tensor]:
+        """A batch of pairs (pair_batch) or of KTO rows (feedback_batch), on the device."""
+        pad = self.tokenizer.pad_id
+        return to_device(feedback_batch(items, pad, self.limit) if self.kto else pair_batch(items, pad), self.device)
 
 
 def setup(cfg: DPOConfig) -> Setup:
@@ -57,19 +84,28 @@ def setup(cfg: DPOConfig) -> Setup:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
     if cfg.dpo.loss not in LOSSES:
         raise UserError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{cfg.dpo.loss}'")
+    kto = cfg.dpo.loss == "kto"
+    if kto and cfg.ref.precompute:
+        raise UserError(
+            "ref.precompute does not apply to dpo.loss=kto: its reference point scores each prompt with another "
+            "row's completion of the same batch, which changes from step to step; leave it false"
+        )
     torch.manual_seed(cfg.seed)
     model, tok = load_model_and_tokenizer(cfg.model.path)
     builtin = None
     if not cfg.data.path:
         builtin = builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)
-    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin)
+    read, tokenize = (read_feedback, tokenize_feedback) if kto else (read_preferences, tokenize_pairs)
+    if kto and builtin is not None:
+        builtin = unpaired(builtin)  # chosen desirable, rejected not
+    train_pairs, val_pairs = split_pairs(cfg.data, cfg.seed, builtin, read)
     if not train_pairs:
-        raise UserError("no preference pair left for training")
+        raise UserError(f"no {'feedback row' if kto else 'preference pair'} left for training")
     limit, name = train_window(cfg.train.seq_len, model.config.block_size, shifted=True)
-    train, fit = tokenize_pairs(train_pairs, tok, limit, name, cfg.data.max_dropped)  # too long: cut or dropped
-    val, val_fit = tokenize_pairs(val_pairs, tok, limit, name, cfg.data.max_dropped)
+    train, fit = tokenize(train_pairs, tok, limit, name, cfg.data.max_dropped)  # too long: cut or dropped
+    val, val_fit = tokenize(val_pairs, tok, limit, name, cfg.data.max_dropped)
     uses_adapters = prepare_policy(model, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged
-    return Setup(Path(cfg.out_dir), device, model, tok, train, val, uses_adapters, fit + val_fit)
+    return Setup(Path(cfg.out_dir), device, model, tok, train, val, uses_adapters, fit + val_fit, kto, limit)
 
 
 def sequence_scores(model: GPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +128,7 @@ class Reference:
             for split, pairs in (("train", s.train), ("val", s.val)):
                 self.table[split] = torch.zeros(len(pairs), 2)
                 for i in range(0, len(pairs), cfg.train.batch_size):
-                    b = to_device(pair_batch(pairs[i : i + cfg.train.batch_size], s.tokenizer.pad_id), s.device)
+                    b = s.batch(pairs[i : i + cfg.train.batch_size])
                     self.table[split][b["index"].cpu()] = self.computed(b).view(2, -1).t().cpu()
             self.frozen = None  # the copy is no longer needed
         if self.frozen is not None:  # read only under the loop's autocast: held in its dtype
@@ -178,23 +214,43 @@ def score(m: GPT, batch: dict[str, torch.Tensor], split: str, ref: Reference, d:
     return loss * n, stats
 
 
+def kto_score(m: GPT, batch: dict[str, torch.Tensor], split: str, ref: Reference, d: DPOArgs):
+    """(loss x rows, stats) of one batch of feedback rows: losses.kto_loss, its reference point z0 from the same
+    prompts each with another row's completion (the batch's kl_* rows), scored without gradient."""
+    n, good = batch["index"].numel(), batch["desirable"]
+    pol = sequence_scores(m, batch)[0]
+    mismatched = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+    with torch.no_grad():
+        z0 = L.kto_reference_point(sequence_scores(m, mismatched)[0], ref.computed(mismatched))
+    w_d, w_u = d.kto_desirable_weight, d.kto_undesirable_weight
+    loss, rewards = L.kto_loss(pol, ref.computed(batch), good, z0, d.beta, w_d, w_u)
+    # z0 estimates KL(policy || reference) from the dataset's completions, not the policy's samples: named as such
+    stats = {"kto_z0": float(z0)}
+    for name, rows in (("desirable", good), ("undesirable", ~good)):
+        if rows.any():  # a batch without such a row leaves the key out
+            stats[f"rewards/{name}"] = float(rewards[rows].mean())
+    return loss * n, stats
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 def evaluate(m: GPT, s: Setup, ref: Reference, cfg: DPOConfig) -> dict[str, float]:
-    """Loss and the pair statistics over the validation pairs, weighted by pairs."""
+    """Loss and the statistics over the validation pairs (or rows), weighted by the pairs (rows) that gave them."""
     if not s.val:
         return {}
     totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     loss_sum = 0.0
     for i in range(0, len(s.val), cfg.train.batch_size):
         chunk = s.val[i : i + cfg.train.batch_size]
-        loss, stats = score(m, to_device(pair_batch(chunk, s.tokenizer.pad_id), s.device), "val", ref, cfg.dpo)
+        loss, stats = (kto_score if s.kto else score)(m, s.batch(chunk), "val", ref, cfg.dpo)
         loss_sum += float(loss)
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
-    return {"val_loss": loss_sum / len(s.val), **{f"val_{k}": v / len(s.val) for k, v in totals.items()}}
+            counts[k] = counts.get(k, 0) + len(chunk)
+    return {"val_loss": loss_sum / len(s.val), **{f"val_{k}": v / counts[k] for k, v in totals.items()}}
 
 
 def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
@@ -205,10 +261,9 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [
-            to_device(pair_batch([s.train[i] for i in sampler(step, m)], s.tokenizer.pad_id), s.device)
-            for m in range(cfg.train.grad_accum)
-        ]
+        return [s.batch([s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
+
+    loss_fn = kto_score if s.kto else score
 
     loop = Loop(
         model=s.model,
@@ -216,7 +271,7 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
         run_dir=s.out,
         next_batches=next_batches,
         device=s.device,
-        loss_fn=lambda m, b: score(m, b, "train", ref, cfg.dpo),
+        loss_fn=lambda m, b: loss_fn(m, b, "train", ref, cfg.dpo),
         count_fn=lambda b: int(b["index"].numel()),
         evaluate=lambda m: evaluate(m, s, ref, cfg),
         monitor=cfg.monitor,
@@ -226,11 +281,11 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
-            f"dpo: {len(s.train)} pairs ({len(s.val)} held out; {s.fit.summary()}), loss {cfg.dpo.loss}, "
+            f"dpo: {len(s.train)} {s.unit} ({len(s.val)} held out; {s.fit.summary()}), loss {cfg.dpo.loss}, "
             f"beta {cfg.dpo.beta}, "
             f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable"
         )
-    start = {"pairs": len(s.train), **s.fit.metrics()}
+    start = {s.unit: len(s.train), **s.fit.metrics()}
     state = loop.run_logged(resumed, lambda: {**start, **evaluate(s.model, s, ref, cfg)}, progress)
     final = loop.final_model()  # rank 0: the whole model, gathered from its shards
     if final is not None:
