@@ -43,9 +43,11 @@ from llmstages.train.rollout import (
     PolicySetup,
     evaluate_policy,
     load_policy,
+    pack_rollout,
     policy_logprobs,
     reference_logprobs,
     reply_rows,
+    unpack_rollout,
 )
 
 
@@ -177,18 +179,13 @@ class Rollouts:
         """The rollout, when the checkpoint falls in its middle (the loop's `on_save`); nothing at a boundary."""
         if self.it < 0 or state.step % self.g.iterations == 0:
             return {}
-        saved = {f"rollout.{k}": self.batch[k] for k in ROLLOUT_KEYS}
-        # float64: the statistics are logged again after a resume, and must read as the uninterrupted run's do
-        saved.update({f"rollout_stats.{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.stats.items()})
-        return {"rollout_it": torch.tensor([self.it]), **saved}
+        return pack_rollout(self.it, self.batch, self.stats, ROLLOUT_KEYS)
 
     def restore(self, extra: dict[str, torch.Tensor]) -> None:
         """Take back the rollout a checkpoint holds (nothing when it holds none)."""
-        if "rollout_it" not in extra:
-            return
-        self.it = int(extra["rollout_it"])
-        self.batch = {k: extra[f"rollout.{k}"].to(self.s.device) for k in ROLLOUT_KEYS}
-        self.stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
+        rollout = unpack_rollout(extra, ROLLOUT_KEYS, self.s.device)
+        if rollout is not None:
+            self.it, self.batch, self.stats = rollout
 
 
 def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:

@@ -37,7 +37,15 @@ from llmstages.peft import merge_lora, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
 from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
-from llmstages.train.rollout import PolicySetup, evaluate_policy, load_policy, reference_logprobs, reply_rows
+from llmstages.train.rollout import (
+    PolicySetup,
+    evaluate_policy,
+    load_policy,
+    pack_rollout,
+    reference_logprobs,
+    reply_rows,
+    unpack_rollout,
+)
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -198,18 +206,13 @@ class Rollouts:
         """The rollout in progress as checkpoint tensors (the loop's `on_save`)."""
         if self.it < 0:
             return {}
-        saved = {f"rollout.{k}": self.batch[k] for k in ROLLOUT_KEYS}
-        # float64: the statistics are logged again after a resume, and must read as the uninterrupted run's do
-        saved.update({f"rollout_stats.{k}": torch.tensor([v], dtype=torch.float64) for k, v in self.stats.items()})
-        return {"rollout_it": torch.tensor([self.it]), **saved}
+        return pack_rollout(self.it, self.batch, self.stats, ROLLOUT_KEYS)
 
     def restore(self, extra: dict[str, torch.Tensor]) -> None:
         """Take back the rollout a checkpoint holds (nothing when it holds none)."""
-        if "rollout_it" not in extra:
-            return
-        self.it = int(extra["rollout_it"])
-        self.batch = {k: extra[f"rollout.{k}"].to(self.s.device) for k in ROLLOUT_KEYS}
-        self.stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
+        rollout = unpack_rollout(extra, ROLLOUT_KEYS, self.s.device)
+        if rollout is not None:
+            self.it, self.batch, self.stats = rollout
 
 
 def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[str, float]]:

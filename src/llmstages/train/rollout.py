@@ -314,3 +314,21 @@ def reference_logprobs(s: PolicySetup, batch: dict[str, torch.Tensor], temperatu
         return policy_logprobs(s.reference, batch, temperature)
     with disable_adapters(s.model):
         return policy_logprobs(s.model, batch, temperature)
+
+
+def pack_rollout(it: int, batch: dict[str, torch.Tensor], stats: dict[str, float], keys: Sequence[str]) -> dict:
+    """A rollout in progress as checkpoint tensors (PPO's and GRPO's `on_save`): the update it is at, the batch's
+    `keys` and its statistics, in float64: they are logged again after a resume and must read as the uninterrupted
+    run's do."""
+    saved = {f"rollout.{k}": batch[k] for k in keys}
+    saved.update({f"rollout_stats.{k}": torch.tensor([v], dtype=torch.float64) for k, v in stats.items()})
+    return {"rollout_it": torch.tensor([it]), **saved}
+
+
+def unpack_rollout(extra: dict[str, torch.Tensor], keys: Sequence[str], device) -> tuple[int, dict, dict] | None:
+    """(update, batch, statistics) of the rollout a checkpoint holds (pack_rollout), or None when it holds none."""
+    if "rollout_it" not in extra:
+        return None
+    batch = {k: extra[f"rollout.{k}"].to(device) for k in keys}
+    stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
+    return int(extra["rollout_it"]), batch, stats
