@@ -51,12 +51,18 @@ def is_run_dir(path: Path) -> bool:
     return (path / RUN_MARK).is_file() or ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file())
 
 
+def _run_mark(path: Path) -> dict:
+    """The run folder's `run.json` ({} when it is missing or does not read as a JSON object)."""
+    try:
+        mark = json.loads((path / RUN_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
 def run_stage(path: Path) -> str | None:
     """The stage that made the run folder `path` (None for a folder from before the mark)."""
-    try:
-        return json.loads((path / RUN_MARK).read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _run_mark(path).get("stage")
 
 
 def is_model_dir(path: Path) -> bool:
@@ -121,10 +127,7 @@ def start_run_dir(out: Path, stage: str, overwrite: bool, base: dict | None = No
 
 def run_base(path: Path) -> dict | None:
     """The model the run in `path` started from, as its `run.json` records it ({"path", "sha256"}), or None."""
-    try:
-        base = json.loads((path / RUN_MARK).read_text()).get("base")
-    except (OSError, ValueError, AttributeError):
-        return None
+    base = _run_mark(path).get("base")
     return base if isinstance(base, dict) and isinstance(base.get("sha256"), str) else None
 
 
