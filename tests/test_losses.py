@@ -36,6 +36,15 @@ def test_dpo_family_closed_forms():
     assert math.isclose(L.ipo_loss(same, same, same, same, beta=0.5)[0], 1.0)
     loss, _, _ = L.ipo_loss(t(-4.0), t(-8.0), t(-6.0), t(-6.0), beta=0.25, len_w=t(2.0), len_l=t(4.0))
     assert math.isclose(loss, (1.5 - 2.0) ** 2)  # h = (-2 - -3) - (-2 - -1.5) = 1.5; 1/(2 beta) = 2
+    # hinge (SLiC-HF): h = 2 and h = -2 (rejected and chosen swapped); beta 0.25: relu(1 - 0.5) and relu(1 + 0.5)
+    pw, pl = t(-1.0, -3.0), t(-3.0, -1.0)
+    loss, rw, rl = L.hinge_loss(pw, pl, t(-2.0, -2.0), t(-2.0, -2.0), beta=0.25)
+    assert math.isclose(loss, (0.5 + 1.5) / 2) and torch.equal(rw, t(0.25, -0.25)) and torch.equal(rl, t(-0.25, 0.25))
+    # past the margin (beta h = 1.5 > 1) a pair adds neither loss nor gradient
+    pw.requires_grad_()
+    loss, _, _ = L.hinge_loss(pw, pl, t(-2.0, -2.0), t(-2.0, -2.0), beta=0.75)
+    loss.backward()
+    assert math.isclose(loss, (0 + 2.5) / 2) and torch.equal(pw.grad, t(0.0, -0.375))  # d/dpi_w: -beta / 2 pairs
     # SimPO, equal per-token log-probs: -log sigmoid(-gamma) = log(1 + e^gamma)
     loss, _, _ = L.simpo_loss(t(-6.0), t(-3.0), t(4.0), t(2.0), beta=2.0, gamma=0.5)
     assert math.isclose(loss, math.log1p(math.exp(0.5)))

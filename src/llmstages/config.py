@@ -253,8 +253,8 @@ class PreferenceDataArgs:
 @dataclass
 class DPOArgs:
     loss: str = "dpo"
-    """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, simpo (reference-free), orpo (reference-free) or kto
-    (unpaired {"prompt","completion","label"} rows; pairs are read as two rows)."""
+    """dpo (sigmoid), cdpo (dpo with label_smoothing), ipo, hinge (SLiC-HF's, margin 1/beta), simpo (reference-free),
+    orpo (reference-free) or kto (unpaired {"prompt","completion","label"} rows; pairs are read as two rows)."""
     beta: float = 0.1
     label_smoothing: float = 0.1
     """cDPO only: the assumed probability that a label is flipped; pairs that carry a `probability` (soft labels,
@@ -625,7 +625,7 @@ RANGES: dict[type, dict[str, Rule]] = {
         "arithmetic_words": "[0, 1]",
     },
     DPOArgs: {
-        "loss": ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto"),
+        "loss": ("dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto"),
         "beta": "> 0",
         "label_smoothing": "[0, 0.5)",
         "simpo_gamma": ">= 0",

@@ -180,6 +180,17 @@ def ipo_loss(pol_w, pol_l, ref_w, ref_l, beta: float = 0.1, len_w=None, len_l=No
     return ((h - 1 / (2 * beta)) ** 2).mean(), (beta * (pol_w - ref_w)).detach(), (beta * (pol_l - ref_l)).detach()
 
 
+def hinge_loss(pol_w, pol_l, ref_w, ref_l, beta: float = 0.1):
+    """Hinge on the DPO log-ratio difference h = (pi_w - ref_w) - (pi_l - ref_l): max(0, 1 - beta * h), mean over
+    pairs. SLiC-HF's calibration loss (Zhao et al. 2023), max(0, delta - log pi(y_w)/pi(y_l)), with the reference
+    subtracted as in DPO and margin delta = 1 / beta (TRL's loss_type="hinge"). A pair whose h already exceeds
+    1 / beta adds nothing and no gradient. Returns (loss, chosen rewards, rejected rewards), the rewards being
+    beta * (pi - ref) per pair (detached), as dpo_loss."""
+    h = (pol_w - ref_w) - (pol_l - ref_l)
+    loss = torch.relu(1 - beta * h)
+    return loss.mean(), (beta * (pol_w - ref_w)).detach(), (beta * (pol_l - ref_l)).detach()
+
+
 def simpo_loss(pol_w, pol_l, len_w, len_l, beta: float = 2.0, gamma: float = 0.5):
     """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) -
     gamma). Returns (loss, chosen rewards, rejected rewards) with rewards beta * mean token log-prob."""

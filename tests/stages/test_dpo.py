@@ -52,10 +52,11 @@ def _dpo(root, out, *extra):
         ["peft.method=lora", "ref.precompute=true"],
         ["dpo.loss=ipo", "peft.method=lora"],
         ["dpo.loss=cdpo", "peft.method=lora"],
+        ["dpo.loss=hinge", "peft.method=lora"],
         ["dpo.loss=simpo", "peft.method=lora", "dpo.beta=2"],
         ["dpo.loss=orpo", "peft.method=lora"],
     ],
-    ids=["lora", "full", "precompute", "ipo", "cdpo", "simpo", "orpo"],
+    ids=["lora", "full", "precompute", "ipo", "cdpo", "hinge", "simpo", "orpo"],
 )
 def test_losses_run_and_learn_the_preference(setup_dirs, tmp_path, extra):
     assert _dpo(setup_dirs, tmp_path, *extra) == 0
@@ -64,6 +65,8 @@ def test_losses_run_and_learn_the_preference(setup_dirs, tmp_path, extra):
     if "dpo.loss=" not in " ".join(extra) or "dpo.loss=cdpo" in extra:
         assert math.isclose(start["val_loss"], math.log(2), rel_tol=1e-4)  # policy == reference at step 0
         assert abs(start["val_margin"]) < 1e-5
+    if "dpo.loss=hinge" in extra:
+        assert math.isclose(start["val_loss"], 1.0, rel_tol=1e-4)  # relu(1 - beta * 0) at step 0
     assert end["val_margin"] > start["val_margin"]  # the chosen replies gained on the rejected ones
     assert (tmp_path / "final/model.safetensors").is_file()
 

@@ -47,9 +47,7 @@ STAGES = {
         Stage(
             "reward", C.RewardConfig, "reward", "main", "stage 3: a reward model on preference pairs (Bradley-Terry)"
         ),
-        Stage(
-            "dpo", C.DPOConfig, "dpo", "main", "stage 3: direct preference optimisation (dpo, cdpo, ipo, simpo, orpo)"
-        ),
+        Stage("dpo", C.DPOConfig, "dpo", "main", "stage 3: DPO family (dpo, cdpo, ipo, hinge, simpo, orpo, kto)"),
         Stage("ppo", C.PPOConfig, "ppo", "main", "stage 3: PPO with a critic, a KL penalty to the reference and GAE"),
         Stage("grpo", C.GRPOConfig, "grpo", "main", "stage 3: GRPO, group-relative policy optimisation"),
         Stage("cai", C.CAIConfig, "constitutional", "main_run", "stage 3: Constitutional AI: revise, SFT, label, DPO"),

@@ -46,7 +46,7 @@ from llmstages.train.loop import EpochSampler, Loop, compile_blocks, prepare_run
 from llmstages.train.rollout import policy_logprobs
 
 REFERENCE_FREE = ("simpo", "orpo")
-LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto")
+LOSSES = ("dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto")
 
 
 @dataclass
@@ -184,6 +184,8 @@ def pair_loss(
         return L.dpo_loss(pw, pl, rw, rl, d.beta, eps)
     if d.loss == "ipo":
         return L.ipo_loss(pw, pl, rw, rl, d.beta, lw, ll)
+    if d.loss == "hinge":
+        return L.hinge_loss(pw, pl, rw, rl, d.beta)
     if d.loss == "simpo":
         return L.simpo_loss(pw, pl, lw, ll, d.beta, d.simpo_gamma)
     return L.orpo_loss(pw, pl, lw, ll, -pw / lw, d.orpo_lambda)
