@@ -190,7 +190,7 @@ def test_ppo_resumed_in_the_middle_of_a_rollout_logs_what_the_uninterrupted_run_
     assert ppo(tmp_path / "b") == 130
     monkeypatch.undo()
     assert ppo(tmp_path / "b", "resume=true") == 0
-    timing = {"tokens_per_s", "rollout_tokens_per_s", "mfu"}
+    timing = {"tokens_per_s", "rollout_tokens_per_s", "rollout_s", "mfu"}
 
     def figures(run: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run) if "loss" in r]

@@ -60,7 +60,7 @@ def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
         raise UserError(
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
-    s = load_policy(cfg, device)
+    s = load_policy(cfg, device, reference=cfg.grpo.kl_beta != 0)
     context, key = s.model.config.block_size, "grpo.max_new_tokens"
     s.prompts, cut = fit_prompts(s.prompts, cfg.grpo.max_new_tokens, context, key)
     s.eval_ids, eval_cut = fit_prompts(s.eval_ids, cfg.grpo.max_new_tokens, context, key)
@@ -116,8 +116,9 @@ class Rollouts:
         return prompts, replies, ended, torch.tensor(total, dtype=torch.float32), each
 
     def sample(self, it: int) -> None:
-        """Rollout `it`: group_size replies to each of its prompts, scored, with advantages and the old and
-        reference log-probs. Seeded by (seed, it, rank): a resumed run samples the same.
+        """Rollout `it`: group_size replies to each of its prompts, scored, with advantages, the old log-probs
+        (grpo.iterations > 1) and the reference log-probs (kl_beta != 0). Seeded by (seed, it, rank): a resumed
+        run samples the same.
 
         With grpo.dynamic_sampling, groups whose rewards all equal (no signal: every advantage is 0) are dropped
         and further rounds of prompts_per_step prompts are drawn with the same generator until prompts_per_step
@@ -151,9 +152,13 @@ class Rollouts:
             prompts, replies, ended, rewards, each = rounds[0]
         batch = reply_rows(prompts, replies, s.tokenizer.pad_id, s.device)
         batch["adv"] = L.advantages(rewards, G, g.advantage, scale=g.scale_advantages).to(s.device)
+        # One update per rollout: the sampling policy is the policy being trained, so its log-probs are the
+        # loss's own, detached (grpo_step_loss), and no forward pass is spent on them; no KL term, no reference.
         with torch.no_grad(), autocast(s.device, self.cfg.train.precision):
-            batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
-            batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
+            if g.iterations > 1:
+                batch["old_logp"] = policy_logprobs(s.model, batch, g.temperature)
+            if g.kl_beta != 0:
+                batch["ref_logp"] = reference_logprobs(s, batch, g.temperature)
         s.model.train()
         groups = rewards.view(-1, G)
         n_sampled = sum(len(x) for rnd in rounds for x in rnd[1])
@@ -164,6 +169,7 @@ class Rollouts:
             "zero_advantage_groups": float((groups.std(-1) == 0).float().mean()),
             "response_length": sum(map(len, replies)) / len(replies),
             "rollout_tokens_per_s": n_sampled / max(self.t_gen, 1e-9),
+            "rollout_s": self.t_gen,
         }
         if g.dynamic_sampling:
             stats["dropped_groups"] = float(dropped)
@@ -179,7 +185,7 @@ class Rollouts:
         """The rollout, when the checkpoint falls in its middle (the loop's `on_save`); nothing at a boundary."""
         if self.it < 0 or state.step % self.g.iterations == 0:
             return {}
-        return pack_rollout(self.it, self.batch, self.stats, ROLLOUT_KEYS)
+        return pack_rollout(self.it, self.batch, self.stats, [k for k in ROLLOUT_KEYS if k in self.batch])
 
     def restore(self, extra: dict[str, torch.Tensor]) -> None:
         """Take back the rollout a checkpoint holds (nothing when it holds none)."""
@@ -189,17 +195,22 @@ class Rollouts:
 
 
 def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy loss of one rollout in its sum form; the loop divides by the step's policy_loss_normalizer."""
+    """The policy loss of one rollout in its sum form; the loop divides by the step's policy_loss_normalizer.
+    A rollout without old log-probs (grpo.iterations 1) takes the policy's own, detached: the ratio is exactly 1
+    and its gradient that of log pi; one without reference log-probs (kl_beta 0) has no KL term."""
     tmask = (batch["targets"] != L.IGNORE_INDEX).float()
     logp = policy_logprobs(m, batch, g.temperature)
+    old = batch["old_logp"] if "old_logp" in batch else logp.detach()
+    ref = batch.get("ref_logp")
     if g.loss_type == "dapo" and g.clip_high is None:  # grpo_loss is this case term for term, in the order of
         # operations every earlier run (and the demo's measured targets) used
         loss, kl, clip_frac = L.grpo_loss(
-            logp, batch["old_logp"], batch["ref_logp"], batch["adv"], tmask, g.clip, g.kl_beta
+            logp, old, logp.detach() if ref is None else ref, batch["adv"], tmask, g.clip, g.kl_beta
         )
-        return loss, {**batch["stats"], "kl_k3": float(kl), "clip_fraction": float(clip_frac)}
-    loss, stats = L.policy_loss(logp, batch["old_logp"], batch["adv"], tmask, g.loss_type, g.clip, g.clip_high,
-                                ref_logp=batch["ref_logp"], beta=g.kl_beta, max_length=g.max_new_tokens,
+        kl_stat = {} if ref is None else {"kl_k3": float(kl)}
+        return loss, {**batch["stats"], **kl_stat, "clip_fraction": float(clip_frac)}
+    loss, stats = L.policy_loss(logp, old, batch["adv"], tmask, g.loss_type, g.clip, g.clip_high,
+                                ref_logp=ref, beta=g.kl_beta, max_length=g.max_new_tokens,
                                 reduction="sum")  # fmt: skip
     if "kl" in stats:
         stats["kl_k3"] = stats.pop("kl")

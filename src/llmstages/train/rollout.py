@@ -253,7 +253,8 @@ class PolicySetup:
     """The policy, PEFT applied (a LoRA it carried merged first)."""
     tokenizer: Tokenizer
     reference: GPT | None
-    """A frozen copy of the initial policy; None: the policy with its adapters disabled."""
+    """A frozen copy of the initial policy; None: the policy with its adapters disabled (or no reference, when
+    the stage needs none: load_policy(reference=False))."""
     reward_of: Reward
     prompts: list[list[int]]
     texts: list[str]
@@ -268,9 +269,10 @@ class PolicySetup:
         return {k: [v[i] for i in idx] for k, v in self.columns.items()}
 
 
-def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
-    """The policy of an RL stage config (model, peft, reward, data, seed, world_seed) on `device`, its reference,
-    its reward (called once on a sample) and its training and evaluation prompts."""
+def load_policy(cfg: Any, device: torch.device, reference: bool = True) -> PolicySetup:
+    """The policy of an RL stage config (model, peft, reward, data, seed, world_seed) on `device`, its reference
+    (`reference` False: none, not even a frozen copy), its reward (called once on a sample) and its training and
+    evaluation prompts."""
     if not cfg.model.path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
     r = cfg.reward
@@ -287,7 +289,7 @@ def load_policy(cfg: Any, device: torch.device) -> PolicySetup:
     reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed, sample=first)
     by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())
     model = model.to(device)
-    frozen = None if by_disabling else copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = None if by_disabling or not reference else copy.deepcopy(model).eval().requires_grad_(False)
     if frozen is not None:  # read only under autocast (the rollouts, the loop): held in its dtype
         hold_frozen(frozen, cfg.train.precision)
         if cfg.train.compile:
@@ -326,9 +328,10 @@ def pack_rollout(it: int, batch: dict[str, torch.Tensor], stats: dict[str, float
 
 
 def unpack_rollout(extra: dict[str, torch.Tensor], keys: Sequence[str], device) -> tuple[int, dict, dict] | None:
-    """(update, batch, statistics) of the rollout a checkpoint holds (pack_rollout), or None when it holds none."""
+    """(update, batch, statistics) of the rollout a checkpoint holds (pack_rollout), or None when it holds none.
+    The batch has those of `keys` that were packed."""
     if "rollout_it" not in extra:
         return None
-    batch = {k: extra[f"rollout.{k}"].to(device) for k in keys}
+    batch = {k: extra[f"rollout.{k}"].to(device) for k in keys if f"rollout.{k}" in extra}
     stats = {k.split(".", 1)[1]: float(v) for k, v in extra.items() if k.startswith("rollout_stats.")}
     return int(extra["rollout_it"]), batch, stats
