@@ -17,6 +17,7 @@ BENCHMARKS = [
     "scaling.py",
     "finetune_vs_hf.py --compile",
     "demo_sweep.py",  # the full demo over seeds and thread counts: about an hour on 2 cores
+    "rl_real.py",  # GRPO on SmolLM2-135M-Instruct: ours, ours at TRL's samples and TRL, 2 seeds: about 2.5 h
 ]
 
 
