@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from llmstages.errors import UserError
 from llmstages.model import GPT, generate, preset
+
+G = sys.modules["llmstages.model.generate"]  # the module (the package exports the function under its name)
 
 
 @pytest.fixture(scope="module", params=["llama_tiny", "gpt2_tiny"])
@@ -59,6 +63,68 @@ def test_each_row_stops_at_its_eos(model):
         assert int(out.lengths[row]) == n
         assert torch.equal(out.tokens[row, :n], full[:n])
         assert (out.tokens[row, n:] == 0).all() and (out.logprobs[row, n:] == 0).all()
+
+
+def test_shared_prompts_prefill_once_and_sample_as_without_cache(model):
+    """GRPO's groups: each prompt G times. The prefill sees each distinct prompt once, and the replies (sampled
+    with one seeded generator) equal the no-cache reference's, which recomputes every row in full."""
+    distinct = _prompts(3, seed=5)
+    prompts = [p for p in distinct for _ in range(4)] + [distinct[0]]  # also a repeat that is not adjacent
+    rows_seen = []
+    hook = model.tok_emb.register_forward_hook(lambda m, args, out: rows_seen.append(tuple(args[0].shape)))
+    try:
+        a = generate(model, prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    finally:
+        hook.remove()
+    b = generate(model, prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(7), use_cache=False)
+    assert rows_seen[0][0] == 3 and rows_seen[1] == (len(prompts), 1)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert len({tuple(t) for t in a.tokens.tolist()}) > 3  # the rows of one prompt sampled apart
+
+
+def _eos_and_shared_prompts():
+    distinct = _prompts(3, seed=11)
+    return [p for p in distinct for _ in range(2)] + _prompts(2, seed=12)
+
+
+def test_static_cache_engine_equals_the_growing_cache(model, monkeypatch):
+    """The static engine (fixed-size cache written at tensor positions, masks instead of slices), run eager here:
+    the same greedy tokens and log-probs as the growing cache, with left padding, shared prompts and per-row EOS."""
+    monkeypatch.setattr(G, "_compiled_forward", G._static_forward)
+    prompts = _eos_and_shared_prompts()
+    free = generate(model, prompts, 14)
+    eos = int(free.tokens[1, 4])
+    a = generate(model, prompts, 14, eos_id=eos)
+    b = generate(model, prompts, 14, eos_id=eos, compile=True)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    c = generate(model, prompts, 14, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    d = generate(model, prompts, 14, temperature=1.0, generator=torch.Generator().manual_seed(2), compile=True)
+    assert torch.equal(c.tokens, d.tokens)
+    assert torch.allclose(c.logprobs, d.logprobs, atol=1e-5)
+
+
+@pytest.mark.skipif(not G.can_compile(), reason="torch.compile needs a C++ compiler on a CPU")
+def test_compiled_decode_step_equals_eager(model, monkeypatch):
+    """torch.compile's decode step (inductor) gives the eager tokens and log-probs (fp32)."""
+    monkeypatch.setattr(G, "_compiled_forward", None)
+    prompts = _eos_and_shared_prompts()
+    a = generate(model, prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(4))
+    b = generate(model, prompts, 12, temperature=1.0, generator=torch.Generator().manual_seed(4), compile=True)
+    assert G._compiled_forward is not G._static_forward  # it did compile
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_without_a_compiler_the_engine_runs_eager(model, monkeypatch):
+    monkeypatch.setattr(G, "_compiled_forward", None)
+    monkeypatch.setattr(G.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    prompts = _prompts(seed=9)
+    b = generate(model, prompts, 8, compile=True)
+    assert G._compiled_forward is G._static_forward
+    assert torch.equal(b.tokens, generate(model, prompts, 8).tokens)
 
 
 def test_sampling_filters():

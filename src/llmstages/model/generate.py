@@ -3,12 +3,14 @@
 Prompts of different lengths are left-padded so that every row's next token sits in the same column; the
 padding is masked out of attention and skipped by the position ids. Each step feeds only the new token and
 reads past keys/values from a preallocated `KVCache`. Sampling: greedy, temperature, top-k, top-p (nucleus,
-Holtzman et al. 2019). Each row stops at its own end-of-sequence token.
+Holtzman et al. 2019). Each row stops at its own end-of-sequence token. Rows with the same prompt (GRPO's group of
+replies to one prompt) share its prefill: the prompt's keys and values are computed once and copied to each row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +50,71 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+    def expand(self, rows: torch.Tensor) -> None:
+        """Row b of the cache becomes the old row rows[b]: the prompt prefilled once serves each of its replies."""
+        if self.k is not None and self.v is not None:
+            self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+
+
+class StaticKVCache:
+    """Keys and values of a fixed batch and length, written at the positions `at` (a tensor): its shapes never
+    change while a batch decodes, so a compiled decode step is traced once. Attention reads the whole buffer and
+    the mask hides what is not written yet; `pos` stays 0 and `advance` does nothing (the positions travel as
+    tensors: `at` here, the position ids and the mask in the model's call)."""
+
+    pos = 0
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.n_layers, self.max_len = n_layers, max_len
+        self.k: list[torch.Tensor] = []  # one (B, n_kv_heads, max_len, head_dim) buffer a layer
+        self.v: list[torch.Tensor] = []
+        self.at: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.k:  # zeros: unwritten keys are masked, but must not be NaN
+            B, H, _, D = k.shape
+            self.k = [k.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
+            self.v = [v.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
+        assert self.at is not None
+        self.k[layer].index_copy_(2, self.at, k)
+        self.v[layer].index_copy_(2, self.at, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def expand(self, rows: torch.Tensor) -> None:
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
+
+def _static_forward(
+    model: GPT, cache: StaticKVCache, ids: torch.Tensor, at: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Next-token logits (B, V) of the last of `ids` (B, T), written into `cache` at the columns `at` (T,);
+    `positions` (B, T) are the tokens' position ids, `mask` (B, 1, T, M) what each may attend to."""
+    cache.at = at
+    return model.lm_head(model.hidden_states(ids, mask=mask, position_ids=positions, cache=cache)[:, -1])
+
+
+_compiled_forward: Callable | None = None
+
+
+def compiled_forward() -> Callable:
+    """`_static_forward` compiled once for the process (torch.compile traces it again for a new model or
+    shape); eager when torch cannot compile here (no C++ compiler on a CPU)."""
+    global _compiled_forward
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(_static_forward, dynamic=False) if can_compile() else _static_forward
+    return _compiled_forward
+
+
+def can_compile() -> bool:
+    """Whether torch.compile can build kernels here: a C++ compiler (CPU inductor) or a GPU with triton."""
+    if torch.cuda.is_available():
+        return True
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
 @dataclass
@@ -122,6 +189,8 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     use_cache: bool = True,
+    share_prompts: bool = True,
+    compile: bool = False,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> Generation:
@@ -130,6 +199,8 @@ def generate(
     prompts: token lists (left-padded here) or a left-padded (B, P) tensor with its `prompt_mask`.
     temperature 0 is greedy. `eos_id` (one id or several) ends a row; None generates `max_new_tokens` always.
     `use_cache=False` recomputes the whole sequence each step (the slow reference the cache must match).
+    `share_prompts`: rows with the same prompt and padding are prefilled once (with the cache).
+    `compile`: decode over a `StaticKVCache` with the step compiled by torch.compile (eager where it cannot).
     `on_token(tokens)` is called with each step's (B,) new tokens as they are drawn (streaming output).
     """
     device = next(model.parameters()).device
@@ -148,16 +219,17 @@ def generate(
     eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config.n_layers, P + max_new_tokens) if use_cache else None
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    seq, full_mask = ids, mask
-    step_input, n = ids, 0
-    no_pad = bool(mask.all())
+    shared = _distinct_rows(ids, mask) if use_cache and share_prompts else None
+    if use_cache and compile and model.config.sliding_window is None:
+        step_logits = _static_logits(model, ids, mask, max_new_tokens, shared)
+    else:
+        step_logits = _eager_logits(model, ids, mask, max_new_tokens, use_cache, shared)
+    n, tok = 0, None
     for n in range(max_new_tokens):
-        hidden = model.hidden_states(step_input, mask=None if no_pad else full_mask, cache=cache)
-        logits = model.lm_head(hidden[:, -1])  # only the last position predicts the next token
+        logits = step_logits.send(tok)  # the first send (None) starts it: the prefill
         tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         out_tok[:, n] = tok
@@ -168,14 +240,99 @@ def generate(
             done = done | torch.isin(tok, eos)
         if bool(done.all()):
             break
-        full_mask = torch.cat([full_mask, torch.ones_like(tok[:, None])], dim=1)
-        seq = torch.cat([seq, tok[:, None]], dim=1)
-        step_input = tok[:, None] if use_cache else seq
+    step_logits.close()
     model.train(was_training)
     steps = n + 1 if max_new_tokens else 0
     tokens, logprobs = out_tok[:, :steps], out_lp[:, :steps]
     gen = _generated_mask(tokens, eos) if steps else tokens.new_zeros((B, 0))
     return Generation(tokens, logprobs * gen, gen, gen.sum(-1))
+
+
+Steps = Generator[torch.Tensor, torch.Tensor, None]
+
+
+def _eager_logits(
+    model: GPT,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    use_cache: bool,
+    shared: tuple[torch.Tensor, torch.Tensor] | None,
+) -> Steps:
+    """The logits (B, V) of each step, given (`send`) the tokens the step before drew: the prefill, then one
+    token at a time over a growing `KVCache` (or, without a cache, the whole sequence again)."""
+    B, P = ids.shape
+    cache = KVCache(model.config.n_layers, P + max_new_tokens) if use_cache else None
+    no_pad = bool(mask.all())
+    if shared is not None:  # the prefill: each distinct prompt once, then copied to its rows
+        first, rows = shared
+        hidden = model.hidden_states(ids[first], mask=None if no_pad else mask[first], cache=cache)
+        logits = model.lm_head(hidden[:, -1]).index_select(0, rows)
+        assert cache is not None
+        cache.expand(rows)
+    else:
+        logits = model.lm_head(model.hidden_states(ids, mask=None if no_pad else mask, cache=cache)[:, -1])
+    seq = ids
+    while True:
+        tok = yield logits  # only the last position predicts the next token
+        mask = torch.cat([mask, torch.ones_like(tok[:, None])], dim=1)
+        seq = torch.cat([seq, tok[:, None]], dim=1)
+        step_input = tok[:, None] if use_cache else seq
+        hidden = model.hidden_states(step_input, mask=None if no_pad else mask, cache=cache)
+        logits = model.lm_head(hidden[:, -1])
+
+
+def _static_logits(
+    model: GPT,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    shared: tuple[torch.Tensor, torch.Tensor] | None,
+    bucket: int = 64,
+) -> Steps:
+    """`_eager_logits` over a `StaticKVCache` whose length is rounded up to `bucket` (so that a few shapes
+    serve every prompt length), the decode steps compiled (`compiled_forward`). The prefill runs eager."""
+    B, P = ids.shape
+    M = -(-(P + max_new_tokens) // bucket) * bucket
+    cache = StaticKVCache(model.config.n_layers, M)
+    cols = torch.arange(M, device=ids.device)
+    keys = torch.zeros(B, M, dtype=torch.bool, device=ids.device)  # the columns written with a real token
+    keys[:, :P] = mask.bool()
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    # prefill: query column q sees the real keys up to q (a padding query sees itself: its output is unused)
+    causal = cols[None, :P, None] >= cols[None, None, :]  # (1, P, M)
+    own = cols[None, :P, None] == cols[None, None, :]
+    rows = slice(None) if shared is None else shared[0]
+    prefill_mask = ((causal & keys[rows][:, None, :]) | own)[:, None]  # (b, 1, P, M)
+    logits = _static_forward(model, cache, ids[rows], cols[:P], positions[rows], prefill_mask)
+    if shared is not None:
+        logits = logits.index_select(0, shared[1])
+        cache.expand(shared[1])
+    step = compiled_forward()
+    n_real = mask.long().sum(-1, keepdim=True)  # (B, 1): the position id of the first new token
+    for n in range(max_new_tokens - 1):
+        tok = yield logits
+        c = P + n  # the column of the token drawn at step n
+        keys[:, c] = True
+        at = torch.full((1,), c, dtype=torch.long, device=ids.device)
+        logits = step(model, cache, tok[:, None], at, n_real + n, (keys & (cols <= c))[:, None, None, :])
+    yield logits
+
+
+def _distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first, rows): the index of each distinct (prompt, padding) row's first occurrence, and for every row the
+    position of its prompt in `first`; None when every row is distinct."""
+    seen: dict[tuple, int] = {}
+    first: list[int] = []
+    rows: list[int] = []
+    for b, key in enumerate(zip(map(tuple, ids.tolist()), map(tuple, mask.tolist()))):
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(b)
+        rows.append(seen[key])
+    if len(first) == len(rows):
+        return None
+    return torch.tensor(first, device=ids.device), torch.tensor(rows, device=ids.device)
 
 
 def _generated_mask(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

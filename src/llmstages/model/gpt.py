@@ -405,8 +405,13 @@ class Attention(nn.Module):
             cos, sin = rope  # (B, 1, T, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        dtype = q.dtype
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = past + T
+            if x.device.type == "cpu" and dtype != torch.float32:
+                # Generation in bf16/fp16 on a CPU: torch's CPU attention kernels are several times slower in half
+                # precision than in fp32 at these sizes (benchmarks/generate.py), so the cached steps attend in fp32.
+                q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -416,7 +421,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
