@@ -111,10 +111,20 @@ def compiled_forward() -> Callable:
 
 
 def can_compile() -> bool:
-    """Whether torch.compile can build kernels here: a C++ compiler (CPU inductor) or a GPU with triton."""
-    if torch.cuda.is_available():
-        return True
-    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    """Whether torch.compile can build kernels here: a GPU (triton), or on a CPU the compiler inductor uses."""
+    return torch.cuda.is_available() or cpu_compiler() is not None
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) builds its kernels with, found on the PATH, or None.
+    The names are inductor's own setting (`cpp.cxx`: $CXX, else g++; clang++ on macOS)."""
+    from torch._inductor import config
+
+    for name in config.cpp.cxx:
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
 
 
 @dataclass

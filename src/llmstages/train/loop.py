@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import count_targets, lm_loss
+from llmstages.model.generate import cpu_compiler
 from llmstages.model.io import is_disk_full, resolve_model_path
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
@@ -129,18 +129,6 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise UserError("train.precision=fp16 needs a CUDA device (it uses a gradient scaler); use bf16 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision=bf16: this GPU does not support bfloat16; use fp16")
-
-
-def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend (inductor) builds its kernels with, found on the PATH, or None.
-    The names are inductor's own setting (`cpp.cxx`: $CXX, else g++; clang++ on macOS)."""
-    from torch._inductor import config
-
-    for name in config.cpp.cxx:
-        found = shutil.which(name) if name else None
-        if found:
-            return found
-    return None
 
 
 def check_compile(compile: bool, device: torch.device) -> None:
