@@ -107,3 +107,21 @@ def test_real_shape_presets_have_the_published_parameter_counts(name):
                                                                      fields["intermediate_size"],
                                                                      fields["num_hidden_layers"])  # fmt: skip
     assert count_params(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_cpu_attention_in_half_precision_attends_in_fp32(autocast):
+    """On a CPU under bf16 (autocast, or bf16 tensors as when sampling) attention is computed in fp32 and rounded
+    once: the output is the textbook softmax(q k^T / sqrt(d) + causal mask) v in fp32, rounded to bf16 (within
+    one bf16 unit; torch's bf16 kernel, which rounds its intermediate products, is further off)."""
+    from llmstages.model.gpt import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = attention(q, k, v, None, True, 0.0, False)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / 16**0.5
+    scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.softmax(scores, -1) @ v.float()
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
