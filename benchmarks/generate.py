@@ -1,6 +1,7 @@
 """Cached generation on a real shape: ours against transformers' `generate`, same weights, in one process.
 
-    python benchmarks/generate.py [--shape smollm2_135m] [--rounds 3] [--batches 1 8 32 64] [--only decode|rollout]
+    python benchmarks/generate.py [--shape smollm2_135m] [--rounds 3] [--batches 1 8 32 64]
+                                  [--only decode|rollout|lora]
 
 The model has the preset's shape (random weights, written once as a transformers directory and loaded by both).
 Two tables, each timed alternately (A B A B ...) with medians, in fp32 and, where the CPU or GPU has bf16
@@ -12,11 +13,16 @@ natively, with the weights in bf16 (both sides):
   side generates the same number of tokens). TRL's GRPOTrainer without vLLM calls the model's `generate` on each
   prompt repeated once per reply, so "HF" is that call; ours runs with the shared prefill (each prompt prefilled
   once, its keys and values copied to its 8 rows) and without it.
+- lora: the same rollout from a LoRA policy (rank 16 on every linear layer, B moved off zero), as GRPO samples it
+  during training: ours with the adapters merged for sampling (`peft.merged_for_sampling`, fp32 only: in bf16
+  the sum would be rounded) and with them apart, against transformers + peft's `generate` on the same adapter
+  (TRL's call with a `peft_config`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +44,7 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2_135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--only", choices=["decode", "rollout"])
+    ap.add_argument("--only", choices=["decode", "rollout", "lora"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     import transformers as tf
@@ -66,13 +72,20 @@ def main() -> None:
         for dt, (ours, hf) in models.items():
             for batch in a.batches:
                 decode(ours, hf, batch, vocab, a.rounds, dt)
-    if a.only != "decode":
+    if a.only in (None, "rollout"):
         print(f"\n## rollout: {ROLLOUT_PROMPTS} prompts x {GROUP} replies, {PROMPT}-token prompts, {ROLLOUT_NEW} new "
               "tokens, temperature 1\n")  # fmt: skip
         print("| weights | ours, shared prefill tok/s | ours, no sharing tok/s | HF (TRL's call) tok/s | "
               "ratio ours/HF |\n|---|---|---|---|---|")  # fmt: skip
         for dt, (ours, hf) in models.items():
             rollout(ours, hf, vocab, a.rounds, dt)
+    if a.only in (None, "lora"):
+        print(f"\n## LoRA policy rollout: rank 16 on every linear layer; {ROLLOUT_PROMPTS} prompts x {GROUP} replies, "
+              f"{PROMPT}-token prompts, {ROLLOUT_NEW} new tokens, temperature 1, shared prefill\n")  # fmt: skip
+        print("| weights | ours, merged tok/s | ours, adapters apart tok/s | HF + peft tok/s | ratio ours/HF |\n"
+              "|---|---|---|---|---|")  # fmt: skip
+        for dt, (ours, hf) in models.items():
+            lora_rollout(ours, hf, vocab, a.rounds, dt)
 
 
 def _name(dt: torch.dtype) -> str:
@@ -122,6 +135,58 @@ def rollout(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> None:
     tps = {k: x.size(0) * ROLLOUT_NEW / median(v) for k, v in t.items()}
     print(f"| {_name(dt)} | {tps['shared']:.1f} | {tps['plain']:.1f} | {tps['hf']:.1f} | "
           f"{tps['shared'] / tps['hf']:.2f} |", flush=True)  # fmt: skip
+
+
+def lora_rollout(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> None:
+    """The rollout from LoRA policies with equal adapter weights on both sides (ours copied into peft's)."""
+    import copy
+
+    import peft
+
+    from llmstages.peft import apply_lora, merged_for_sampling
+    from llmstages.peft.export import peft_state_dict
+
+    ours, hf = copy.deepcopy(ours), copy.deepcopy(hf)
+    apply_lora(ours, rank=16, alpha=32, target_modules="all-linear")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+    hf = peft.get_peft_model(hf, cfg).eval()
+    missing = peft.set_peft_model_state_dict(hf, peft_state_dict(ours)).unexpected_keys
+    assert not missing, missing
+    if dt == torch.float32:  # the same adapted model on both sides
+        probe = torch.arange(16, device=next(ours.parameters()).device)[None]
+        with torch.no_grad():
+            torch.testing.assert_close(ours(probe), hf(input_ids=probe).logits, rtol=0, atol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab, (ROLLOUT_PROMPTS, PROMPT), generator=g)
+    x = prompts.repeat_interleave(GROUP, 0).to(next(ours.parameters()).device)
+    gen = torch.Generator(device=x.device)
+
+    def run(merge: bool):
+        def fn() -> None:
+            gen.manual_seed(1)
+            with merged_for_sampling(ours) if merge else contextlib.nullcontext():
+                generate(ours, x, ROLLOUT_NEW, temperature=1.0, generator=gen)
+
+        return fn
+
+    @torch.no_grad()
+    def run_hf() -> None:
+        hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=ROLLOUT_NEW,
+                    min_new_tokens=ROLLOUT_NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    pad_token_id=0)  # fmt: skip
+
+    sides = {"merged": run(True), "apart": run(False), "hf": run_hf} if dt == torch.float32 else {
+        "apart": run(False), "hf": run_hf}  # fmt: skip
+    t = alternate(sides, rounds)
+    tps = {k: x.size(0) * ROLLOUT_NEW / median(v) for k, v in t.items()}
+    best = tps.get("merged", tps["apart"])
+    merged = f"{tps['merged']:.1f}" if "merged" in tps else "- (bf16: not merged)"
+    print(f"| {_name(dt)} | {merged} | {tps['apart']:.1f} | {tps['hf']:.1f} | {best / tps['hf']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from llmstages.peft import (
     disable_adapters,
     load_adapter,
     merge_lora,
+    merged_for_sampling,
     save_adapter,
     trainable_parameters,
 )
@@ -144,3 +145,43 @@ def test_adapter_state_has_only_peft_tensors():
     keys = set(adapter_state_dict(model))
     assert keys == {f"blocks.0.{s}_adapter.{p}.{w}" for s in ("attn", "mlp") for p in ("down_proj", "up_proj")
                     for w in ("weight", "bias")}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_for_sampling_samples_the_same_and_leaves_the_weights_untouched(method):
+    """Sampling from merged weights: the same greedy and seeded tokens as the unmerged layers, per-token log-probs
+    within 1e-5 (fp32), logits equal to `merge_lora` of a copy; afterwards every parameter keeps its bits. Under
+    bf16 autocast it does not merge (W + s B A would be rounded to bf16)."""
+    import copy
+
+    from llmstages.model.generate import generate
+
+    torch.manual_seed(0)
+    model = GPT(preset("llama_tiny", vocab_size=128, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2))
+    apply_lora(model, rank=4, alpha=8, target_modules="all-linear", use_dora=method == "dora")
+    _randomise(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+
+    def sample(temperature: float):
+        gen = torch.Generator().manual_seed(3)
+        return generate(model, prompts, 12, temperature=temperature, generator=gen)
+
+    want = [sample(0.0), sample(1.0)]
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        merged_logits = merge_lora(copy.deepcopy(model))(x)
+    with merged_for_sampling(model) as merged:
+        assert merged
+        got = [sample(0.0), sample(1.0)]
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), merged_logits, rtol=0, atol=1e-5)
+    for w, g in zip(want, got):
+        assert torch.equal(g.tokens, w.tokens)
+        torch.testing.assert_close(g.logprobs, w.logprobs, rtol=0, atol=1e-5)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(m.sampling_weight is None for m in model.modules() if isinstance(m, LoRALinear))
+    with torch.autocast("cpu", dtype=torch.bfloat16), merged_for_sampling(model) as merged:
+        assert not merged
+        assert all(m.sampling_weight is None for m in model.modules() if isinstance(m, LoRALinear))

@@ -38,6 +38,7 @@ __all__ = [
     "disable_adapters",
     "load_adapter",
     "merge_lora",
+    "merged_for_sampling",
     "peft_config",
     "prepare_policy",
     "save_adapter",
@@ -196,6 +197,31 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, b in zip(mods, before):
             m.disabled = b
+
+
+@contextlib.contextmanager
+def merged_for_sampling(model: nn.Module) -> Iterator[bool]:
+    """Inside the block each enabled LoRA/DoRA layer is one matrix product, x W'^T + b with W' its
+    `merged_weight()`, made once on entry: sampling pays nothing per token for the adapters. The training weights
+    keep their bits (W' is a separate tensor, dropped on exit). Only where the products run in fp32 (fp32 weights,
+    no autocast) and parameters are not sharded: in bf16 the sum W + s B A would be rounded to bf16, losing a
+    small early update (the unmerged layer adds it after the base product), so there the adapters stay apart.
+    Yields whether it merged."""
+    mods = [m for m in _peft_modules(model) if isinstance(m, LoRALinear) and not m.disabled and not m.merged]
+    ok = bool(mods) and all(
+        m.weight.dtype == torch.float32
+        and not hasattr(m.weight, "placements")  # an FSDP/TP shard
+        and not torch.is_autocast_enabled(m.weight.device.type)
+        for m in mods
+    )
+    if ok:
+        for m in mods:
+            m.sampling_weight = m.merged_weight()
+    try:
+        yield ok
+    finally:
+        for m in mods:
+            m.sampling_weight = None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -45,6 +45,7 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
         self.merged = False
         self.disabled = False
+        self.sampling_weight: torch.Tensor | None = None  # set by `peft.merged_for_sampling`, never saved
         self.reset_lora()
 
     @classmethod
@@ -93,12 +94,23 @@ class LoRALinear(nn.Module):
                 return self.forward(x)
         if self.disabled or self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.sampling_weight is not None:
+            return F.linear(x, self.sampling_weight, self.bias)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper
         if not self.use_dora:
             # In place on the base output (its backward does not need it): no extra full-size activations.
             return F.linear(x, self.weight, self.bias).add_(lora)
         out = self._dora_scale() * (F.linear(x, self.weight) + lora)
         return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)) as a new tensor in the base's dtype, summed in fp32;
+        `weight` and the adapter are not touched."""
+        w = self.weight.float() + self.delta_weight().float()
+        if self.use_dora:
+            w = self._dora_scale().float()[:, None] * w
+        return w.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

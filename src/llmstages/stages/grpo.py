@@ -35,7 +35,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import trainable_parameters
+from llmstages.peft import merged_for_sampling, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
 from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
@@ -106,7 +106,7 @@ class Rollouts:
         idx = [i for i in idx for _ in range(g.group_size)]
         prompts = [s.prompts[i] for i in idx]
         # fsdp: sampling runs the model's parts token by token; it samples in the precision it trains in
-        with distributed.gathered(s.model), autocast(s.device, self.cfg.train.precision):
+        with distributed.gathered(s.model), autocast(s.device, self.cfg.train.precision), merged_for_sampling(s.model):
             replies, responses, ended = sample_replies(
                 s.model, s.tokenizer, prompts, g.max_new_tokens, g.temperature, gen
             )

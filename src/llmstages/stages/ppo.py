@@ -33,7 +33,7 @@ from llmstages.model import GPT, save_model
 from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
-from llmstages.peft import merge_lora, trainable_parameters
+from llmstages.peft import merge_lora, merged_for_sampling, trainable_parameters
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
 from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
@@ -157,7 +157,8 @@ class Rollouts:
         gen = torch.Generator(device=s.device).manual_seed(self.seed * 1_000_003 + it + 7919 * d.dp_rank)
         ac.eval()
         policy = s.model
-        with autocast(s.device, self.precision):  # the policy samples in the precision it trains in
+        # the policy samples in the precision it trains in, its adapters merged where that is fp32
+        with autocast(s.device, self.precision), merged_for_sampling(policy):
             replies, responses, ended = sample_replies(
                 policy, s.tokenizer, prompts, p.max_new_tokens, p.temperature, gen
             )
