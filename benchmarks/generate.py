@@ -65,7 +65,7 @@ def main() -> None:
             for dt in dtypes
         }
     vocab = models[torch.float32][0].config.vocab_size
-    if a.only != "rollout":
+    if a.only in (None, "decode"):
         print(f"## decode: greedy, {PROMPT}-token prompts, {NEW} new tokens\n")
         print("| weights | batch | ours new tok/s | HF new tok/s | ratio ours/HF | same tokens |")
         print("|---|---|---|---|---|---|")

@@ -115,6 +115,12 @@ def test_compiled_decode_step_equals_eager(model, monkeypatch):
     assert G._compiled_forward is not G._static_forward  # it did compile
     assert torch.equal(a.tokens, b.tokens)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # continuous batching (8 slots, 64 columns: the shapes traced above) with refills, compiled against eager
+    eos = int(a.tokens[0, 3])
+    c = G.generate_queue(model, prompts * 2, 12, slots=8, eos_id=eos)
+    d = G.generate_queue(model, prompts * 2, 12, slots=8, eos_id=eos, compile=True)
+    assert torch.equal(c.tokens, d.tokens) and torch.equal(c.lengths, d.lengths)
+    assert torch.allclose(c.logprobs, d.logprobs, atol=1e-5)
 
 
 def test_without_a_compiler_the_engine_runs_eager(model, monkeypatch):
@@ -125,6 +131,31 @@ def test_without_a_compiler_the_engine_runs_eager(model, monkeypatch):
     b = generate(model, prompts, 8, compile=True)
     assert G._compiled_forward is G._static_forward
     assert torch.equal(b.tokens, generate(model, prompts, 8).tokens)
+
+
+def test_continuous_batching_replies_equal_generate(model):
+    """Continuous batching over 3 slots for 9 prompts of different lengths, with shared prompts and per-row EOS:
+    as rows finish they take waiting prompts (refills), and each prompt's greedy reply and log-probs equal
+    `generate` on all the prompts in one batch (fp32). The sampled replies follow the same distributions: their
+    log-probs equal a full forward over prompt + reply."""
+    prompts = _eos_and_shared_prompts() + _prompts(2, seed=13)
+    free = generate(model, prompts, 14)
+    eos = int(free.tokens[1, 4])
+    want = generate(model, prompts, 14, eos_id=eos)
+    assert len(set(want.lengths.tolist())) > 1  # rows end at different steps: refills happen mid-batch
+    got = G.generate_queue(model, prompts, 14, slots=3, eos_id=eos)
+    assert torch.equal(got.lengths, want.lengths)
+    assert torch.equal(got.tokens, want.tokens[:, : got.tokens.size(1)])
+    assert torch.equal(got.mask, want.mask[:, : got.tokens.size(1)])
+    assert torch.allclose(got.logprobs, want.logprobs[:, : got.tokens.size(1)], atol=1e-5)
+    s = G.generate_queue(model, prompts, 10, slots=4, temperature=1.0, eos_id=eos,
+                         generator=torch.Generator().manual_seed(5))  # fmt: skip
+    for p, toks, lp, n in zip(prompts, s.tokens, s.logprobs, s.lengths.tolist()):
+        seq = torch.tensor([p + toks[:n].tolist()])
+        with torch.no_grad():
+            full = torch.log_softmax(model(seq)[0, len(p) - 1 : -1].float(), -1)
+        torch.testing.assert_close(lp[:n], full.gather(-1, toks[:n, None]).squeeze(-1), rtol=0, atol=1e-5)
+        assert (toks[n:] == 0).all() and (lp[n:] == 0).all()
 
 
 def test_sampling_filters():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmstages.errors import UserError
@@ -58,10 +59,11 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Keys and values of a fixed batch and length, written at the positions `at` (a tensor): its shapes never
-    change while a batch decodes, so a compiled decode step is traced once. Attention reads the whole buffer and
-    the mask hides what is not written yet; `pos` stays 0 and `advance` does nothing (the positions travel as
-    tensors: `at` here, the position ids and the mask in the model's call)."""
+    """Keys and values of a fixed batch and length, each row written at its own columns `at` (B, T): its shapes
+    never change while a batch decodes, so a compiled decode step is traced once, and rows at different lengths
+    (continuous batching) share it. Attention reads the whole buffer and the mask hides what is not written yet;
+    `pos` stays 0 and `advance` does nothing (the positions travel as tensors: `at` here, the position ids and the
+    mask in the model's call)."""
 
     pos = 0
 
@@ -77,8 +79,9 @@ class StaticKVCache:
             self.k = [k.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
             self.v = [v.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
         assert self.at is not None
-        self.k[layer].index_copy_(2, self.at, k)
-        self.v[layer].index_copy_(2, self.at, v)
+        where = self.at[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, H, T, D)
+        self.k[layer].scatter_(2, where, k)
+        self.v[layer].scatter_(2, where, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
@@ -92,7 +95,7 @@ class StaticKVCache:
 def _static_forward(
     model: GPT, cache: StaticKVCache, ids: torch.Tensor, at: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Next-token logits (B, V) of the last of `ids` (B, T), written into `cache` at the columns `at` (T,);
+    """Next-token logits (B, V) of the last of `ids` (B, T), written into `cache` at the columns `at` (B, T);
     `positions` (B, T) are the tokens' position ids, `mask` (B, 1, T, M) what each may attend to."""
     cache.at = at
     return model.lm_head(model.hidden_states(ids, mask=mask, position_ids=positions, cache=cache)[:, -1])
@@ -303,30 +306,178 @@ def _static_logits(
     """`_eager_logits` over a `StaticKVCache` whose length is rounded up to `bucket` (so that a few shapes
     serve every prompt length), the decode steps compiled (`compiled_forward`). The prefill runs eager."""
     B, P = ids.shape
-    M = -(-(P + max_new_tokens) // bucket) * bucket
-    cache = StaticKVCache(model.config.n_layers, M)
-    cols = torch.arange(M, device=ids.device)
-    keys = torch.zeros(B, M, dtype=torch.bool, device=ids.device)  # the columns written with a real token
-    keys[:, :P] = mask.bool()
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    # prefill: query column q sees the real keys up to q (a padding query sees itself: its output is unused)
-    causal = cols[None, :P, None] >= cols[None, None, :]  # (1, P, M)
-    own = cols[None, :P, None] == cols[None, None, :]
-    rows = slice(None) if shared is None else shared[0]
-    prefill_mask = ((causal & keys[rows][:, None, :]) | own)[:, None]  # (b, 1, P, M)
-    logits = _static_forward(model, cache, ids[rows], cols[:P], positions[rows], prefill_mask)
-    if shared is not None:
-        logits = logits.index_select(0, shared[1])
-        cache.expand(shared[1])
+    M = _bucket(P + max_new_tokens, bucket)
+    logits, cache, keys = _prefill(model, ids, mask, M, shared)
     step = compiled_forward()
+    cols = torch.arange(M, device=ids.device)
     n_real = mask.long().sum(-1, keepdim=True)  # (B, 1): the position id of the first new token
     for n in range(max_new_tokens - 1):
         tok = yield logits
         c = P + n  # the column of the token drawn at step n
         keys[:, c] = True
-        at = torch.full((1,), c, dtype=torch.long, device=ids.device)
+        at = torch.full((B, 1), c, dtype=torch.long, device=ids.device)
         logits = step(model, cache, tok[:, None], at, n_real + n, (keys & (cols <= c))[:, None, None, :])
     yield logits
+
+
+def _bucket(n: int, bucket: int = 64) -> int:
+    return -(-n // bucket) * bucket
+
+
+def _prefill(
+    model: GPT, ids: torch.Tensor, mask: torch.Tensor, M: int, shared: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, StaticKVCache, torch.Tensor]:
+    """The left-padded prompts `ids` (B, P) run eager into a new `StaticKVCache` of M columns (each distinct
+    prompt once when `shared`): (next-token logits (B, V), the cache, keys (B, M): the columns holding a token)."""
+    B, P = ids.shape
+    cache = StaticKVCache(model.config.n_layers, M)
+    cols = torch.arange(M, device=ids.device)
+    keys = torch.zeros(B, M, dtype=torch.bool, device=ids.device)
+    keys[:, :P] = mask.bool()
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    # query column q sees the real keys up to q (a padding query sees itself: its output is unused)
+    causal = cols[None, :P, None] >= cols[None, None, :]  # (1, P, M)
+    own = cols[None, :P, None] == cols[None, None, :]
+    rows = slice(None) if shared is None else shared[0]
+    prefill_mask = ((causal & keys[rows][:, None, :]) | own)[:, None]  # (b, 1, P, M)
+    at = cols[:P].expand(prefill_mask.size(0), P)
+    logits = _static_forward(model, cache, ids[rows], at, positions[rows], prefill_mask)
+    if shared is not None:
+        logits = logits.index_select(0, shared[1])
+        cache.expand(shared[1])
+    return logits, cache, keys
+
+
+@torch.no_grad()
+def generate_queue(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    slots: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """`generate` for any number of prompts with continuous batching: `slots` rows decode together and a row
+    whose reply ends (EOS or `max_new_tokens`) takes the next waiting prompt at once, so that one long reply does
+    not hold a batch of finished ones. The waiting prompts are prefilled together (identical ones once) and their
+    keys and values written into the freed rows of one `StaticKVCache`; every row decodes at its own column and
+    position. Once no prompt waits, finished rows leave the batch (eager only: a compiled step keeps its shape).
+    The result is in the order of `prompts`; greedy replies equal `generate`'s (tests). Sampled replies draw
+    from the same distributions, in another order of the generator's draws."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    context, N = model.config.block_size, len(prompts)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > context:
+        raise UserError(
+            f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of {context} "
+            f"tokens; shorten the prompt or lower max_new_tokens to {max(context - longest, 0)}"
+        )
+    if model.config.sliding_window is not None:  # the static cache has no window: the plain batches
+        return _in_batches(model, prompts, max_new_tokens, slots, temperature, top_k, top_p, eos_id, pad_id, generator)
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or []), device=device)
+    S, M = min(slots, N), _bucket(longest + max_new_tokens)
+    compiled = compile and can_compile()
+    step = compiled_forward() if compiled else _static_forward
+    was_training = model.training
+    model.eval()
+    out_tok = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((N, max_new_tokens), device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    cols = torch.arange(M, device=device)
+    row_of = torch.full((S,), -1, dtype=torch.long, device=device)  # the prompt each slot serves (-1: none)
+    col = torch.zeros(S, dtype=torch.long, device=device)  # the column its next token is written at
+    pos = torch.zeros(S, dtype=torch.long, device=device)  # that token's position id
+    count = torch.zeros(S, dtype=torch.long, device=device)  # tokens drawn so far
+    keys = torch.zeros(S, M, dtype=torch.bool, device=device)
+    cache = StaticKVCache(model.config.n_layers, M)
+    logits: torch.Tensor | None = None
+    waiting = iter(range(N))
+
+    def refill(free: list[int]) -> None:
+        """The next waiting prompts prefilled into the rows `free`."""
+        nonlocal logits
+        take = [i for _, i in zip(free, waiting)]
+        free = free[: len(take)]
+        if not take:
+            return
+        ids, mask = left_pad([prompts[i] for i in take], pad_id, device)
+        P = ids.size(1)
+        first, small, small_keys = _prefill(model, ids, mask, P, _distinct_rows(ids, mask))
+        at = torch.tensor(free, device=device)
+        if not cache.k:  # the batch's cache, in the dtype the prefill produced
+            cache.k = [t.new_zeros(S, t.size(1), M, t.size(3)) for t in small.k]
+            cache.v = [t.new_zeros(S, t.size(1), M, t.size(3)) for t in small.v]
+            logits = first.new_zeros(S, first.size(-1))
+        for layer in range(len(cache.k)):
+            cache.k[layer][at, :, :P] = small.k[layer]
+            cache.v[layer][at, :, :P] = small.v[layer]
+        assert logits is not None
+        logits[at] = first.to(logits.dtype)
+        keys[at] = False
+        keys[at, :P] = small_keys
+        row_of[at] = torch.tensor(take, device=device)
+        col[at], pos[at], count[at] = P, mask.sum(-1), 0
+
+    refill(list(range(S)))
+    while True:
+        assert logits is not None
+        tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        live = row_of >= 0
+        rows = row_of[live]
+        out_tok[rows, count[live]] = tok[live]
+        out_lp[rows, count[live]] = lp[live]
+        count += live.long()
+        lengths[rows] = count[live]
+        ended = live & ((count >= max_new_tokens) | torch.isin(tok, eos))
+        row_of[ended] = -1
+        # the rows still replying take their token; the others compute on, unused (their columns are masked)
+        c = col.clamp(max=M - 1)
+        keys[torch.arange(S, device=device), c] = True
+        mask = (keys & (cols[None] <= c[:, None]))[:, None, None, :]
+        if bool((row_of >= 0).any()):
+            logits = step(model, cache, tok[:, None], c[:, None], pos[:, None], mask)
+        col, pos = col + 1, pos + 1
+        free = ended.nonzero().squeeze(-1).tolist()
+        if free:
+            refill(free)
+        live = row_of >= 0
+        if not bool(live.any()):
+            break
+        if not compiled and 2 * int(live.sum()) <= S:  # nothing waits (or it would have filled them): shrink
+            keep = live.nonzero().squeeze(-1)
+            cache.expand(keep)
+            logits, keys, row_of, col, pos, count = (t[keep] for t in (logits, keys, row_of, col, pos, count))
+            S = keep.numel()
+    model.train(was_training)
+    steps = int(lengths.max()) if N else 0
+    tokens, logprobs = out_tok[:, :steps], out_lp[:, :steps]
+    gen = (torch.arange(steps, device=device)[None] < lengths[:, None]).long()
+    return Generation(tokens, logprobs * gen, gen, lengths)
+
+
+def _in_batches(model, prompts, max_new_tokens, size, temperature, top_k, top_p, eos_id, pad_id, generator):
+    """`generate` on `size` prompts at a time, the results padded to one width."""
+    parts = [
+        generate(model, list(prompts[s : s + size]), max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, eos_id=eos_id, pad_id=pad_id, generator=generator)
+        for s in range(0, len(prompts), size)
+    ]  # fmt: skip
+    width = max(p.tokens.size(1) for p in parts)
+
+    def cat(name: str, fill: float) -> torch.Tensor:
+        return torch.cat([F.pad(getattr(p, name), (0, width - p.tokens.size(1)), value=fill) for p in parts])
+
+    return Generation(
+        cat("tokens", pad_id), cat("logprobs", 0.0), cat("mask", 0), torch.cat([p.lengths for p in parts])
+    )
 
 
 def _distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -386,12 +537,21 @@ def sample_many(
     seed: int | None = None,
     batch_size: int = 128,
 ) -> tuple[list[list[int]], list[str], list[bool]]:
-    """`sample_replies` over any number of prompts, `batch_size` at a time, one generator seeded with `seed`."""
+    """`sample_replies` over any number of prompts, `batch_size` rows decoding at once with continuous batching
+    (`generate_queue`), one generator seeded with `seed`."""
     gen = None
     if seed is not None:
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    replies, texts, ended = [], [], []
-    for s in range(0, len(prompts), batch_size):
-        r, t, e = sample_replies(model, tok, prompts[s : s + batch_size], max_new_tokens, temperature, gen)
-        replies, texts, ended = replies + r, texts + t, ended + e
-    return replies, texts, ended
+    out = generate_queue(
+        model,
+        list(prompts),
+        max_new_tokens,
+        slots=batch_size,
+        temperature=temperature,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        generator=gen,
+    )
+    replies = [t[:n] for t, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+    ended = [bool(r) and r[-1] == tok.eos_id for r in replies]
+    return replies, [tok.decode(r) for r in replies], ended
