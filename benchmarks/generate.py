@@ -1,7 +1,7 @@
 """Cached generation on a real shape: ours against transformers' `generate`, same weights, in one process.
 
     python benchmarks/generate.py [--shape smollm2_135m] [--rounds 3] [--batches 1 8 32 64]
-                                  [--only decode|rollout|lora]
+                                  [--only decode|rollout|lora|queue]
 
 The model has the preset's shape (random weights, written once as a transformers directory and loaded by both).
 Two tables, each timed alternately (A B A B ...) with medians, in fp32 and, where the CPU or GPU has bf16
@@ -17,6 +17,11 @@ natively, with the weights in bf16 (both sides):
   during training: ours with the adapters merged for sampling (`peft.merged_for_sampling`, fp32 only: in bf16
   the sum would be rounded) and with them apart, against transformers + peft's `generate` on the same adapter
   (TRL's call with a `peft_config`).
+- queue: what an evaluation samples: 96 prompts of 16-64 tokens, greedy, up to 128 new tokens, each reply ending at
+  its own EOS (one token id in 48 counts as EOS, so that replies of random weights end at varied lengths), 32
+  rows at a time: ours with continuous batching (`generate_queue`: a finished row takes the next prompt), ours
+  in fixed batches of 32 (a batch runs until its longest reply ends), and transformers' `generate` in the same
+  fixed batches. Tokens/s counts the reply tokens (EOS included); the replies are compared in fp32.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, median  # noqa: E402
 
 from llmstages.model import GPT, export_hf, generate, load_model, preset  # noqa: E402
+from llmstages.model.generate import generate_queue, left_pad  # noqa: E402
 from llmstages.train.loop import resolve_precision  # noqa: E402
 
 PROMPT, NEW = 64, 64
 ROLLOUT_PROMPTS, GROUP, ROLLOUT_NEW = 4, 8, 128
+QUEUE_PROMPTS, QUEUE_SLOTS = 96, 32
 
 
 def main() -> None:
@@ -44,7 +51,7 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2_135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--only", choices=["decode", "rollout", "lora"])
+    ap.add_argument("--only", choices=["decode", "rollout", "lora", "queue"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     import transformers as tf
@@ -86,6 +93,13 @@ def main() -> None:
               "|---|---|---|---|---|")  # fmt: skip
         for dt, (ours, hf) in models.items():
             lora_rollout(ours, hf, vocab, a.rounds, dt)
+    if a.only in (None, "queue"):
+        print(f"\n## evaluation queue: {QUEUE_PROMPTS} prompts of 16-64 tokens, greedy, up to {ROLLOUT_NEW} new tokens "
+              f"with EOS, {QUEUE_SLOTS} rows at a time\n")  # fmt: skip
+        print("| weights | reply tokens (mean / max) | ours, continuous batching tok/s | ours, fixed batches tok/s | "
+              "HF, fixed batches tok/s | ratio ours/HF | same replies |\n|---|---|---|---|---|---|---|")  # fmt: skip
+        for dt, (ours, hf) in models.items():
+            queue(ours, hf, vocab, a.rounds, dt)
 
 
 def _name(dt: torch.dtype) -> str:
@@ -187,6 +201,48 @@ def lora_rollout(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> Non
     best = tps.get("merged", tps["apart"])
     merged = f"{tps['merged']:.1f}" if "merged" in tps else "- (bf16: not merged)"
     print(f"| {_name(dt)} | {merged} | {tps['apart']:.1f} | {tps['hf']:.1f} | {best / tps['hf']:.2f} |", flush=True)
+
+
+def queue(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 65, (QUEUE_PROMPTS,), generator=g).tolist()
+    prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+    eos = list(range(48, vocab, 48))
+    device = next(ours.parameters()).device
+    out: dict[str, list[list[int]]] = {}
+
+    def replies(tokens: torch.Tensor, n: torch.Tensor) -> list[list[int]]:
+        return [t[:k] for t, k in zip(tokens.tolist(), n.tolist())]
+
+    def run_queue() -> None:
+        r = generate_queue(ours, prompts, ROLLOUT_NEW, slots=QUEUE_SLOTS, eos_id=eos)
+        out["queue"] = replies(r.tokens, r.lengths)
+
+    def run_fixed() -> None:
+        got = []
+        for s in range(0, QUEUE_PROMPTS, QUEUE_SLOTS):
+            r = generate(ours, prompts[s : s + QUEUE_SLOTS], ROLLOUT_NEW, eos_id=eos)
+            got += replies(r.tokens, r.lengths)
+        out["fixed"] = got
+
+    @torch.no_grad()
+    def run_hf() -> None:
+        got = []
+        for s in range(0, QUEUE_PROMPTS, QUEUE_SLOTS):
+            ids, mask = left_pad(prompts[s : s + QUEUE_SLOTS], 0, device)
+            seq = hf.generate(ids, attention_mask=mask, max_new_tokens=ROLLOUT_NEW, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)[:, ids.size(1) :]  # fmt: skip
+            ended = torch.isin(seq, torch.tensor(eos, device=device)).long()
+            n = torch.where(ended.any(-1), ended.argmax(-1) + 1, torch.full_like(ended[:, 0], seq.size(1)))
+            got += replies(seq, n)
+        out["hf"] = got
+
+    t = alternate({"queue": run_queue, "fixed": run_fixed, "hf": run_hf}, rounds)
+    n = [len(r) for r in out["queue"]]
+    tps = {k: sum(len(r) for r in out[k]) / median(v) for k, v in t.items()}
+    same = out["queue"] == out["fixed"] == out["hf"] if dt == torch.float32 else "-"
+    print(f"| {_name(dt)} | {sum(n) / len(n):.0f} / {max(n)} | {tps['queue']:.1f} | {tps['fixed']:.1f} | "
+          f"{tps['hf']:.1f} | {tps['queue'] / tps['hf']:.2f} | {same} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
