@@ -138,6 +138,7 @@ def main() -> None:
         if step % 10 == 0 or step == cfg.max_steps - 1:
             print(f"rank {rank} step {step:3d} local loss {loss.item():.4f} global loss {global_loss.item():.4f}")
     if world > 1:
+        del ddp  # its reducer holds the process group: let it go before the group is torn down
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:

@@ -158,6 +158,17 @@ def test_continuous_batching_replies_equal_generate(model):
         assert (toks[n:] == 0).all() and (lp[n:] == 0).all()
 
 
+def test_continuous_batching_rows_left_idle_stay_inside_the_context(model):
+    """A row whose reply ended while nothing waits computes on unused until the batch ends or shrinks: its
+    position must not run past the context. Here the 40-token prompt's row ends at the context's last position
+    (40 + 24 = 64) while two other rows take the last two prompts and decode 24 more steps."""
+    prompts = _prompts(2, seed=21) + [list(range(3, 43))] + _prompts(2, seed=22)
+    want = generate(model, prompts, 24)
+    got = G.generate_queue(model, prompts, 24, slots=3)
+    assert torch.equal(got.tokens, want.tokens)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     g = torch.Generator().manual_seed(0)

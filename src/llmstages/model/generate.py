@@ -438,12 +438,13 @@ def generate_queue(
         lengths[rows] = count[live]
         ended = live & ((count >= max_new_tokens) | torch.isin(tok, eos))
         row_of[ended] = -1
-        # the rows still replying take their token; the others compute on, unused (their columns are masked)
-        c = col.clamp(max=M - 1)
+        # the rows still replying take their token; the others compute on, unused (their columns are masked),
+        # at a column and position clamped inside the cache and the context
+        c, p = col.clamp(max=M - 1), pos.clamp(max=context - 1)
         keys[torch.arange(S, device=device), c] = True
         mask = (keys & (cols[None] <= c[:, None]))[:, None, None, :]
         if bool((row_of >= 0).any()):
-            logits = step(model, cache, tok[:, None], c[:, None], pos[:, None], mask)
+            logits = step(model, cache, tok[:, None], c[:, None], p[:, None], mask)
         col, pos = col + 1, pos + 1
         free = ended.nonzero().squeeze(-1).tolist()
         if free:
