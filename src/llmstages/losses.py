@@ -23,23 +23,6 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
 
 
-def compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the fused heads multiply in: autocast's (bf16/fp16) where it is on, as `head(h)` would, else
-    h's own. Their backward runs outside autocast, so it is chosen once in forward and kept."""
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return h.dtype
-
-
-def _accumulate(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """dw += dz^T h, the product in dz's (the compute) dtype as autograd over head(h) would take it, summed in
-    dw's fp32."""
-    if dz.dtype == dw.dtype:
-        dw.addmm_(dz.t(), h)
-    else:
-        dw.add_(dz.t() @ h)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (h @ W^T) against targets, computed in row chunks without keeping the logits.
 
@@ -52,13 +35,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, targets, ignore_index: int, chunk: int):  # type: ignore[override]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. no dW for a frozen head (PEFT)
         need_grad = need_h or need_w
-        cd = compute_dtype(h)
-        wc = w.to(cd)
+        wc = w.to(h.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, h.size(0), chunk):
-            hc, tc = h[s : s + chunk].to(cd), targets[s : s + chunk]
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
             valid = tc != ignore_index
             tc = tc.masked_fill(~valid, 0)
             z = (hc @ wc.t()).float()  # (c, V)
@@ -68,11 +50,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.sub_(lse[:, None]).exp_()  # softmax, in place
                 z[torch.arange(z.size(0), device=z.device), tc] -= 1.0
                 z.mul_(valid[:, None])
-                zc = z.to(cd)
+                zc = z.to(h.dtype)
                 if need_h:
-                    dh[s : s + chunk] = zc @ wc
+                    torch.mm(zc, wc, out=dh[s : s + chunk])
                 if need_w:
-                    _accumulate(dw, zc, hc)
+                    dw.addmm_(z.t(), hc.float())
         ctx.need = (need_h, need_w)
         if need_grad:
             ctx.save_for_backward(dh if need_h else h.new_empty(0), dw.to(w.dtype) if need_w else w.new_empty(0))
@@ -322,13 +304,12 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, targets, inv_t: float, chunk: int):  # type: ignore[override]
-        ctx.cd = cd = compute_dtype(h)
-        wc = w.to(cd)
+        wc = w.to(h.dtype)
         logp = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         ent = torch.empty_like(logp)
         lse_all = torch.empty_like(logp)
         for s in range(0, h.size(0), chunk):
-            z = (h[s : s + chunk].to(cd) @ wc.t()).float().mul_(inv_t)  # (c, V)
+            z = (h[s : s + chunk] @ wc.t()).float().mul_(inv_t)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)
             logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
             ent[s : s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
@@ -341,22 +322,21 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):  # type: ignore[override]
         h, w, targets, lse_all, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        wc = w.to(ctx.cd)
+        wc = w.to(h.dtype)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, h.size(0), ctx.chunk):
-            hc, sl = h[s : s + ctx.chunk].to(ctx.cd), slice(s, s + ctx.chunk)
+            hc, sl = h[s : s + ctx.chunk], slice(s, s + ctx.chunk)
             logq = (hc @ wc.t()).float().mul_(ctx.inv_t).sub_(lse_all[sl, None])  # log p, (c, V)
             p = logq.exp()
             dz = (logq + ent[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # dH/dz * g_ent
             dz.sub_(p * g_logp[sl, None])
             dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl]
             dz.mul_(ctx.inv_t)
-            dzc = dz.to(ctx.cd)
             if need_h:
-                dh[sl] = dzc @ wc
+                dh[sl] = dz.to(h.dtype) @ wc
             if need_w:
-                _accumulate(dw, dzc, hc)
+                dw.addmm_(dz.t(), hc.float())
         return dh, dw.to(w.dtype) if need_w else None, None, None, None
 
 
