@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from llmstages.losses import IGNORE_INDEX, cross_entropy, shift_labels
-from llmstages.model import GPT, ModelConfig, generate, load_model, num_params, save_model
+from llmstages.model import GPT, ModelConfig, generate, num_params
 from llmstages.peft import BottleneckAdapter, LoRALinear, apply_adapters, apply_lora, disable_adapters, merge_lora
+from llmstages.store import load_model, save_model
 
 # `from exercise import *` hands on torch and nn too: the guide's benchmark snippet uses torch after it.
 __all__ = [

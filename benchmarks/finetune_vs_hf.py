@@ -45,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, current_rss_mib, machine, median, peak_rss_mib  # noqa: E402
 
 from llmstages import losses as L  # noqa: E402
-from llmstages.model import generate, load_model, preset  # noqa: E402
+from llmstages.model import generate, preset  # noqa: E402
 from llmstages.peft import apply_peft, disable_adapters  # noqa: E402
+from llmstages.store import load_model  # noqa: E402
 from llmstages.train.frozen import hold_frozen  # noqa: E402
 from llmstages.train.loop import compile_blocks, fast_bf16  # noqa: E402
 

@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, machine, median  # noqa: E402
 
-from llmstages.model import GPT, export_hf, generate, load_model, preset  # noqa: E402
+from llmstages.model import GPT, generate, preset  # noqa: E402
 from llmstages.model.generate import generate_queue, left_pad  # noqa: E402
+from llmstages.store import export_hf, load_model  # noqa: E402
 from llmstages.train.loop import resolve_precision  # noqa: E402
 
 PROMPT, NEW = 64, 64
@@ -158,7 +159,7 @@ def lora_rollout(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> Non
     import peft
 
     from llmstages.peft import apply_lora, merged_for_sampling
-    from llmstages.peft.export import peft_state_dict
+    from llmstages.store.peft import peft_state_dict
 
     ours, hf = copy.deepcopy(ours), copy.deepcopy(hf)
     apply_lora(ours, rank=16, alpha=32, target_modules="all-linear")

@@ -25,8 +25,8 @@ from llmstages.data.tokenizer import train_bpe  # noqa: E402
 from llmstages.model import GPT, generate, preset  # noqa: E402
 from llmstages.model.generate import sample_replies  # noqa: E402
 from llmstages.peft import apply_lora, disable_adapters  # noqa: E402
+from llmstages.rl.rollout import reply_rows  # noqa: E402
 from llmstages.stages.ppo import ActorCritic  # noqa: E402
-from llmstages.train.rollout import reply_rows  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, current_rss_mib, machine, median, peak_rss_mib  # noqa: E402
 
 from llmstages.losses import cross_entropy, linear_cross_entropy, shift_labels  # noqa: E402
-from llmstages.model import load_model  # noqa: E402
+from llmstages.store import load_model  # noqa: E402
 
 SIZE = dict(n_layers=6, d_model=384, n_heads=6, vocab_size=8192, batch=8, seq=256)
 

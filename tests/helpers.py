@@ -56,7 +56,8 @@ def save_hf(model, path: Path, tokenizer: Tokenizer | None = None) -> Path:
 def builtin_base(path: Path) -> Path:
     """A tiny untrained Llama with a BPE trained on a slice of the built-in corpus, saved as a model directory."""
     from llmstages.data.builtin import builtin_corpus
-    from llmstages.model import GPT, preset, save_model
+    from llmstages.model import GPT, preset
+    from llmstages.store import save_model
 
     tok = train_bpe(builtin_corpus(0, 0.2), 600)
     torch.manual_seed(0)

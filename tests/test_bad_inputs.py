@@ -72,7 +72,8 @@ def world(tmp_path_factory):
     shutil.copytree(root / "hf", root / "hf_torn")
     (root / "hf_torn" / "config.json").write_text('{"model_type": "llama", "vocab_size": ')
     p["hf_torn"] = str(root / "hf_torn")
-    from llmstages.model import GPT, preset, save_model
+    from llmstages.model import GPT, preset
+    from llmstages.store import save_model
 
     big = tiny_tokenizer(600)
     small = GPT(preset("llama_tiny", vocab_size=320, n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, block_size=64))
@@ -188,7 +189,8 @@ def _base(path: Path) -> Path:
     """A tiny untrained Llama with a context long enough for every stage's default seq_len (128)."""
     from llmstages.data.builtin import builtin_corpus
     from llmstages.data.tokenizer import train_bpe
-    from llmstages.model import GPT, preset, save_model
+    from llmstages.model import GPT, preset
+    from llmstages.store import save_model
 
     tok = train_bpe(builtin_corpus(0, 0.1), 500)
     torch.manual_seed(0)
@@ -574,7 +576,7 @@ def test_a_full_disk_during_export_keeps_the_earlier_export(world, tmp_path, cap
     out = tmp_path / "export"
     assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out)]) == 0
     before = snapshot(tmp_path)
-    monkeypatch.setattr("llmstages.model.io.save_file", _writer_fails(error))
+    monkeypatch.setattr("llmstages.store.io.save_file", _writer_fails(error))
     capsys.readouterr()
     assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out), "--force"]) == 2
     err = capsys.readouterr().err
@@ -584,7 +586,7 @@ def test_a_full_disk_during_export_keeps_the_earlier_export(world, tmp_path, cap
 
 
 def test_a_full_disk_during_a_first_export_leaves_nothing(world, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("llmstages.model.io.save_file", _writer_fails(NO_SPACE[0]))
+    monkeypatch.setattr("llmstages.store.io.save_file", _writer_fails(NO_SPACE[0]))
     assert main(["export", "--model", world.paths["base"], "--out", str(tmp_path / "export")]) == 2
     assert "(nothing was written there)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -7,10 +7,11 @@ import io
 
 import pytest
 
+import llmstages.chat as chat_module
 import llmstages.model as model_pkg
 from llmstages.cli import main
 from llmstages.data.chat import prompt_ids
-from llmstages.model import load_tokenizer
+from llmstages.store import load_tokenizer
 from tests.helpers import builtin_base
 
 
@@ -29,7 +30,7 @@ def test_two_turns_then_reset(base, monkeypatch, capsys):
         replies.append(out.tokens[0, : int(out.lengths[0])].tolist())
         return out
 
-    monkeypatch.setattr(model_pkg, "generate", spy)
+    monkeypatch.setattr(chat_module, "generate", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("Where does Ada live?\nAnd Bram?\n/reset\nHello\n/exit\nnever read\n"))
     argv = ["chat", "--model", str(base), "--system", "Be brief.", "--max-new-tokens", "6", "--device", "cpu"]
     assert main(argv) == 0
@@ -70,7 +71,7 @@ def _stdin(data: bytes, errors: str = "strict") -> io.TextIOWrapper:
 )
 def test_binary_stdin_is_one_line_and_exit_2(base, monkeypatch, capsys, data, errors, says):
     sent = []
-    monkeypatch.setattr(model_pkg, "generate", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr(chat_module, "generate", lambda *a, **k: sent.append(a))
     monkeypatch.setattr("sys.stdin", _stdin(data, errors))
     assert main(["chat", "--model", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -86,7 +87,7 @@ def test_an_unknown_command_is_not_sent(base, monkeypatch, capsys):
         prompts.append(list(ids[0]))
         return real(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(model_pkg, "generate", spy)
+    monkeypatch.setattr(chat_module, "generate", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("/foo bar\n/help\nWhere does Ada live?\n/exit\n"))
     assert main(["chat", "--model", str(base), "--max-new-tokens", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

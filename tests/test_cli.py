@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmstages.cli import main
-from llmstages.model import GPT, preset, save_model
+from llmstages.model import GPT, preset
+from llmstages.store import save_model
 from tests.helpers import tiny_tokenizer
 
 
@@ -81,7 +82,7 @@ def test_export_hf_from_the_cli(model_dir, tmp_path, capsys):
     assert code == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(0, 300, (1, 9))
-    from llmstages.model import load_model
+    from llmstages.store import load_model
 
     with torch.no_grad():
         assert (hf(x).logits - load_model(model_dir)(x)).abs().max() < 1e-4

@@ -213,6 +213,56 @@ def test_head_logprobs_equal_the_plain_ones_with_gradients(wrapped, temperature)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_head_carrying_lora_is_fused_and_equals_its_logits(dora):
+    """A LoRA/DoRA output head (peft.target_modules naming lm_head) goes through the fused losses as its one
+    matrix (`effective_weight`), no (tokens x vocab) logits: the cross-entropy, log-probs and entropies equal those
+    of the head's own forward (W x + s B A x), with the gradients of the hidden states and of A, B and DoRA's
+    magnitudes, fp32."""
+    from llmstages.peft import LoRALinear
+
+    torch.manual_seed(0)
+    head = LoRALinear.from_linear(torch.nn.Linear(16, 300, bias=False), rank=4, alpha=8, use_dora=dora)
+    with torch.no_grad():
+        head.lora_B.weight.normal_(0, 0.1)  # off zero, so that the adapter counts
+        if dora:
+            head.lora_magnitude_vector.mul_(torch.rand(300) + 0.5)
+    assert L.head_weight(head) is not None  # fused, not the fallback
+    params = [p for p in head.parameters() if p.requires_grad]
+    hidden = torch.randn(3, 400, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 400))
+    targets[:, :150] = L.IGNORE_INDEX
+    mask = (targets != L.IGNORE_INDEX).float()
+    b = torch.randn(3, 400)
+
+    def grads(loss):
+        return torch.autograd.grad(loss, [hidden, *params])
+
+    got = L.head_cross_entropy(hidden, head, targets)
+    logits = head(hidden)  # the layer's own forward: the base product plus the adapter's path
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), targets.reshape(-1), reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    for g, w in zip(grads(got), grads(want)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    logp, ent = L.head_logprobs(hidden, head, targets, 0.7)
+    want_logp, want_ent = L.token_logprobs(head(hidden) / 0.7, targets), L.entropy_from_logits(head(hidden) / 0.7)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent * mask, want_ent * mask, rtol=1e-5, atol=1e-5)
+    got_g = grads(logp.sum() + (ent * b * mask).sum())
+    for g, w in zip(got_g, grads(want_logp.sum() + (want_ent * b * mask).sum())):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_that_is_not_one_matrix_goes_through_its_logits():
+    """Dropout on a LoRA head's input while training, or a bias: no single matrix is the head, so `head_weight`
+    says so (None) and the losses take its logits."""
+    from llmstages.peft import LoRALinear
+
+    head = LoRALinear.from_linear(torch.nn.Linear(16, 30, bias=False), rank=2, dropout=0.1)
+    assert L.head_weight(head.train()) is None and L.head_weight(head.eval()) is not None
+    assert L.head_weight(torch.nn.Linear(16, 30, bias=True)) is None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The GRPO family. One 2 x 3 rollout worked by hand: row 0 has ratios (1.5, 0.7, 1) and A = 1, row 1 ratios
 # (1.1, 0.5) and A = -2 with a third, masked token whose huge ratio must not count. Clip [1 - 0.2, 1 + 0.28].

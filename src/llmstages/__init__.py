@@ -1,15 +1,7 @@
 """llmstages: pre-training, fine-tuning and alignment of language models in one PyTorch-native codebase."""
 
-from llmstages.model import (
-    GPT,
-    ModelConfig,
-    export_hf,
-    generate,
-    load_model,
-    load_tokenizer,
-    preset,
-    save_model,
-)
+from llmstages.model import GPT, ModelConfig, generate, preset
+from llmstages.store import export_hf, load_model, load_tokenizer, save_model
 
 __version__ = "0.1.0"
 __all__ = [

@@ -163,20 +163,22 @@ def final_dir(out: Path, name: str) -> Path:
 
 
 def run_step(out: Path, name: str, quick: bool, seed: int = 0, world_seed: int = 0) -> float:
-    """Train one step of the pipeline unless its final model is already there; returns the seconds it took."""
+    """Train one step of the pipeline unless its final model is already there; returns the seconds it took. The
+    step's config is its shipped recipe (with the --quick settings), chained to the step before it."""
+    from llmstages.stages import STAGES
+
     recipe, full, short = PLAN[name]
     if (final_dir(out, name) / "config.json").is_file():
         return 0.0
-    overrides = [f"out_dir={out / name}", f"seed={seed}", f"world_seed={world_seed}", *full, *(short if quick else [])]
+    cfg = STAGES[name].load(recipe, [*full, *(short if quick else [])])
+    cfg.out_dir, cfg.seed, cfg.world_seed = str(out / name), seed, world_seed
     previous = {"pretrain": None, "sft": out / "pretrain" / "final"}.get(name, out / "sft" / "final")
     if previous is not None:
-        overrides.append(f"model.path={previous}")
+        cfg.model.path = str(previous)
     if name != "cai":
-        overrides.append("resume=true")
-    from llmstages.stages import STAGES
-
+        cfg.resume = True
     t0 = time.perf_counter()
-    STAGES[name].run(recipe, overrides)
+    STAGES[name].main(cfg, True)
     return time.perf_counter() - t0
 
 
@@ -189,7 +191,7 @@ def evaluate(out: Path, quick: bool, seed: int = 0, world_seed: int = 0) -> dict
     """Held-out metrics of every step, keyed as in summary.json."""
     from llmstages.eval.facts import fact_accuracy
     from llmstages.eval.policy import ORACLE, evaluate_dir, label_agreement
-    from llmstages.model import load_model, load_tokenizer
+    from llmstages.store import load_model, load_tokenizer
 
     samples = 1 if quick else 4
     sft_dir = str(out / "sft" / "final")
@@ -308,7 +310,7 @@ def _claim(out: Path, seeds: dict[str, Any]) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, world_seed: int = 0) -> dict:
-    from llmstages.monitor.report import write_report
+    from llmstages.report import write_report
 
     out = Path(out)
     _claim(out, {"seed": seed, "world_seed": world_seed, "quick": quick})

@@ -96,11 +96,22 @@ def linear_cross_entropy(
     return total / (t != ignore_index).sum().clamp(min=1)
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
-    """-sum_t log p(y_t) of the logits head(hidden): fused and chunked (linear_cross_entropy) when the head is a
-    plain nn.Linear; any other head (e.g. one carrying an adapter) through its full logits."""
+def head_weight(head: nn.Module) -> torch.Tensor | None:
+    """The one (V, d) matrix `head` multiplies by, for the fused losses: a bias-free nn.Linear's weight, or what a
+    head carrying an adapter gives as `effective_weight()` (LoRA/DoRA: W + s B A, differentiable in A and B);
+    None where no single matrix is the head (a bias, dropout on an adapter): the losses then take its logits."""
     if type(head) is nn.Linear:
-        return linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
+        return head.weight if head.bias is None else None
+    effective = getattr(head, "effective_weight", None)
+    return effective() if callable(effective) else None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_t log p(y_t) of the logits head(hidden): fused and chunked (linear_cross_entropy) where the head is one
+    matrix (`head_weight`: a plain nn.Linear, or a LoRA/DoRA head); otherwise through its full logits."""
+    w = head_weight(head)
+    if w is not None:
+        return linear_cross_entropy(hidden, w, targets, reduction="sum")
     logits = head(hidden).float()
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
@@ -349,15 +360,17 @@ def head_logprobs(
     chunk: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target_t), entropy_t) of softmax(head(hidden) / temperature) at each position, both 0 where the
-    target is ignored; hidden (B, T, d), targets (B, T). Only the target positions are computed, and with a plain
-    nn.Linear head in chunks without the (tokens x vocab) logits (`_LinearLogprobs`); any other head through its
-    logits. Equal to token_logprobs / entropy_from_logits of head(hidden) / temperature, with their gradients."""
+    target is ignored; hidden (B, T, d), targets (B, T). Only the target positions are computed, and where the head
+    is one matrix (`head_weight`) in chunks without the (tokens x vocab) logits (`_LinearLogprobs`); any other head
+    through its logits. Equal to token_logprobs / entropy_from_logits of head(hidden) / temperature, with their
+    gradients."""
     valid = targets != ignore_index
     rows = valid.reshape(-1).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)
     t = targets.reshape(-1).index_select(0, rows)
-    if type(head) is nn.Linear and head.bias is None:
-        logp, ent = _LinearLogprobs.apply(h, head.weight, t, 1.0 / temperature, chunk)
+    w = head_weight(head)
+    if w is not None:
+        logp, ent = _LinearLogprobs.apply(h, w, t, 1.0 / temperature, chunk)
     else:
         z = head(h).float() / temperature
         logp = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)

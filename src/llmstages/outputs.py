@@ -17,12 +17,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from llmstages.errors import UserError
@@ -63,10 +64,6 @@ def _run_mark(path: Path) -> dict:
 def run_stage(path: Path) -> str | None:
     """The stage that made the run folder `path` (None for a folder from before the mark)."""
     return _run_mark(path).get("stage")
-
-
-def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not is_run_dir(path)
 
 
 def is_empty_dir(path: Path) -> bool:
@@ -327,3 +324,29 @@ def write_file(path: Path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An error from a full disk (or quota): an OSError with ENOSPC/EDQUOT, or the text of one that the Rust
+    writers (safetensors, tokenizers) raise as their own exception types."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL
+    text = str(e)
+    return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: str | Path, what: str) -> Iterator[None]:
+    """Turn running out of disk space while writing `path` (a folder or file written whole, under a temporary name)
+    into one line saying so; the writer has removed its temporary copy, so an earlier `what` there is kept."""
+    existed = Path(path).exists()
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, UserError) or not is_disk_full(e):
+            raise
+        kept = f"the earlier {what} there is kept" if existed else "nothing was written there"
+        raise UserError(f"no space left on device: {path} ({kept})") from None

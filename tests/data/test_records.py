@@ -19,8 +19,8 @@ from llmstages.data.preference import read_preferences, read_prompts
 from llmstages.data.records import read_records
 from llmstages.data.text import iter_documents
 from llmstages.errors import UserError
-from llmstages.model import load_tokenizer
 from llmstages.stages import sft
+from llmstages.store import load_tokenizer
 from tests.helpers import builtin_base
 
 SFT_ROWS = [{"question": f"Where does person {i} live?", "answer": f"In town {i}."} for i in range(12)]

@@ -12,8 +12,9 @@ import torch
 from llmstages.cli import main
 from llmstages.data.chat import tokenize_conversation
 from llmstages.eval import lm
-from llmstages.model import load_model, load_tokenizer, save_model
-from llmstages.model.heads import RewardModel, save_head
+from llmstages.model.heads import RewardModel
+from llmstages.store import load_model, load_tokenizer, save_model
+from llmstages.store.heads import save_head
 from tests.helpers import builtin_base
 
 DOCS = ["Ada lives in Oakfield.", "Bram works as a baker in Millbrook and keeps a green parrot.", "Two plus two."]

@@ -13,7 +13,8 @@ from llmstages.data.chat import prompt_ids
 from llmstages.data.oracle import oracle_reward
 from llmstages.data.prompts import builtin_prompts
 from llmstages.eval.policy import compare, pair_agreement, reply_logprob, win_rate
-from llmstages.model import generate, load_model, load_tokenizer, save_model
+from llmstages.model import generate
+from llmstages.store import load_model, load_tokenizer, save_model
 from tests.helpers import builtin_base, tiny_tokenizer
 
 

@@ -7,20 +7,20 @@ import torch
 from torch import nn
 
 from llmstages.errors import UserError
-from llmstages.model import GPT, export_hf, load_model, preset
+from llmstages.model import GPT, preset
 from llmstages.peft import (
     LoRALinear,
     adapter_state_dict,
     apply_adapters,
     apply_lora,
     disable_adapters,
-    load_adapter,
     merge_lora,
     merged_for_sampling,
-    save_adapter,
     trainable_parameters,
 )
-from llmstages.peft.export import export_peft
+from llmstages.store import export_hf, load_model
+from llmstages.store.adapter import load_adapter, save_adapter
+from llmstages.store.peft import export_peft
 from tests.helpers import hf_model, save_hf
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from llmstages.cli import main
 from llmstages.data.constitution import Principle
-from llmstages.model import load_tokenizer
 from llmstages.stages import constitutional as cai
+from llmstages.store import load_tokenizer
 from tests.helpers import builtin_base
 
 SHORTER = Principle("concise", "Is the answer '{response}' short?", "Shorten the answer '{response}'",
@@ -117,7 +117,8 @@ def test_feedback_model_with_its_own_tokenizer(base, tmp_path):
     from llmstages.data.builtin import builtin_corpus
     from llmstages.data.text import tokenizer_hash
     from llmstages.data.tokenizer import train_bpe
-    from llmstages.model import GPT, preset, save_model
+    from llmstages.model import GPT, preset
+    from llmstages.store import save_model
 
     tok = train_bpe(builtin_corpus(0, 0.1), 500)
     assert tokenizer_hash(tok) != tokenizer_hash(load_tokenizer(base))

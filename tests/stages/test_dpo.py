@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.model import load_model, load_tokenizer, save_model
 from llmstages.monitor.metrics import read_metrics
 from llmstages.peft import apply_lora
+from llmstages.store import load_model, load_tokenizer, save_model
 from tests.helpers import builtin_base, stop_after_step, trace
 
 FAST = [
@@ -119,10 +119,10 @@ def test_builtin_pairs_when_no_data_is_given(setup_dirs, tmp_path):
 
 
 def test_builtin_pairs_put_the_oracles_favourite_first(setup_dirs, monkeypatch):
-    from llmstages.data import prompts as builtin_data
     from llmstages.data.builtin import World
     from llmstages.data.oracle import parse_question
-    from llmstages.model import load_model, load_tokenizer
+    from llmstages.rl import pairs as builtin_data
+    from llmstages.store import load_model, load_tokenizer
 
     world = World(0)
     prompts, _ = builtin_data.builtin_prompts(0, 8)
@@ -143,10 +143,10 @@ def test_builtin_pairs_put_the_oracles_favourite_first(setup_dirs, monkeypatch):
 
 
 def test_builtin_pairs_from_more_samples_take_every_differently_scored_pair(setup_dirs, monkeypatch):
-    from llmstages.data import prompts as builtin_data
     from llmstages.data.builtin import World
     from llmstages.data.oracle import parse_question
-    from llmstages.model import load_model, load_tokenizer
+    from llmstages.rl import pairs as builtin_data
+    from llmstages.store import load_model, load_tokenizer
 
     world = World(0)
     prompts, _ = builtin_data.builtin_prompts(0, 8)

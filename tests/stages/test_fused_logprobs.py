@@ -11,9 +11,9 @@ from llmstages import losses as L
 from llmstages.model import GPT, preset
 from llmstages.model.heads import RewardModel
 from llmstages.peft import apply_peft
+from llmstages.rl.rollout import policy_logprobs
 from llmstages.stages import dpo
 from llmstages.stages.ppo import ActorCritic
-from llmstages.train.rollout import policy_logprobs
 
 
 def model_with_lora(targets: str | list[str]) -> GPT:

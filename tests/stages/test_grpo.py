@@ -10,8 +10,9 @@ import pytest
 from llmstages.cli import main
 from llmstages.data.builtin import builtin_corpus
 from llmstages.data.tokenizer import train_bpe
-from llmstages.model import GPT, preset, save_model
+from llmstages.model import GPT, preset
 from llmstages.monitor.metrics import read_metrics
+from llmstages.store import save_model
 from tests.helpers import builtin_base, stop_after_step, trace
 
 FAST = [
@@ -59,7 +60,8 @@ def test_bad_reward_sources(base_dir, tmp_path, capsys):
     assert "reward.fn 'no_such_module:score' does not import" in capsys.readouterr().err
     assert _grpo(base_dir, tmp_path / "x", f"reward.model={base_dir}") == 2
     assert "not a reward model" in capsys.readouterr().err
-    from llmstages.model.heads import ScalarHead, save_head
+    from llmstages.model.heads import ScalarHead
+    from llmstages.store.heads import save_head
 
     other_tok = train_bpe(builtin_corpus(1, 0.1), 500)
     rm_dir = save_model(GPT(preset("llama_tiny", vocab_size=other_tok.vocab_size, n_layers=1, d_model=32, n_heads=2,
@@ -78,7 +80,7 @@ def test_long_prompts_are_cut_from_the_left_to_leave_room_for_the_replies(base_d
     """A prompt longer than the model's context (64) less grpo.max_new_tokens keeps its end, and the run samples and
     trains; a max_new_tokens that leaves no room for a prompt is refused before anything is written."""
     from llmstages.data.chat import prompt_ids
-    from llmstages.model import load_tokenizer
+    from llmstages.store import load_tokenizer
 
     long = "Ada lives in Oakfield and keeps a grey cat. " * 10 + "Where does Ada live?"
     assert len(prompt_ids([{"role": "user", "content": long}], load_tokenizer(base_dir))) > 64
@@ -295,8 +297,8 @@ def test_overlong_filter_masks_the_unfinished_replies(base_dir, tmp_path, monkey
     """Every third reply is made to end with an EOS after 2 tokens; the others reach max_new_tokens unfinished.
     With grpo.overlong_filter the loss counts exactly the finished replies' tokens (the unfinished rows hold no
     target) and overlong_filtered is the unfinished share."""
-    from llmstages.model import load_tokenizer
     from llmstages.stages import grpo
+    from llmstages.store import load_tokenizer
 
     eos, real, drawn = load_tokenizer(base_dir).eos_id, grpo.sample_replies, []
 

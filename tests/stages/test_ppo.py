@@ -67,8 +67,8 @@ def test_bad_settings(base_dir, tmp_path, capsys):
 def test_compile_and_activation_checkpointing_reach_every_model_and_change_no_step(base_dir, tmp_path, monkeypatch):
     """train.compile compiles the policy, the separate critic and the frozen reference, and with activation
     checkpointing the first update's figures equal the eager run's (decoding stays eager: the same rollout)."""
+    import llmstages.rl.rollout as rollout
     import llmstages.train.loop as loop
-    import llmstages.train.rollout as rollout
 
     compiled = []
     for module in (loop, rollout):

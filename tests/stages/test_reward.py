@@ -10,9 +10,11 @@ import torch
 
 from llmstages.cli import main
 from llmstages.data.preference import pair_batch, read_preferences, tokenize_pair
-from llmstages.model import GPT, load_tokenizer, preset
-from llmstages.model.heads import RewardModel, load_reward_model
+from llmstages.model import GPT, preset
+from llmstages.model.heads import RewardModel
 from llmstages.monitor.metrics import read_metrics
+from llmstages.store import load_tokenizer
+from llmstages.store.heads import load_reward_model
 from tests.helpers import builtin_base
 
 FAST = [

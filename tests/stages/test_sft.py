@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.model import load_model
 from llmstages.monitor.metrics import read_metrics
+from llmstages.store import load_model
 from tests.helpers import builtin_base, hf_model, save_hf, stop_after_step, tiny_tokenizer, trace
 
 FAST = [

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from llmstages import losses as L
 from llmstages.cli import main
-from llmstages.model import GPT, load_model, preset
+from llmstages.model import GPT, preset
 from llmstages.monitor.metrics import read_metrics
 from llmstages.peft import apply_lora
+from llmstages.store import load_model
 from llmstages.train import frozen
 from llmstages.train.frozen import hold_frozen, restore_frozen
 from tests.helpers import builtin_base, hf_model, save_hf, tiny_tokenizer

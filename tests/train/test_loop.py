@@ -266,8 +266,8 @@ def test_the_final_model_is_refused_when_the_base_changed_during_the_run(tmp_pat
     from safetensors.torch import load_file, save_file
 
     from llmstages.errors import UserError
-    from llmstages.model import load_model
     from llmstages.outputs import start_run_dir
+    from llmstages.store import load_model
     from llmstages.train import checkpoint as ckpt
     from tests.helpers import builtin_base
 

@@ -30,7 +30,7 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model import GPT
 from llmstages.model.generate import sample_many
-from llmstages.train.rollout import RewardFn, import_reward_fn, reply_rows, with_world
+from llmstages.rl.rollout import RewardFn, import_reward_fn, reply_rows, with_world
 
 
 @dataclass
@@ -172,8 +172,8 @@ def evaluate_dir(
     from llmstages.data.preference import read_prompts
     from llmstages.data.prompts import builtin_prompts
     from llmstages.data.text import tokenizer_hash
-    from llmstages.model import load_model, load_tokenizer
-    from llmstages.train.rollout import reward_source
+    from llmstages.rl.rollout import reward_source
+    from llmstages.store import load_model, load_tokenizer
 
     model = load_model(model_dir, device=device).eval()
     tok = load_tokenizer(model_dir)
@@ -214,8 +214,8 @@ def label_agreement(paths: Sequence[str], reward: str = ORACLE, world_seed: int 
 
     if Path(reward).is_dir():  # a reward model: this is its accuracy on the file's pairs
         from llmstages.config import RewardSourceArgs
-        from llmstages.model import load_tokenizer
-        from llmstages.train.rollout import reward_source
+        from llmstages.rl.rollout import reward_source
+        from llmstages.store import load_tokenizer
 
         score = reward_source(RewardSourceArgs(fn=None, model=reward), load_tokenizer(reward), "cpu")
     else:

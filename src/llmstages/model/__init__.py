@@ -1,15 +1,11 @@
-"""The model: one decoder (gpt.py), generation with a KV cache (generate.py), model directories (io.py, hf.py)."""
+"""The model: one decoder (gpt.py) and its presets (presets.py), generation with a KV cache (generate.py), reward
+and value heads (heads.py).
+
+Reading and writing model directories sits one layer up, in `llmstages.store`."""
 
 from llmstages.model.generate import Generation, KVCache, generate
-from llmstages.model.gpt import GPT, PRESETS, ModelConfig, count_params, flops_per_token, num_params, preset
-from llmstages.model.io import (
-    export_hf,
-    load_config,
-    load_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    save_model,
-)
+from llmstages.model.gpt import GPT, ModelConfig, count_params, flops_per_token, num_params
+from llmstages.model.presets import PRESETS, preset
 
 __all__ = [
     "GPT",
@@ -18,14 +14,8 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "count_params",
-    "export_hf",
     "flops_per_token",
     "generate",
-    "load_config",
-    "load_model",
-    "load_model_and_tokenizer",
-    "load_tokenizer",
     "num_params",
     "preset",
-    "save_model",
 ]

@@ -9,6 +9,7 @@ replies to one prompt) share its prefill: the prompt's keys and values are compu
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,14 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
         ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, P - len(p) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def check_temperature(t: float, name: str) -> None:
+    """A sampling temperature: finite and >= 0 (0 is greedy); `name` is the key or flag it came from."""
+    if not math.isfinite(t):
+        raise UserError(f"{name} must be a finite number >= 0 (0 is greedy), got {t}")
+    if t < 0:
+        raise UserError(f"{name} must be >= 0 (0 is greedy), got {t}")
 
 
 def sample_next(

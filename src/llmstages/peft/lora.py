@@ -103,6 +103,17 @@ class LoRALinear(nn.Module):
         out = self._dora_scale() * (F.linear(x, self.weight) + lora)
         return out if self.bias is None else out + self.bias
 
+    def effective_weight(self) -> torch.Tensor | None:
+        """The one matrix this layer multiplies by, with the adapter's gradient through it: W + s B A (DoRA:
+        m / ||W + s B A||_row * (W + s B A), the norm detached as in `forward`), in fp32; None where no single matrix
+        is the layer (dropout on the adapter's input while training, a bias). The fused losses use it for a head."""
+        if self.disabled or self.merged:
+            return self.weight if self.bias is None else None
+        if self.bias is not None or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return None
+        w = self.weight.float() + self.delta_weight().float()
+        return self._dora_scale().float()[:, None] * w if self.use_dora else w
+
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)) as a new tensor in the base's dtype, summed in fp32;

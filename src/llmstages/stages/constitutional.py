@@ -40,9 +40,10 @@ from llmstages.data.lengths import check_room, fit_prompts
 from llmstages.data.prompts import prompt_sets
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_config, load_model, load_tokenizer
+from llmstages.model import GPT
 from llmstages.model.generate import sample_many
 from llmstages.outputs import claim_run_dir, start_run_dir
+from llmstages.store import load_config, load_model, load_tokenizer
 from llmstages.train.loop import resolve_device
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
@@ -346,13 +347,20 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
     else:
         main_revise(cfg, progress)
 
-    def step(stage: str, recipe: str, *overrides: str) -> None:  # a shipped recipe, chained into this folder
-        if not done(out / stage):
-            common = [f"out_dir={out / stage}", "resume=true", f"seed={cfg.seed}", f"world_seed={cfg.world_seed}"]
-            STAGES[stage].run(recipe, [*common, *overrides], progress)
+    def step(stage: str, recipe: str, model: str, overrides: list[str], data: Path | None = None) -> None:
+        """A shipped recipe with the run's overrides (`run.<stage>`), chained into this folder."""
+        if done(out / stage):
+            return
+        c = STAGES[stage].load(recipe, overrides)
+        c.out_dir, c.resume, c.seed, c.world_seed = str(out / stage), True, cfg.seed, cfg.world_seed
+        c.model.path = model
+        if data is not None:
+            c.data.path = [str(data)]
+        if stage == "ppo":
+            c.reward.model = str(out / "reward" / "final")
+        STAGES[stage].main(c, progress)
 
-    revised = out / "revise" / "sft.jsonl"
-    step("sft", "sft/lora.yaml", f"model.path={cfg.model.path}", f"data.path=[{revised}]", *cfg.run.sft)
+    step("sft", "sft/lora.yaml", cfg.model.path, cfg.run.sft, out / "revise" / "sft.jsonl")
     policy = str(out / "sft" / "final")
     if (out / "label" / "pairs.jsonl").is_file():
         say("label: reusing label/pairs.jsonl")
@@ -360,10 +368,10 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
         main_label(cfg, progress, policy_path=policy if cfg.label.sample_from == "revised" else cfg.model.path)
     pairs = out / "label" / "pairs.jsonl"
     if cfg.run.align == "dpo":
-        step("dpo", "dpo/lora.yaml", f"model.path={policy}", f"data.path=[{pairs}]", *cfg.run.dpo)
+        step("dpo", "dpo/lora.yaml", policy, cfg.run.dpo, pairs)
     else:
-        step("reward", "reward/lora.yaml", f"model.path={policy}", f"data.path=[{pairs}]", *cfg.run.reward)
-        step("ppo", "ppo/lora.yaml", f"model.path={policy}", f"reward.model={out / 'reward' / 'final'}", *cfg.run.ppo)
+        step("reward", "reward/lora.yaml", policy, cfg.run.reward, pairs)
+        step("ppo", "ppo/lora.yaml", policy, cfg.run.ppo)
     final = out / cfg.run.align / "final"
     say(f"done; the aligned policy is {final}")
     return {"revise": str(out / "revise"), "sft": policy, "label": str(pairs), "final": str(final)}

@@ -36,14 +36,15 @@ from llmstages.data.preference import (
     tokenize_pairs,
     unpaired,
 )
-from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model_and_tokenizer, save_model
+from llmstages.model import GPT
 from llmstages.peft import disable_adapters, prepare_policy, trainable_parameters
+from llmstages.rl.pairs import builtin_preference_pairs
+from llmstages.rl.rollout import policy_logprobs
+from llmstages.store import load_model_and_tokenizer, save_model
 from llmstages.train.frozen import base_weights, hold_frozen
 from llmstages.train.loop import EpochSampler, Loop, compile_blocks, prepare_run_dir, start_run
-from llmstages.train.rollout import policy_logprobs
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto")

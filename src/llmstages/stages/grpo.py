@@ -5,7 +5,7 @@ towards replies that beat their group's mean, with a k3 KL penalty to the refere
 
 The reward is reward.fn, or the weighted sum of reward.fns (each logged as reward/NAME), or a reward model; a
 prompt file's other columns (e.g. `answer`) reach the reward functions as keyword lists, each prompt's entries
-repeated for its group_size replies (train/rollout.py).
+repeated for its group_size replies (rl/rollout.py).
 
 Each optimizer step draws a fresh rollout from the current policy (one update per rollout, as TRL's default
 num_iterations=1: the probability ratio is 1 at the update, and the clip only matters with several updates);
@@ -32,14 +32,11 @@ from llmstages import losses as L
 from llmstages.config import GRPOArgs, GRPOConfig
 from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
-from llmstages.model import GPT, save_model
+from llmstages.model import GPT
 from llmstages.model.generate import sample_replies
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import merged_for_sampling, trainable_parameters
-from llmstages.train import distributed
-from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
-from llmstages.train.rollout import (
+from llmstages.rl.rollout import (
     PolicySetup,
     evaluate_policy,
     load_policy,
@@ -49,6 +46,10 @@ from llmstages.train.rollout import (
     reply_rows,
     unpack_rollout,
 )
+from llmstages.store import save_model
+from llmstages.train import distributed
+from llmstages.train.frozen import base_weights
+from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
 
 
 def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:

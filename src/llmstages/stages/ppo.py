@@ -29,15 +29,12 @@ from llmstages import losses as L
 from llmstages.config import PPOArgs, PPOConfig
 from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
-from llmstages.model import GPT, save_model
+from llmstages.model import GPT
 from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import merge_lora, merged_for_sampling, trainable_parameters
-from llmstages.train import distributed
-from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
-from llmstages.train.rollout import (
+from llmstages.rl.rollout import (
     PolicySetup,
     evaluate_policy,
     load_policy,
@@ -46,6 +43,10 @@ from llmstages.train.rollout import (
     reply_rows,
     unpack_rollout,
 )
+from llmstages.store import save_model
+from llmstages.train import distributed
+from llmstages.train.frozen import base_weights
+from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 

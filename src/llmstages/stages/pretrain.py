@@ -33,7 +33,8 @@ from llmstages.data.tokenizer import Tokenizer, train_bpe
 from llmstages.errors import UserError
 from llmstages.eval.facts import fact_recall
 from llmstages.losses import count_targets
-from llmstages.model import GPT, flops_per_token, load_model, load_tokenizer, num_params, preset, save_model
+from llmstages.model import GPT, flops_per_token, num_params, preset
+from llmstages.store import load_model, load_tokenizer, save_model
 from llmstages.train import distributed
 from llmstages.train.loop import Loop, prepare_run_dir, start_run
 

@@ -21,12 +21,13 @@ from llmstages import losses as L
 from llmstages.config import RewardConfig
 from llmstages.data.lengths import Tally, train_window
 from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pairs
-from llmstages.data.prompts import builtin_preference_pairs
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import load_model_and_tokenizer, save_model
-from llmstages.model.heads import RewardModel, save_head
+from llmstages.model.heads import RewardModel
 from llmstages.peft import merge_lora, peft_config, prepare_policy, trainable_parameters
+from llmstages.rl.pairs import builtin_preference_pairs
+from llmstages.store import load_model_and_tokenizer, save_model
+from llmstages.store.heads import save_head
 from llmstages.train.frozen import base_weights
 from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
 

@@ -34,8 +34,9 @@ from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.eval.lm import EvalItem, builtin_items, conversation_item, exact_match, fit_items
 from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
-from llmstages.model import GPT, flops_per_token, load_model_and_tokenizer, load_tokenizer, save_model
+from llmstages.model import GPT, flops_per_token
 from llmstages.peft import prepare_policy, trainable_parameters
+from llmstages.store import load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.train.frozen import base_weights
 from llmstages.train.loop import (
     EpochSampler,

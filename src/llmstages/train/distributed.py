@@ -285,7 +285,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def wrap(model: nn.Module, d: Dist, precision: str = "fp32") -> Any:
     """Apply the strategy to `model` in place where it shards (fsdp, tp); returns what the loss function is
-    given: the model itself, a DDPModel, or (pp) a Pipeline."""
+    given: the model itself or a DDPModel. Pipeline parallel (pp) is `pipeline.Pipeline(model, d)` instead."""
     if d.strategy == "none":
         return model
     if d.strategy in ("ddp", "zero1"):
@@ -298,10 +298,6 @@ def wrap(model: nn.Module, d: Dist, precision: str = "fp32") -> Any:
     if d.strategy in ("fsdp", "fsdp+tp"):
         shard_fsdp(model, d, precision)
         return model
-    if d.strategy == "pp":
-        from llmstages.train.pipeline import Pipeline
-
-        return Pipeline(model, d)
     return model
 
 

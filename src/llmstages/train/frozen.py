@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmstages.model.gpt import GPT
+
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -27,16 +29,18 @@ def _is_linear(m: nn.Module) -> bool:
 
 def hold_frozen(model: nn.Module, precision: str) -> list[str]:
     """Cast the frozen weight and bias of every linear layer to the compute dtype of `precision` (nothing under
-    fp32); returns the names of the parameters cast. The output head (`lm_head`, which the fused losses multiply in
-    fp32) and a weight shared with a module that is not linear (an embedding tied to it) are left as they are."""
+    fp32); returns the names of the parameters cast. The output head of every `GPT` in `model` (which the fused
+    losses multiply in fp32) and a weight shared with a module that is not linear (an embedding tied to it) are left
+    as they are."""
     dtype = HALF.get(precision)
     if dtype is None:
         return []
     shared = {id(p) for m in model.modules() if not _is_linear(m) for p in m._parameters.values() if p is not None}
+    heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
     cast: dict[int, nn.Parameter] = {}
     names = []
     for name, m in model.named_modules():
-        if not _is_linear(m) or name.rpartition(".")[2] == "lm_head":
+        if not _is_linear(m) or id(m) in heads:
             continue  # the output head: the fused losses multiply it in fp32 (losses.py), so it stays fp32
         for attr in ("weight", "bias"):
             p = m._parameters.get(attr)
@@ -67,8 +71,8 @@ def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torc
 def base_weights(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
     """The frozen weights a stage starts from, as it loads them: the model directory `path`, a LoRA/DoRA it
     carries merged (peft.prepare_policy does the same); keys prefixed with `prefix` (a wrapper's attribute)."""
-    from llmstages.model import load_model
     from llmstages.peft import merge_lora, peft_config
+    from llmstages.store import load_model
 
     model = load_model(path)
     if (peft_config(model) or {}).get("method") in ("lora", "dora"):

@@ -34,21 +34,23 @@ from llmstages.config import TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import count_targets, lm_loss
 from llmstages.model.generate import cpu_compiler
-from llmstages.model.io import is_disk_full, resolve_model_path
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
 from llmstages.outputs import (
     check_run_lock,
     claim_run_dir,
     claim_run_lock,
+    is_disk_full,
     release_run_lock,
     run_base,
     start_run_dir,
 )
+from llmstages.store.io import resolve_model_path
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
 from llmstages.train.distributed import Dist
 from llmstages.train.frozen import hold_frozen, restore_frozen
+from llmstages.train.pipeline import Pipeline
 
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -460,7 +462,10 @@ class Loop:
         self.template = distributed.meta_template(self.model) if d.sharded else None
         holds = self.frozen_source is not None and d.strategy in ("none", "ddp", "zero1")
         self.held = hold_frozen(self.model, self.args.precision) if holds else []
-        self.train_model = distributed.wrap(self.model, d, self.args.precision)
+        if d.strategy == "pp":
+            self.train_model = Pipeline(self.model, d)
+        else:
+            self.train_model = distributed.wrap(self.model, d, self.args.precision)
         self.pipeline = self.train_model if d.strategy == "pp" else None
         if self.pipeline is not None:
             self.model = self.pipeline.part

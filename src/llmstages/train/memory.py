@@ -31,9 +31,12 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmstages.errors import UserError
 from llmstages.model.gpt import ModelConfig, count_params
+from llmstages.model.presets import PRESETS, preset
+from llmstages.store import load_config
 
 STRATEGIES = ("none", "ddp", "zero1", "fsdp", "fsdp-zero2", "tp", "pp")
 RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
@@ -205,44 +208,6 @@ def report(e: Estimate, title: str) -> str:
     return "\n".join(lines)
 
 
-_MEASURE = r"""
-import json, resource, sys, torch
-def high_water():  # this process's peak resident memory; ru_maxrss would include the parent's (kept over exec)
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-from llmstages.model.gpt import GPT, ModelConfig
-from llmstages.peft import apply_lora
-from llmstages.losses import lm_loss
-from llmstages.train.loop import apply_activation_checkpointing, autocast, build_optimizer
-from llmstages.config import TrainArgs
-spec = json.loads(sys.argv[1])
-torch.manual_seed(0)
-torch.set_num_threads(1)
-x = torch.randint(0, 100, (spec["batch"], spec["seq"]))
-base = high_water()
-model = GPT(ModelConfig.from_dict(spec["config"]))
-if spec["method"] == "lora":
-    apply_lora(model, rank=spec["lora_rank"], alpha=16, target_modules=spec["lora_targets"])
-if spec["checkpointing"]:
-    apply_activation_checkpointing(model)
-opt = build_optimizer(model, TrainArgs())
-batch = {"input_ids": x, "targets": x}
-for _ in range(3):
-    with autocast(torch.device("cpu"), spec["precision"]):
-        loss, _ = lm_loss(model, batch)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-peak = high_water()
-print(json.dumps({"peak": peak - base}))
-"""
-
-
 def measure(
     cfg: ModelConfig,
     method: str,
@@ -266,7 +231,7 @@ def measure(
         lora_targets=targets,
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    cmd = [sys.executable, "-c", _MEASURE, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "llmstages.train.memory_probe", json.dumps(spec)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"measurement failed: {r.stderr[-2000:]}")
@@ -303,3 +268,71 @@ def out_of_memory_advice(
         f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
         + "; or ".join(tips)
     )
+
+
+def estimate_run(
+    model: str,
+    method: str = "full",
+    strategy: str = "none",
+    world_size: int = 1,
+    precision: str = "fp32",
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    checkpointing: bool = False,
+    lora_rank: int = 8,
+    lora_targets: list[str] | None = None,
+    device: str = "cuda",
+    budget_text: str | None = None,
+    measure_too: bool = False,
+) -> None:
+    """`llmstages estimate-memory`: print the estimate for `model` (a preset or a model directory); with
+    `budget_text` (e.g. 80GiB) the largest batch that fits, with `measure_too` the peak measured on this CPU."""
+    if seq_len is not None and seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq_len}")
+    if lora_rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, got {lora_rank}")
+    if model in PRESETS:
+        cfg = preset(model)
+    elif Path(model).exists() or "/" in model:  # a folder, or a hub id in the local cache
+        cfg = load_config(model)
+    else:
+        raise UserError(f"--model '{model}' is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    seq = cfg.block_size if seq_len is None else seq_len
+    kw = dict(
+        method=method,
+        strategy=strategy,
+        world=world_size,
+        precision=precision,
+        seq=seq,
+        checkpointing=checkpointing,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        device="cpu" if measure_too else device,
+    )
+    e = estimate(cfg, batch=batch_size, **kw)
+    ckpt = ", activation checkpointing" if checkpointing else ""
+    print(
+        report(
+            e,
+            f"{model}: {method}, {strategy} on {world_size} process(es), "
+            f"{precision}, batch {batch_size} x {seq} tokens{ckpt}",
+        )
+    )
+    if budget_text:
+        budget = parse_size(budget_text)
+        fits = largest_batch(cfg, budget, **kw)
+        print(f"  largest batch in {gib(budget)}: {fits}" + ("" if fits else " (does not fit at batch 1)"))
+    if measure_too:
+        if strategy != "none" or world_size != 1:
+            raise UserError("--measure runs one process: use --strategy none --world-size 1")
+        m = measure(
+            cfg,
+            method,
+            precision,
+            batch_size,
+            seq,
+            checkpointing,
+            lora_rank,
+            lora_targets,
+        )
+        print(f"  measured peak    {gib(m):>12}  (estimate / measured = {e.total / m:.2f})")

@@ -7,8 +7,8 @@ import pytest
 
 from llmstages.cli import main
 from llmstages.errors import UserError
-from llmstages.model import load_model, load_tokenizer
-from llmstages.model.io import resolve_model_path
+from llmstages.store import load_model, load_tokenizer
+from llmstages.store.io import resolve_model_path
 from tests.helpers import hf_model, save_hf, tiny_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

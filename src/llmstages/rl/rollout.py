@@ -22,9 +22,10 @@ from llmstages.data.prompts import prompt_split
 from llmstages.data.text import tokenizer_hash
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import GPT, load_model_and_tokenizer, load_tokenizer
+from llmstages.model import GPT
 from llmstages.model.generate import sample_replies
 from llmstages.peft import disable_adapters, prepare_policy
+from llmstages.store import load_model_and_tokenizer, load_tokenizer
 from llmstages.train.frozen import hold_frozen
 from llmstages.train.loop import compile_blocks
 
@@ -189,7 +190,7 @@ def reward_source(
     from llmstages.data.chat import right_pad, tokenize_conversation
     from llmstages.data.lengths import kept_lengths
     from llmstages.losses import IGNORE_INDEX
-    from llmstages.model.heads import load_reward_model
+    from llmstages.store.heads import load_reward_model
 
     rm = load_reward_model(reward.model, device=device).eval()
     rm_tok = load_tokenizer(reward.model)

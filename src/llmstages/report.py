@@ -272,7 +272,7 @@ def _img(data: bytes) -> str:
 def samples(run: Path, n: int = 3, max_new_tokens: int = 12) -> list[tuple[str, dict[str, str]]]:
     """Greedy answers of each stage's final model to the same held-out questions: [(question, {stage: text})]."""
     from llmstages.eval.lm import heldout_questions, show
-    from llmstages.model import load_model, load_tokenizer
+    from llmstages.store import load_model, load_tokenizer
 
     made = json.loads((run / "demo.json").read_text()) if (run / "demo.json").is_file() else {}
     questions = heldout_questions(n, made.get("world_seed", 0))

@@ -8,9 +8,11 @@ import torch
 from llmstages.config import RewardSourceArgs
 from llmstages.data.chat import right_pad, tokenize_conversation
 from llmstages.losses import IGNORE_INDEX
-from llmstages.model import GPT, preset, save_model
-from llmstages.model.heads import RewardModel, load_reward_model, save_head
-from llmstages.train.rollout import reward_source
+from llmstages.model import GPT, preset
+from llmstages.model.heads import RewardModel
+from llmstages.rl.rollout import reward_source
+from llmstages.store import save_model
+from llmstages.store.heads import load_reward_model, save_head
 from tests.helpers import tiny_tokenizer
 
 

@@ -14,7 +14,8 @@ import torch
 
 from llmstages.data.records import read_json_object
 from llmstages.errors import UserError
-from llmstages.model.gpt import GPT2_BLOCK, ModelConfig
+from llmstages.model.gpt import ModelConfig
+from llmstages.model.presets import GPT2_BLOCK
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
 

@@ -23,7 +23,7 @@ import torch
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
 from llmstages.model.gpt import GPT, ModelConfig, rope_frequencies
-from llmstages.model.io import disk_full_is_an_error
+from llmstages.outputs import disk_full_is_an_error
 
 DTYPES = ("f32", "f16", "q8_0")
 BUILTIN_TEMPLATE = (

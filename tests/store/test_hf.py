@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmstages.errors import UserError
-from llmstages.model import export_hf, load_config, load_model, load_tokenizer, save_model
+from llmstages.store import export_hf, load_config, load_model, load_tokenizer, save_model
 from tests.helpers import hf_model, save_hf, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")

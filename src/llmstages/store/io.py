@@ -3,12 +3,9 @@ Face one (`config.json` with `model_type`), told apart by their config and loade
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,17 +14,11 @@ from safetensors.torch import save_file
 from llmstages.data.records import why_missing
 from llmstages.data.tokenizer import Tokenizer
 from llmstages.errors import UserError
-from llmstages.model import hf as hf_io
 from llmstages.model.gpt import GPT, ModelConfig
-from llmstages.outputs import write_dir
-from llmstages.peft import (
-    ADAPTER_CONFIG,
-    adapter_state_dict,
-    adapters_enabled,
-    load_adapter,
-    peft_config,
-    save_adapter,
-)
+from llmstages.outputs import disk_full_is_an_error, write_dir
+from llmstages.peft import adapter_state_dict, adapters_enabled, peft_config
+from llmstages.store import hf as hf_io
+from llmstages.store.adapter import ADAPTER_CONFIG, load_adapter, save_adapter
 
 FORMAT_KEY = "llmstages_format"
 
@@ -108,32 +99,6 @@ def check_model_dir(path: str | Path) -> tuple[Path, dict]:
     if not (p / "config.json").is_file():
         raise UserError(f"{p}: no config.json in this directory")
     return p, hf_io.read_json(p / "config.json")
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """An error from a full disk (or quota): an OSError with ENOSPC/EDQUOT, or the text of one that the Rust
-    writers (safetensors, tokenizers) raise as their own exception types."""
-    if isinstance(e, OSError) and e.errno is not None:
-        return e.errno in DISK_FULL
-    text = str(e)
-    return any(s in text for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
-
-
-@contextlib.contextmanager
-def disk_full_is_an_error(path: str | Path, what: str) -> Iterator[None]:
-    """Turn running out of disk space while writing `path` (a folder or file written whole, under a temporary name)
-    into one line saying so; the writer has removed its temporary copy, so an earlier `what` there is kept."""
-    existed = Path(path).exists()
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, UserError) or not is_disk_full(e):
-            raise
-        kept = f"the earlier {what} there is kept" if existed else "nothing was written there"
-        raise UserError(f"no space left on device: {path} ({kept})") from None
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmstages.errors import UserError
-from llmstages.model.hf import hf_name
 from llmstages.outputs import write_dir
 from llmstages.peft import adapter_state_dict, peft_config
 from llmstages.peft.lora import LoRALinear
+from llmstages.store.hf import hf_name
 
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 

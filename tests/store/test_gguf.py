@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llmstages.cli import main
-from llmstages.model import load_model, load_tokenizer
+from llmstages.store import load_model, load_tokenizer
 from tests.helpers import builtin_base, hf_model, save_hf, tiny_tokenizer
 
 TEXT = "Ada lives in Oakfield, keeps 12 cats and a green parrot!"
@@ -66,7 +66,7 @@ def test_q8_0_is_close(models, tmp_path):
 def test_metadata_travels(models, tmp_path):
     import gguf
 
-    from llmstages.model.gguf_export import BUILTIN_TEMPLATE
+    from llmstages.store.gguf import BUILTIN_TEMPLATE
 
     out = tmp_path / "m.gguf"
     assert main(["export", "--model", str(models["builtin"]), "--format", "gguf", "--out", str(out)]) == 0

@@ -1,0 +1,223 @@
+"""Applying PEFT to a model and taking it off: LoRA/DoRA swapped in for the linear layers a pattern names,
+bottleneck adapters hooked after attention and MLP, the adapters switched off (the reference), merged into the
+weights (export, sampling). Which parameters train is decided here; the adapter files are `store/adapter.py`'s."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmstages.errors import UserError
+from llmstages.peft.adapter import BottleneckAdapter, insert_adapters
+from llmstages.peft.lora import LoRALinear
+
+METHODS = ("none", "lora", "dora", "adapter")
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return not name.endswith("lm_head")
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> list[str]:
+    """Swap every targeted `nn.Linear` for a `LoRALinear` and freeze everything else; returns the swapped names.
+
+    `target_modules`: names matched as suffixes (["q_proj", "v_proj"]), "all-linear" (every linear layer but the
+    output head), or one regular expression matched against full module names.
+    """
+    inside = {id(c) for m in model.modules() if isinstance(m, LoRALinear) for c in m.modules()}  # A, B and itself
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    names = [n for n in linear if _matches(n, target_modules)]
+    if not names:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise UserError(
+            f"peft.target_modules {target_modules!r} matched no linear module; there are: {', '.join(kinds)}"
+        )
+    sizes = [(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names]
+    _refuse_beyond_memory(16 * rank * sum(i + o for i, o in sizes), f"peft.rank={rank}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear.from_linear(
+            getattr(parent, child), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
+        setattr(parent, child, lora)
+    model.peft = {
+        "method": "dora" if use_dora else "lora",
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "target_modules": names,
+        "use_rslora": use_rslora,
+    }
+    return names
+
+
+def _refuse_beyond_memory(need: float, setting: str) -> None:
+    """Refuse adapters whose parameters with their gradients and AdamW moments (16 bytes each in fp32) exceed the
+    machine's memory, before they are built: `peft.rank=100000000` was killed by the kernel instead."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return
+    if need > memory:
+        raise UserError(
+            f"{setting}: the adapters would take {need / 2**30:.1f} GiB with their gradients and optimizer state, "
+            f"more than this machine's {memory / 2**30:.1f} GiB"
+        )
+
+
+def apply_adapters(model: nn.Module, bottleneck: int = 64, activation: str = "relu", dropout: float = 0.0) -> int:
+    """Insert bottleneck adapters after attention and MLP in every block and freeze the rest."""
+    blocks, d = len(getattr(model, "blocks", [])), model.config.d_model  # two adapters a block, d x b each way
+    _refuse_beyond_memory(16 * blocks * 2 * 2 * bottleneck * d, f"peft.bottleneck={bottleneck}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n = insert_adapters(model, bottleneck, activation, dropout)
+    model.peft = {"method": "adapter", "bottleneck": bottleneck, "activation": activation, "dropout": dropout}
+    return n
+
+
+def apply_peft(model: nn.Module, method: str, **kw: Any) -> None:
+    """Apply `method` ("none", "lora", "dora", "adapter") with its options (rank, alpha, dropout, target_modules,
+    use_rslora for LoRA/DoRA; bottleneck, activation, dropout for adapters)."""
+    if method not in METHODS:
+        raise UserError(f"peft.method must be one of {', '.join(METHODS)}, got '{method}'")
+    if method in ("lora", "dora"):
+        keys = ("rank", "alpha", "dropout", "target_modules", "use_rslora")
+        apply_lora(model, use_dora=method == "dora", **{k: kw[k] for k in keys if k in kw})
+    elif method == "adapter":
+        apply_adapters(model, **{k: kw[k] for k in ("bottleneck", "activation", "dropout") if k in kw})
+
+
+def prepare_policy(model: nn.Module, method: str, **options: Any) -> bool:
+    """Ready a fine-tuned model for another stage (reward, DPO, PPO, GRPO). A LoRA/DoRA it carries is merged, so
+    the fine-tuned model becomes the base (and the reference); then the run's `method` is applied. Returns True
+    when the reference is this model with its adapters disabled, False when it needs a frozen copy (full
+    fine-tuning, or bottleneck adapters that came with the model and keep training)."""
+    loaded = (peft_config(model) or {}).get("method")
+    if loaded in ("lora", "dora"):
+        merge_lora(model)
+        loaded = None
+    if loaded is None:
+        model.requires_grad_(True)
+        apply_peft(model, method, **options)
+    return loaded is None and peft_config(model) is not None
+
+
+def peft_config(model: nn.Module) -> dict[str, Any] | None:
+    return getattr(model, "peft", None)
+
+
+def adapter_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the PEFT tensors, found by module class: a `LoRALinear`'s own tensors (A, B, DoRA's
+    magnitudes; not the base weight and bias it wraps) and every tensor of a `BottleneckAdapter`."""
+    keys = set()
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, LoRALinear):
+            keys |= {prefix + k for k, _ in m.named_parameters() if k not in ("weight", "bias")}
+        elif isinstance(m, BottleneckAdapter):
+            keys |= {prefix + k for k, _ in m.named_parameters()}
+    return keys
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the PEFT tensors (LoRA A/B, DoRA magnitudes, adapter layers)."""
+    keys = adapter_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k in keys}
+
+
+def _peft_modules(model: nn.Module) -> Iterator[LoRALinear | BottleneckAdapter]:
+    for m in model.modules():
+        if isinstance(m, LoRALinear | BottleneckAdapter):
+            yield m
+
+
+def adapters_enabled(model: nn.Module) -> bool:
+    """True when the model has PEFT modules and they are not switched off by `disable_adapters`."""
+    return any(not m.disabled for m in _peft_modules(model))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes with its frozen base weights only (merged LoRA is refused)."""
+    mods = list(_peft_modules(model))
+    if any(isinstance(m, LoRALinear) and m.merged for m in mods):
+        raise RuntimeError("disable_adapters: LoRA weights are merged; unmerge them first")
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
+
+
+@contextlib.contextmanager
+def merged_for_sampling(model: nn.Module) -> Iterator[bool]:
+    """Inside the block each enabled LoRA/DoRA layer is one matrix product, x W'^T + b with W' its
+    `merged_weight()`, made once on entry: sampling pays nothing per token for the adapters. The training weights
+    keep their bits (W' is a separate tensor, dropped on exit). Only where the products run in fp32 (fp32 weights,
+    no autocast) and parameters are not sharded: in bf16 the sum W + s B A would be rounded to bf16, losing a
+    small early update (the unmerged layer adds it after the base product), so there the adapters stay apart.
+    Yields whether it merged."""
+    mods = [m for m in _peft_modules(model) if isinstance(m, LoRALinear) and not m.disabled and not m.merged]
+    ok = bool(mods) and all(
+        m.weight.dtype == torch.float32
+        and not hasattr(m.weight, "placements")  # an FSDP/TP shard
+        and not torch.is_autocast_enabled(m.weight.device.type)
+        for m in mods
+    )
+    if ok:
+        for m in mods:
+            m.sampling_weight = m.merged_weight()
+    try:
+        yield ok
+    finally:
+        for m in mods:
+            m.sampling_weight = None
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA/DoRA into its base weight and put plain `nn.Linear` layers back, in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = nn.Parameter(m.weight.detach(), requires_grad=True)
+            if m.bias is not None:
+                lin.bias = nn.Parameter(m.bias.detach(), requires_grad=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+    if getattr(model, "peft", None) and model.peft["method"] in ("lora", "dora"):
+        del model.peft
+    return model
