@@ -105,6 +105,40 @@ def test_static_cache_engine_equals_the_growing_cache(model, monkeypatch):
     assert torch.allclose(c.logprobs, d.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", ["bf16 weights", "bf16 autocast"])
+def test_a_cpu_cache_keeps_half_precision_in_fp32_and_changes_nothing(model, monkeypatch, half):
+    """On a CPU, keys and values in bf16 are kept in fp32 (the dtype attention reads them in, so a decode step does
+    not cast the whole cache): tokens and log-probs bit-identical to a cache kept in bf16, for the growing cache,
+    the static one and continuous batching."""
+    import copy
+
+    m = copy.deepcopy(model).to(torch.bfloat16) if half == "bf16 weights" else model
+    prompts = _eos_and_shared_prompts()
+    dtypes = []
+    real = G.cache_dtype
+
+    def recorded(t):
+        dtypes.append(real(t))
+        return dtypes[-1]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half == "bf16 autocast"):
+            g = generate(m, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(5))
+            s = generate(m, prompts, 10, compile=True)  # the static cache, eager where nothing compiles
+            q = G.generate_queue(m, prompts * 2, 10, slots=4, eos_id=int(g.tokens[0, 2]))
+        return g, s, q
+
+    monkeypatch.setattr(G, "_compiled_forward", G._static_forward)
+    monkeypatch.setattr(G, "cache_dtype", recorded)
+    kept = run()
+    assert dtypes and set(dtypes) == {torch.float32}
+    monkeypatch.setattr(G, "cache_dtype", lambda t: t.dtype)  # the cache in the dtype it is given, as before
+    given = run()
+    for a, b in zip(kept, given):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        assert torch.equal(a.logprobs, b.logprobs)
+
+
 @pytest.mark.skipif(not G.can_compile(), reason="torch.compile needs a C++ compiler on a CPU")
 def test_compiled_decode_step_equals_eager(model, monkeypatch):
     """torch.compile's decode step (inductor) gives the eager tokens and log-probs (fp32)."""

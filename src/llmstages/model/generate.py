@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from llmstages.model.gpt import GPT
 
 
+def cache_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a cache keeps keys or values like `t` in: on a CPU, half precision is kept in fp32, the dtype
+    attention reads it in there (`gpt.attention`), so that a decode step does not cast the whole cache again; the
+    values are the same (a bf16/fp16 number is exact in fp32). Elsewhere `t`'s own dtype."""
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim).
 
@@ -40,9 +49,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = k.shape
-        if self.k is None:  # allocated on first use, in the dtype attention produces (autocast included)
-            self.k = k.new_empty(self.n_layers, B, H, self.max_len, D)
-            self.v = v.new_empty(self.n_layers, B, H, self.max_len, D)
+        if self.k is None:  # allocated on first use, in the dtype attention reads (autocast included)
+            dt = cache_dtype(k)
+            self.k = k.new_empty(self.n_layers, B, H, self.max_len, D, dtype=dt)
+            self.v = v.new_empty(self.n_layers, B, H, self.max_len, D, dtype=dt)
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
@@ -77,12 +87,12 @@ class StaticKVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.k:  # zeros: unwritten keys are masked, but must not be NaN
             B, H, _, D = k.shape
-            self.k = [k.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
-            self.v = [v.new_zeros(B, H, self.max_len, D) for _ in range(self.n_layers)]
+            self.k = [k.new_zeros(B, H, self.max_len, D, dtype=cache_dtype(k)) for _ in range(self.n_layers)]
+            self.v = [v.new_zeros(B, H, self.max_len, D, dtype=cache_dtype(v)) for _ in range(self.n_layers)]
         assert self.at is not None
         where = self.at[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, H, T, D)
-        self.k[layer].scatter_(2, where, k)
-        self.v[layer].scatter_(2, where, v)
+        self.k[layer].scatter_(2, where, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, where, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
