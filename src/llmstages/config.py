@@ -208,6 +208,26 @@ class StageArgs:
     overwrite: bool = False
     """Start this stage's run in `out_dir` again: what the earlier run created there is replaced."""
 
+    def run_args(self, stage: str) -> RunArgs:
+        """What the loop's run-folder plumbing takes of this config (every stage's config has train, dist, model)."""
+        me: Any = self  # train, dist and model are the subclass's fields
+        return RunArgs(stage, self.out_dir, me.train, me.dist, self.resume, self.overwrite, me.model.path)
+
+
+@dataclass
+class RunArgs:
+    """What `train.loop.start_run` and `prepare_run_dir` use of a stage's config: the stage's name and run folder,
+    how it (re)starts, its train and dist settings (the same objects: `start_run` resolves `precision: auto` in
+    them), and the model directory it starts from (its digest is recorded)."""
+
+    stage: str
+    out_dir: str
+    train: TrainArgs
+    dist: DistArgs
+    resume: bool = False
+    overwrite: bool = False
+    model_path: str | None = None
+
 
 @dataclass
 class SFTConfig(StageArgs):
@@ -891,4 +911,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_config(to_dict(cfg), path)
+
+
+def write_config(record: dict[str, Any], path: str | Path) -> None:
+    """A config's plain dict (`to_dict`) as YAML, in field order."""
+    Path(path).write_text(yaml.safe_dump(record, sort_keys=False))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llmstages import losses as L
-from llmstages.config import DPOArgs, DPOConfig
+from llmstages.config import DPOArgs, DPOConfig, to_dict
 from llmstages.data.lengths import Tally, train_window
 from llmstages.data.preference import (
     Pair,
@@ -80,7 +80,7 @@ class Setup:
 def setup(cfg: DPOConfig) -> Setup:
     """Check the config, load the policy and the pairs (sampled and oracle-labelled for the built-in world),
     tokenize them and apply PEFT; writes nothing."""
-    device, _ = start_run(cfg, "dpo")
+    device, _ = start_run(cfg.run_args("dpo"))
     if not cfg.model.path:
         raise UserError("set model.path to the policy to align (usually the SFT model's final/ directory)")
     if cfg.dpo.loss not in LOSSES:
@@ -258,7 +258,7 @@ def evaluate(m: GPT, s: Setup, ref: Reference, cfg: DPOConfig) -> dict[str, floa
 
 def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
-    prepare_run_dir(cfg, "dpo", s.model)
+    prepare_run_dir(cfg.run_args("dpo"), to_dict(cfg), s.model)
     s.model.to(s.device)
     ref = Reference(s, cfg)
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)

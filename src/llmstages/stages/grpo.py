@@ -29,7 +29,7 @@ import time
 import torch
 
 from llmstages import losses as L
-from llmstages.config import GRPOArgs, GRPOConfig
+from llmstages.config import GRPOArgs, GRPOConfig, to_dict
 from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT
@@ -56,7 +56,7 @@ def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
     """Check the config, load the policy, the reward and the prompts (each cut from the left to leave room for
     grpo.max_new_tokens in the model's context: data/lengths.py); writes nothing. Returns (the setup, how many
     training and evaluation prompts were cut)."""
-    device, _ = start_run(cfg, "grpo")
+    device, _ = start_run(cfg.run_args("grpo"))
     if cfg.grpo.group_size < 2:
         raise UserError(
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
@@ -221,7 +221,7 @@ def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     s, cut = setup(cfg)
     g = cfg.grpo
-    prepare_run_dir(cfg, "grpo", s.model)
+    prepare_run_dir(cfg.run_args("grpo"), to_dict(cfg), s.model)
     rollouts = Rollouts(s, cfg)
 
     def evaluate(m: GPT) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmstages import losses as L
-from llmstages.config import PPOArgs, PPOConfig
+from llmstages.config import PPOArgs, PPOConfig, to_dict
 from llmstages.data.lengths import fit_prompts
 from llmstages.errors import UserError
 from llmstages.model import GPT
@@ -87,7 +87,7 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic, dict[str, int]]:
     """Check the config, load the policy, the reward and the prompts (each cut from the left to leave room for
     ppo.max_new_tokens in the model's context: data/lengths.py), and build policy + critic; writes nothing.
     Returns (the setup, policy + critic, how many training and evaluation prompts were cut)."""
-    device, _ = start_run(cfg, "ppo")
+    device, _ = start_run(cfg.run_args("ppo"))
     p = cfg.ppo
     if p.critic not in ("shared", "separate"):
         raise UserError(f"ppo.critic must be shared or separate, got '{p.critic}'")
@@ -243,7 +243,7 @@ def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[st
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
     s, ac, cuts = setup(cfg)
     p = cfg.ppo
-    prepare_run_dir(cfg, "ppo", ac)
+    prepare_run_dir(cfg.run_args("ppo"), to_dict(cfg), ac)
     rollouts = Rollouts(s, ac, cfg)
 
     def evaluate(m: ActorCritic) -> dict[str, float]:

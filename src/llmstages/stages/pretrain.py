@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmstages.config import PretrainConfig
+from llmstages.config import PretrainConfig, to_dict
 from llmstages.data.builtin import World, builtin_corpus
 from llmstages.data.tasks import answer_lines
 from llmstages.data.text import (
@@ -109,7 +109,7 @@ def _model(cfg: PretrainConfig, tok: Tokenizer) -> GPT:
 def setup(cfg: PretrainConfig) -> Setup:
     """Everything that can fail on bad input, before anything is written to `out_dir`."""
     out = Path(cfg.out_dir)
-    device, existing = start_run(cfg, "pretrain")
+    device, existing = start_run(cfg.run_args("pretrain"))
     torch.manual_seed(cfg.seed)
     documents = _documents(cfg)
     tok, trained = _tokenizer(cfg, out, documents)
@@ -213,7 +213,7 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
     d = distributed.current()
-    prepare_run_dir(cfg, "pretrain", s.model)
+    prepare_run_dir(cfg.run_args("pretrain"), to_dict(cfg), s.model)
     shards = write_data(s)
     model = s.model.to(s.device)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llmstages import losses as L
-from llmstages.config import RewardConfig
+from llmstages.config import RewardConfig, to_dict
 from llmstages.data.lengths import Tally, train_window
 from llmstages.data.preference import Pair, pair_batch, split_pairs, tokenize_pairs
 from llmstages.data.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ class Setup:
 def setup(cfg: RewardConfig) -> Setup:
     """Check the config, load the trunk, apply PEFT, build the pairs (sampled from the trunk's model and
     oracle-labelled for the built-in world) and put a fresh scalar head on it; writes nothing."""
-    device, _ = start_run(cfg, "reward")
+    device, _ = start_run(cfg.run_args("reward"))
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
@@ -116,7 +116,7 @@ def evaluate(m: RewardModel, s: Setup, cfg: RewardConfig) -> dict[str, float]:
 
 def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
-    prepare_run_dir(cfg, "reward", s.model)
+    prepare_run_dir(cfg.run_args("reward"), to_dict(cfg), s.model)
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
     def next_batches(step: int) -> list[dict[str, torch.Tensor]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmstages.config import SFTConfig
+from llmstages.config import SFTConfig, to_dict
 from llmstages.data.chat import (
     Example,
     fit_length,
@@ -83,7 +83,7 @@ def _examples(cfg: SFTConfig, tok: Tokenizer):
 
 def setup(cfg: SFTConfig) -> Setup:
     out = Path(cfg.out_dir)
-    device, _ = start_run(cfg, "sft")
+    device, _ = start_run(cfg.run_args("sft"))
     if not cfg.model.path:
         raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
     torch.manual_seed(cfg.seed)
@@ -126,7 +126,7 @@ def show_example(cfg: SFTConfig, index: int) -> str:
 def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
-    prepare_run_dir(cfg, "sft", s.model)
+    prepare_run_dir(cfg.run_args("sft"), to_dict(cfg), s.model)
     model = s.model.to(s.device)
     pad = s.tokenizer.pad_id
     sampler = EpochSampler(len(s.train), args.batch_size, args.grad_accum, cfg.seed)

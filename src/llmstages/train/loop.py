@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llmstages.config import TrainArgs
+from llmstages.config import RunArgs, TrainArgs, write_config
 from llmstages.errors import UserError
 from llmstages.losses import count_targets, lm_loss
 from llmstages.model.generate import cpu_compiler
@@ -275,20 +275,20 @@ def _compiled_unless_cached(
     return _compiled_block(block, x, rope, mask, is_causal)
 
 
-def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
+def start_run(run: RunArgs) -> tuple[torch.device, Path | None]:
     """Checks every stage makes before writing anything: the run folder (new, empty or this stage's own:
     outputs.claim_run_dir), device and precision (resolving `auto` in place), the distributed strategy (joining
     the process group under torchrun), and the checkpoint to resume from (checkpoints there need resume=true or
     overwrite=true; the newest readable one is taken). Returns (this process's device, checkpoint or None)."""
-    out, args, resume = Path(cfg.out_dir), cfg.train, cfg.resume
-    claim_run_dir(out, stage, resume, cfg.overwrite)
+    out, args, resume, stage = Path(run.out_dir), run.train, run.resume, run.stage
+    claim_run_dir(out, stage, resume, run.overwrite)
     if os.environ.get("RANK", "0") == "0" and out.is_dir():  # under torchrun, rank 0 speaks for the run
         check_run_lock(out)
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     check_precision(args.precision, device)
     check_compile(args.compile, device)
-    existing = None if cfg.overwrite and not resume else ckpt.latest_checkpoint(out / "checkpoints")
+    existing = None if run.overwrite and not resume else ckpt.latest_checkpoint(out / "checkpoints")
     if existing is not None and not resume:
         raise UserError(
             f"{out} already holds checkpoints (newest: {existing.name}); pass resume=true to continue the run, "
@@ -296,10 +296,10 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
         )
     if existing is not None:  # the newest that reads; an unreadable newest one is skipped, before anything is written
         existing = ckpt.newest_loadable(out / "checkpoints")
-    base = _BASES[out.resolve()] = base_model(cfg)  # taken before setup loads it; recorded by prepare_run_dir
+    base = _BASES[out.resolve()] = base_model(run.model_path)  # taken before setup loads it; recorded later
     if existing is not None:
         check_base(out, base)
-    d = distributed.setup(cfg.dist, device, stage)
+    d = distributed.setup(run.dist, device, stage)
     if args.precision == "fp16" and d.sharded:
         raise UserError(
             f"train.precision=fp16 under dist.strategy={d.strategy}: the gradient scaler would skip steps rank by "
@@ -317,10 +317,9 @@ def start_run(cfg: Any, stage: str) -> tuple[torch.device, Path | None]:
 _BASES: dict[Path, dict[str, str] | None] = {}  # run folder -> its base model, as start_run found it
 
 
-def base_model(cfg: Any) -> dict[str, str] | None:
+def base_model(path: str | None) -> dict[str, str] | None:
     """The model directory a stage starts from, `{"path", "sha256"}` (its weights' digest), or None: no
     `model.path`, or one that does not load (setup names the problem when it loads it)."""
-    path = getattr(getattr(cfg, "model", None), "path", None)
     if not path:
         return None
     try:
@@ -342,29 +341,28 @@ def check_base(out: Path, base: dict[str, str] | None) -> None:
     )
 
 
-def prepare_run_dir(cfg: Any, stage: str, model: nn.Module | None = None) -> None:
+def prepare_run_dir(run: RunArgs, record: dict[str, Any], model: nn.Module | None = None) -> None:
     """The first write of a run: the run's lock, its folder with `run.json` (cleared first with overwrite=true;
-    the base model's digest recorded) and the resolved `config.yaml` (rank 0; the others wait for it). When
-    resuming, the checkpoint must fit `model` first."""
-    from llmstages.config import save_config
+    the base model's digest recorded) and `record`, the stage's resolved config (`config.to_dict`), as
+    `config.yaml` (rank 0; the others wait for it). When resuming, the checkpoint must fit `model` first."""
     from llmstages.model.gpt import ModelConfig
     from llmstages.train.memory import check_batch_fits
 
-    out = Path(cfg.out_dir)
-    if cfg.resume and model is not None and (path := ckpt.newest_loadable(out / "checkpoints")) is not None:
+    out = Path(run.out_dir)
+    if run.resume and model is not None and (path := ckpt.newest_loadable(out / "checkpoints")) is not None:
         ckpt.check_fits(path, model)
     configs = [m.config for m in (model.modules() if model is not None else []) if hasattr(m, "config")]
     configs = [c for c in configs if isinstance(c, ModelConfig)]
     if configs:  # a micro-batch that cannot fit is refused here, not in the first step
-        args = cfg.train
+        args = run.train
         check_batch_fits(configs[0], args.batch_size, args.seq_len, args.precision, args.activation_checkpointing,
                          distributed.current().device)  # fmt: skip
     d = distributed.current()
     if d.is_main:
         claim_run_lock(out)
-        base = _BASES.pop(out.resolve()) if out.resolve() in _BASES else base_model(cfg)
-        start_run_dir(out, stage, cfg.overwrite and not cfg.resume, base)
-        save_config(cfg, out / "config.yaml")
+        base = _BASES.pop(out.resolve()) if out.resolve() in _BASES else base_model(run.model_path)
+        start_run_dir(out, run.stage, run.overwrite and not run.resume, base)
+        write_config(record, out / "config.yaml")
     d.barrier()
 
 
