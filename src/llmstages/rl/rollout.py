@@ -11,12 +11,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from llmstages import losses as L
-from llmstages.config import RewardSourceArgs
+from llmstages.config import PeftArgs, PromptDataArgs, RewardSourceArgs, TrainArgs
 from llmstages.data.chat import prompt_ids
 from llmstages.data.prompts import prompt_split
 from llmstages.data.text import tokenizer_hash
@@ -270,37 +269,49 @@ class PolicySetup:
         return {k: [v[i] for i in idx] for k, v in self.columns.items()}
 
 
-def load_policy(cfg: Any, device: torch.device, reference: bool = True) -> PolicySetup:
-    """The policy of an RL stage config (model, peft, reward, data, seed, world_seed) on `device`, its reference
-    (`reference` False: none, not even a frozen copy), its reward (called once on a sample) and its training and
-    evaluation prompts."""
-    if not cfg.model.path:
+def load_policy(
+    model_path: str | None,
+    peft: PeftArgs,
+    data: PromptDataArgs,
+    reward: RewardSourceArgs,
+    train: TrainArgs,
+    device: torch.device,
+    out_dir: str,
+    seed: int = 0,
+    world_seed: int = 0,
+    reference: bool = True,
+) -> PolicySetup:
+    """The policy at `model_path` with `peft` applied, on `device`; its reference (`reference` False: none, not even
+    a frozen copy; a frozen copy held in `train.precision` and compiled with `train.compile`); its reward (called
+    once on a sample); and its training and evaluation prompts from `data` (split with `seed`, the built-in ones
+    of world `world_seed`)."""
+    if not model_path:
         raise UserError("set model.path to the policy (usually the SFT model's final/ directory)")
-    r = cfg.reward
-    if not cfg.data.path and cfg.data.builtin == "arithmetic" and not (r.fns or r.model) and "oracle" in (r.fn or ""):
+    r = reward
+    if not data.path and data.builtin == "arithmetic" and not (r.fns or r.model) and "oracle" in (r.fn or ""):
         raise UserError(
             "data.builtin=arithmetic: the built-in oracle (reward.fn) judges fact questions, not sums; set "
             "reward.fns=[llmstages.rewards:accuracy,llmstages.rewards:format] (or your own functions of `answer`)"
         )
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path)
-    train, held = prompt_split(cfg.data, cfg.world_seed, cfg.seed)
-    train_prompts, eval_prompts = train.prompts, held.prompts
-    first = (train_prompts[0][-1]["content"], {k: v[0] for k, v in train.columns.items()})
-    reward_of = reward_source(cfg.reward, tok, device, cfg.world_seed, sample=first)
-    by_disabling = prepare_policy(model, cfg.peft.method, **cfg.peft.options())
+    torch.manual_seed(seed)
+    model, tok = load_model_and_tokenizer(model_path)
+    train_rows, held = prompt_split(data, world_seed, seed)
+    train_prompts, eval_prompts = train_rows.prompts, held.prompts
+    first = (train_prompts[0][-1]["content"], {k: v[0] for k, v in train_rows.columns.items()})
+    reward_of = reward_source(reward, tok, device, world_seed, sample=first)
+    by_disabling = prepare_policy(model, peft.method, **peft.options())
     model = model.to(device)
     frozen = None if by_disabling or not reference else copy.deepcopy(model).eval().requires_grad_(False)
     if frozen is not None:  # read only under autocast (the rollouts, the loop): held in its dtype
-        hold_frozen(frozen, cfg.train.precision)
-        if cfg.train.compile:
+        hold_frozen(frozen, train.precision)
+        if train.compile:
             compile_blocks(frozen)
     ids = [prompt_ids(m, tok) for m in train_prompts]
     eval_ids = [prompt_ids(m, tok) for m in eval_prompts]
     texts, eval_texts = [m[-1]["content"] for m in train_prompts], [m[-1]["content"] for m in eval_prompts]
     return PolicySetup(
-        Path(cfg.out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts,
-        train.columns, held.columns,
+        Path(out_dir), device, model, tok, frozen, reward_of, ids, texts, eval_ids, eval_texts,
+        train_rows.columns, held.columns,
     )  # fmt: skip
 
 

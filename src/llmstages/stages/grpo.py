@@ -61,7 +61,18 @@ def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
         raise UserError(
             f"grpo.group_size must be at least 2 (advantages compare replies within a group), got {cfg.grpo.group_size}"
         )
-    s = load_policy(cfg, device, reference=cfg.grpo.kl_beta != 0)
+    s = load_policy(
+        cfg.model.path,
+        cfg.peft,
+        cfg.data,
+        cfg.reward,
+        cfg.train,
+        device,
+        cfg.out_dir,
+        cfg.seed,
+        cfg.world_seed,
+        reference=cfg.grpo.kl_beta != 0,
+    )
     context, key = s.model.config.block_size, "grpo.max_new_tokens"
     s.prompts, cut = fit_prompts(s.prompts, cfg.grpo.max_new_tokens, context, key)
     s.eval_ids, eval_cut = fit_prompts(s.eval_ids, cfg.grpo.max_new_tokens, context, key)

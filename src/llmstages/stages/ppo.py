@@ -95,7 +95,9 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic, dict[str, int]]:
         raise UserError(f"ppo.rollout_size={p.rollout_size} is not divisible by ppo.minibatches={p.minibatches}")
     if cfg.train.grad_accum != 1:
         raise UserError("PPO splits each rollout into ppo.minibatches; leave train.grad_accum at 1")
-    s = load_policy(cfg, device)
+    s = load_policy(
+        cfg.model.path, cfg.peft, cfg.data, cfg.reward, cfg.train, device, cfg.out_dir, cfg.seed, cfg.world_seed
+    )
     context, key = s.model.config.block_size, "ppo.max_new_tokens"  # prompts cut from the left: data/lengths.py
     s.prompts, cut = fit_prompts(s.prompts, p.max_new_tokens, context, key)
     s.eval_ids, eval_cut = fit_prompts(s.eval_ids, p.max_new_tokens, context, key)
