@@ -1,7 +1,7 @@
 """Cached generation on a real shape: ours against transformers' `generate`, same weights, in one process.
 
     python benchmarks/generate.py [--shape smollm2_135m] [--rounds 3] [--batches 1 8 32 64]
-                                  [--only decode|rollout|lora|queue]
+                                  [--only decode|rollout|lora|queue|cache]
 
 The model has the preset's shape (random weights, written once as a transformers directory and loaded by both).
 Two tables, each timed alternately (A B A B ...) with medians, in fp32 and, where the CPU or GPU has bf16
@@ -22,6 +22,8 @@ natively, with the weights in bf16 (both sides):
   rows at a time: ours with continuous batching (`generate_queue`: a finished row takes the next prompt), ours
   in fixed batches of 32 (a batch runs until its longest reply ends), and transformers' `generate` in the same
   fixed batches. Tokens/s counts the reply tokens (EOS included); the replies are compared in fp32.
+- cache (bf16 on a CPU only): ours decoding as in `decode` with the KV cache kept in fp32 (what a CPU does since
+  the cache holds what attention reads) against the cache kept in the weights' bf16 (cast by attention each step).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from llmstages.model.generate import generate_queue, left_pad  # noqa: E402
 from llmstages.store import export_hf, load_model  # noqa: E402
 from llmstages.train.loop import resolve_precision  # noqa: E402
 
+G = sys.modules["llmstages.model.generate"]  # the module (the package exports the function under its name)
+
 PROMPT, NEW = 64, 64
 ROLLOUT_PROMPTS, GROUP, ROLLOUT_NEW = 4, 8, 128
 QUEUE_PROMPTS, QUEUE_SLOTS = 96, 32
@@ -52,7 +56,7 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2_135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--only", choices=["decode", "rollout", "lora", "queue"])
+    ap.add_argument("--only", choices=["decode", "rollout", "lora", "queue", "cache"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     import transformers as tf
@@ -101,6 +105,11 @@ def main() -> None:
               "HF, fixed batches tok/s | ratio ours/HF | same replies |\n|---|---|---|---|---|---|---|")  # fmt: skip
         for dt, (ours, hf) in models.items():
             queue(ours, hf, vocab, a.rounds, dt)
+    if a.only in (None, "cache") and torch.bfloat16 in models and a.device == "cpu":
+        print(f"\n## KV cache dtype, bf16 weights on a CPU: greedy, {PROMPT}-token prompts, {NEW} new tokens\n")
+        print("| batch | cache in fp32 tok/s | cache in bf16 tok/s | ratio |\n|---|---|---|---|")
+        for batch in a.batches:
+            cache_dtypes(models[torch.bfloat16][0], batch, vocab, a.rounds)
 
 
 def _name(dt: torch.dtype) -> str:
@@ -126,6 +135,26 @@ def decode(ours: GPT, hf, batch: int, vocab: int, rounds: int, dt: torch.dtype) 
     same = torch.equal(out["ours"], out["hf"]) if dt == torch.float32 else "-"
     print(f"| {_name(dt)} | {batch} | {tps['ours']:.1f} | {tps['hf']:.1f} | {tps['ours'] / tps['hf']:.2f} | "
           f"{same} |", flush=True)  # fmt: skip
+
+
+def cache_dtypes(ours: GPT, batch: int, vocab: int, rounds: int) -> None:
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randint(0, vocab, (batch, PROMPT), generator=g)
+    kept = G.cache_dtype
+
+    def run(fn):
+        def go() -> None:
+            G.cache_dtype = fn
+            try:
+                generate(ours, x, NEW, temperature=0.0)
+            finally:
+                G.cache_dtype = kept
+
+        return go
+
+    t = alternate({"fp32": run(kept), "bf16": run(lambda t: t.dtype)}, rounds)
+    tps = {k: batch * NEW / median(v) for k, v in t.items()}
+    print(f"| {batch} | {tps['fp32']:.1f} | {tps['bf16']:.1f} | {tps['fp32'] / tps['bf16']:.2f} |", flush=True)
 
 
 def rollout(ours: GPT, hf, vocab: int, rounds: int, dt: torch.dtype) -> None:
