@@ -170,13 +170,8 @@ def run_step(out: Path, name: str, quick: bool, seed: int = 0, world_seed: int =
     recipe, full, short = PLAN[name]
     if (final_dir(out, name) / "config.json").is_file():
         return 0.0
-    cfg = STAGES[name].load(recipe, [*full, *(short if quick else [])])
-    cfg.out_dir, cfg.seed, cfg.world_seed = str(out / name), seed, world_seed
     previous = {"pretrain": None, "sft": out / "pretrain" / "final"}.get(name, out / "sft" / "final")
-    if previous is not None:
-        cfg.model.path = str(previous)
-    if name != "cai":
-        cfg.resume = True
+    cfg = STAGES[name].chained(recipe, [*full, *(short if quick else [])], out / name, seed, world_seed, previous)
     t0 = time.perf_counter()
     STAGES[name].main(cfg, True)
     return time.perf_counter() - t0

@@ -59,11 +59,9 @@ def evaluate(
     if wants_lm and not model_path:
         raise UserError("--perplexity, --tasks and --show judge a model: give --model")
     result = label_agreement(labels, reward, world_seed) if labels else {}
+    where = str(resolve_device(device, "--device")) if model_path else "cpu"
     if model_path and wants_lm:
-        model, tok = (
-            load_model(model_path, device=str(resolve_device(device, "--device"))).eval(),
-            load_tokenizer(model_path),
-        )
+        model, tok = load_model(model_path, device=where).eval(), load_tokenizer(model_path)
         if perplexity is not None:
             docs = list(iter_documents(perplexity)) if perplexity else lm.builtin_heldout_text(world_seed)
             result.update(lm.perplexity(model, tok, docs))
@@ -84,7 +82,7 @@ def evaluate(
                 temperature,
                 max_new_tokens,
                 seed,
-                str(resolve_device(device, "--device")),
+                where,
                 judge,
                 world_seed,
             )

@@ -35,6 +35,26 @@ class Stage:
             recipe = RECIPES / recipe
         return C.load_config(self.config, recipe, overrides)
 
+    def chained(
+        self,
+        recipe: str | Path,
+        overrides: list[str] | tuple[str, ...],
+        out_dir: Path,
+        seed: int,
+        world_seed: int,
+        model_path: str | Path | None = None,
+    ) -> Any:
+        """This stage's config as one step of a pipeline (the demo, `cai run`): the recipe with `overrides`, run in
+        `out_dir` (a training stage resumes there where it stopped), with the pipeline's seeds, starting from
+        `model_path` (None: the recipe's)."""
+        cfg = self.load(recipe, overrides)
+        cfg.out_dir, cfg.seed, cfg.world_seed = str(out_dir), seed, world_seed
+        if model_path is not None:
+            cfg.model.path = str(model_path)
+        if self.name in TRAINING:
+            cfg.resume = True
+        return cfg
+
     def run(self, recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = (), progress: bool = True):
         return self.main(self.load(recipe, overrides), progress)
 

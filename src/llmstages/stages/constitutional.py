@@ -351,9 +351,7 @@ def main_run(cfg: CAIConfig, progress: bool = True) -> dict[str, str]:
         """A shipped recipe with the run's overrides (`run.<stage>`), chained into this folder."""
         if done(out / stage):
             return
-        c = STAGES[stage].load(recipe, overrides)
-        c.out_dir, c.resume, c.seed, c.world_seed = str(out / stage), True, cfg.seed, cfg.world_seed
-        c.model.path = model
+        c = STAGES[stage].chained(recipe, overrides, out / stage, cfg.seed, cfg.world_seed, model)
         if data is not None:
             c.data.path = [str(data)]
         if stage == "ppo":

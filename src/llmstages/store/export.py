@@ -43,7 +43,7 @@ def export(model_path: str, out_path: str, fmt: str = "hf", dtype: str | None = 
         raise UserError(f"--out {out_path} is the model being exported or holds it; write the export elsewhere")
     method = (peft_config(model) or {}).get("method")
     if fmt == "gguf":
-        _export_gguf(model_path, out_path, model, tok, dtype, force, method)
+        _export_gguf(model_path, out_path, out, model, tok, dtype, force, method)
         return
     if dtype is not None:
         raise UserError("--dtype is for --format gguf; the other formats keep the model's dtype")
@@ -67,10 +67,16 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _export_gguf(
-    model_path: str, out_path: str, model: GPT, tok: Tokenizer, dtype: str | None, force: bool, method: str | None
+    model_path: str,
+    out_path: str,
+    out: Path,
+    model: GPT,
+    tok: Tokenizer,
+    dtype: str | None,
+    force: bool,
+    method: str | None,
 ) -> None:
-    """One GGUF file at --out (a new name ending in .gguf, or with --force an earlier GGUF file)."""
-    out = Path(out_path).resolve()
+    """One GGUF file at --out (`out`, resolved: a new name ending in .gguf, or with --force an earlier GGUF file)."""
     if out.suffix != ".gguf":
         raise UserError(f"--out {out_path}: a GGUF export is one file; give a name ending in .gguf")
     claim_file(out, "--out", _is_gguf)
