@@ -46,7 +46,7 @@ def other_path() -> tuple[tuple[int, int, None, str] | None, str]:
     """The (0,0) run on the arithmetic path `auto` does not take here, or None and why it is skipped."""
     import torch
 
-    from llmstages.train.loop import fast_bf16
+    from llmstages.train.start import fast_bf16
 
     if fast_bf16(torch.device("cpu")):
         return (0, 0, None, "fp32"), "bf16 machine: (0,0) again at fp32"

@@ -23,7 +23,7 @@ table says which. Under bf16 ours holds the frozen linear weights in bf16 (`trai
 stages do: the LoRA base, and every linear weight for generation); the reference runs autocast over its fp32
 weights, as `transformers.Trainer(bf16=True)` and TRL's trainers do with a model loaded in fp32.
 `--compile` adds, for the training tasks, ours with its blocks compiled as `train.compile: true` does
-(`train.loop.compile_blocks`; two warm-up rounds, so compilation is not timed) against the same eager reference
+(`train.prepare.compile_blocks`; two warm-up rounds, so compilation is not timed) against the same eager reference
 (the default of `transformers.Trainer` and TRL); generation decodes with the KV cache, which stays eager.
 Tokens/s are medians over --rounds; peak memory is measured in a fresh subprocess per side for the training tasks
 (on CPU the peak RSS over the RSS before the model is loaded, so weights count; max allocated on CUDA).
@@ -49,7 +49,8 @@ from llmstages.model import generate, preset  # noqa: E402
 from llmstages.peft import apply_peft, disable_adapters  # noqa: E402
 from llmstages.store import load_model  # noqa: E402
 from llmstages.train.frozen import hold_frozen  # noqa: E402
-from llmstages.train.loop import compile_blocks, fast_bf16  # noqa: E402
+from llmstages.train.prepare import compile_blocks  # noqa: E402
+from llmstages.train.start import fast_bf16  # noqa: E402
 
 ROWS, SEQ, PROMPT = 8, 128, 64
 LORA = dict(rank=16, alpha=32, dropout=0.0)

@@ -42,7 +42,7 @@ from common import alternate, machine, median  # noqa: E402
 from llmstages.model import GPT, generate, preset  # noqa: E402
 from llmstages.model.generate import generate_queue, left_pad  # noqa: E402
 from llmstages.store import export_hf, load_model  # noqa: E402
-from llmstages.train.loop import resolve_precision  # noqa: E402
+from llmstages.train.start import resolve_precision  # noqa: E402
 
 G = sys.modules["llmstages.model.generate"]  # the module (the package exports the function under its name)
 

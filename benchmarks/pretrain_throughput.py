@@ -3,7 +3,7 @@
     python benchmarks/pretrain_throughput.py [--rounds 5] [--steps 4] [--precision fp32 bf16]
 
 Same model and batch shape as train_step.py (6 layers, d=384, vocab 8192, batch 8 x 256), same optimizer.
-"bare": forward, backward and AdamW on one fixed batch. "loop": `Loop.run` drawing batches from token shards
+"bare": forward, backward and AdamW on one fixed batch. "loop": `fit` drawing batches from token shards
 of the built-in corpus, with metrics to JSONL and TensorBoard every step (checkpoint writes left out: they are
 periodic I/O whose cost depends on the disk). Rounds alternate; the overhead is 1 - loop/bare tokens/s.
 MFU is against the best matmul FLOP/s measured in this process for the same dtype.
@@ -12,6 +12,7 @@ MFU is against the best matmul FLOP/s measured in this process for the same dtyp
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -27,17 +28,13 @@ from llmstages.config import TrainArgs  # noqa: E402
 from llmstages.data.builtin import builtin_corpus  # noqa: E402
 from llmstages.data.text import TokenShards, prepare_shards  # noqa: E402
 from llmstages.data.tokenizer import train_bpe  # noqa: E402
+from llmstages.losses import count_targets, lm_loss  # noqa: E402
 from llmstages.model import GPT, flops_per_token, preset  # noqa: E402
 from llmstages.monitor.metrics import MetricsLogger  # noqa: E402
-from llmstages.train.loop import (  # noqa: E402
-    Loop,
-    accumulate,
-    autocast,
-    build_optimizer,
-    count_targets,
-    fast_bf16,
-    lm_loss,
-)
+from llmstages.train.loop import Trainer, accumulate, fit  # noqa: E402
+from llmstages.train.optim import build_optimizer  # noqa: E402
+from llmstages.train.prepare import prepare_model  # noqa: E402
+from llmstages.train.start import autocast, fast_bf16  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048) -> float:
@@ -86,10 +83,10 @@ def main() -> None:
                 x, y = shards.batch("train", (0, step, 0, 0), targs.batch_size, targs.seq_len)
                 return [{"input_ids": torch.from_numpy(x).to(device), "targets": torch.from_numpy(y).to(device)}]
 
-            loop = Loop(model=model, args=targs, run_dir=Path(d) / f"run-{precision}", next_batches=batch,
-                        device=device, flops_per_token=flops_per_token(cfg, T))  # fmt: skip
-            loop.save = lambda: None  # checkpoint I/O left out (see the docstring)
-            log = MetricsLogger(loop.run_dir)
+            run_dir = Path(d) / f"run-{precision}"
+            trainer = Trainer(prepare_model(model, targs), targs, run_dir, device=device)
+            trainer.save = lambda: None  # checkpoint I/O left out (see the docstring)
+            log = MetricsLogger(run_dir)
             fixed = batch(0)
             opt = build_optimizer(model, targs)
 
@@ -100,9 +97,10 @@ def main() -> None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
 
-            def looped(loop=loop, log=log) -> None:
-                loop.args.max_steps += args.steps
-                loop.run(log, progress=False)
+            def looped(trainer=trainer, log=log, batch=batch) -> None:
+                trainer.args.max_steps += args.steps
+                steps = lambda start: (batch(step) for step in itertools.count(start))  # noqa: E731
+                fit(trainer, steps, log=log, flops_per_token=flops_per_token(cfg, T), progress=False)
 
             times: dict[str, list[float]] = {"bare": [], "loop": []}
             bare()

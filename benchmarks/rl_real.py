@@ -196,7 +196,7 @@ def trl_main(model: str, data: str, out: str, seed: int, steps: int) -> None:
     import transformers as tf
     import trl
 
-    from llmstages.train.loop import resolve_precision
+    from llmstages.train.start import resolve_precision
 
     cfg = recipe()
     g, t, p = cfg["grpo"], cfg["train"], cfg["peft"]

@@ -3,7 +3,7 @@
     python benchmarks/scaling.py [--nproc 2] [--steps 8]
 
 Throughput: the same global batch (16 x 128 tokens, a 4-layer d=256 Llama) trained for --steps optimizer steps by
-`Loop` under each strategy: one process (none), then 2 processes with ddp, zero1, fsdp (ZeRO-3), fsdp with
+`fit` under each strategy: one process (none), then 2 processes with ddp, zero1, fsdp (ZeRO-3), fsdp with
 reshard_after_forward=false (ZeRO-2), tp and pp, all in one torchrun launch (gloo on CPU). tokens/s is the global
 rate over steps 2..N (the first step builds buckets and shards).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -33,7 +34,8 @@ from common import machine, median  # noqa: E402
 from llmstages.config import DistArgs, TrainArgs  # noqa: E402
 from llmstages.model import GPT, preset  # noqa: E402
 from llmstages.train import distributed  # noqa: E402
-from llmstages.train.loop import Loop  # noqa: E402
+from llmstages.train.loop import Trainer, fit  # noqa: E402
+from llmstages.train.prepare import prepare_model  # noqa: E402
 
 SPEED = dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, vocab_size=4096, block_size=128, tie_embeddings=False)
 MEMORY = dict(n_layers=8, d_model=768, n_heads=12, n_kv_heads=12, vocab_size=8192, block_size=64, tie_embeddings=False)
@@ -53,7 +55,7 @@ class Records:
         pass
 
 
-def local_bytes(loop: Loop) -> int:
+def local_bytes(loop: Trainer) -> int:
     """Bytes of this rank's parameters and optimizer state (local shards only)."""
     from torch.distributed.tensor import DTensor
 
@@ -94,15 +96,15 @@ def run(strategy: str, extra: dict, size: dict, batch: int, seq: int, steps: int
         x = torch.randint(0, size["vocab_size"], (batch, seq + 1), generator=g)[rows]
         return [{"input_ids": x[:, :-1], "targets": x[:, 1:]}]
 
-    loop = Loop(model=model, args=args, run_dir=out, next_batches=next_batches)
-    loop.save = lambda: out  # no checkpoint writes in a benchmark
+    trainer = Trainer(prepare_model(model, args), args, out)
+    trainer.save = lambda: out  # no checkpoint writes in a benchmark
     before = rss("VmRSS")
     hwm_reset()
     rec = Records()
-    loop.run(rec, progress=False)
+    fit(trainer, lambda start: (next_batches(s) for s in itertools.count(start)), log=rec, progress=False)
     peak = rss("VmHWM") - before
     tps = rec.rows[-1]["tokens_per_s"]
-    return {"tokens_per_s": tps, "state_mib": local_bytes(loop) / 2**20, "step_peak_mib": peak, "dp": d.dp}
+    return {"tokens_per_s": tps, "state_mib": local_bytes(trainer) / 2**20, "step_peak_mib": peak, "dp": d.dp}
 
 
 def worker(spec: dict) -> None:

@@ -74,15 +74,15 @@ def stop_after_step(monkeypatch, step: int, sig: int | None = None) -> None:
 
     from llmstages.train import loop as loop_mod
 
-    real = loop_mod.Loop._step
+    real = loop_mod.Trainer.optimizer_step
 
-    def step_then_signal(self, batches):
-        out = real(self, batches)
+    def step_then_signal(self, loss):
+        out = real(self, loss)
         if self.state.step == step:
             os.kill(os.getpid(), sig or signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    monkeypatch.setattr(loop_mod.Trainer, "optimizer_step", step_then_signal)
 
 
 def trace(run: Path, *keys: str) -> list[tuple]:

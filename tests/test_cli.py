@@ -96,7 +96,7 @@ def test_a_full_disk_outside_the_guarded_saves_is_one_line(model_dir, tmp_path, 
     def full(record, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("llmstages.train.loop.write_config", full)
+    monkeypatch.setattr("llmstages.train.start.write_config", full)
     out = tmp_path / "run"
     code, _, err = _run(["sft", f"model.path={model_dir}", f"out_dir={out}", "train.seq_len=24", "train.max_steps=1",
                          "train.precision=fp32", "monitor.tensorboard=false"], capsys)  # fmt: skip

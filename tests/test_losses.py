@@ -462,7 +462,7 @@ def test_kto_closed_form():
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_the_sum_form_is_exact_under_accumulation(loss_type):
     """A loop summing policy_loss(reduction="sum") over micro-batches and dividing by the summed
-    policy_loss_normalizer (the Loop's count_fn) gets the loss of the whole batch at once, replies of any length."""
+    policy_loss_normalizer (fit's count_fn) gets the loss of the whole batch at once, replies of any length."""
     g = torch.Generator().manual_seed(2)
     logp, old = torch.randn(5, 4, generator=g).double(), torch.randn(5, 4, generator=g).double()
     adv = torch.randn(5, generator=g).double()

@@ -14,7 +14,7 @@ from llmstages.errors import UserError
 from llmstages.model import GPT, Generation, generate
 from llmstages.model.generate import check_temperature
 from llmstages.store import load_model_and_tokenizer
-from llmstages.train.loop import resolve_device
+from llmstages.train.start import resolve_device
 
 
 @dataclass

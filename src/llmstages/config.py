@@ -216,7 +216,7 @@ class StageArgs:
 
 @dataclass
 class RunArgs:
-    """What `train.loop.start_run` and `prepare_run_dir` use of a stage's config: the stage's name and run folder,
+    """What `train.start.start_run` and `prepare_run_dir` use of a stage's config: the stage's name and run folder,
     how it (re)starts, its train and dist settings (the same objects: `start_run` resolves `precision: auto` in
     them), and the model directory it starts from (its digest is recorded)."""
 

@@ -259,7 +259,7 @@ def machine() -> dict[str, Any]:
     default; LLMSTAGES_AUTO_PRECISION changes it)."""
     import torch
 
-    from llmstages.train.loop import fast_bf16, resolve_precision
+    from llmstages.train.start import fast_bf16, resolve_precision
 
     cpu = platform.processor() or platform.machine()
     try:

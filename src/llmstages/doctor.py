@@ -29,7 +29,8 @@ def report(where: str = ".") -> tuple[list[str], list[str]]:
     import torch
 
     from llmstages import __version__
-    from llmstages.train.loop import cpu_compiler, fast_bf16
+    from llmstages.model.generate import cpu_compiler
+    from llmstages.train.start import fast_bf16
 
     facts = [
         f"python {platform.python_version()}, torch {torch.__version__}, llmstages {__version__}",

@@ -480,7 +480,7 @@ def policy_loss(
 def policy_loss_normalizer(mask: torch.Tensor, loss_type: str, max_length: int | None = None) -> int:
     """What policy_loss(..., reduction="sum") is divided by to give its mean: the number of replies B (grpo,
     gspo), B * max_length (dr_grpo) or the number of active tokens sum(mask) (dapo, bnpo), at least 1. mask: (B, T).
-    An int, so that it serves as a training loop's count of a micro-batch's units (Loop's count_fn)."""
+    An int, so that it serves as a training loop's count of a micro-batch's units (fit's count_fn)."""
     if loss_type in ("grpo", "gspo"):
         return max(mask.size(0), 1)
     if loss_type == "dr_grpo":

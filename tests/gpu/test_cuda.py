@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from llmstages.config import TrainArgs
 from llmstages.losses import lm_loss
 from llmstages.model import GPT, generate, preset
-from llmstages.monitor.metrics import MetricsLogger
-from llmstages.train.loop import Loop
+from llmstages.train.loop import Trainer, fit
+from llmstages.train.prepare import prepare_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -53,11 +55,9 @@ def test_low_precision_loop_learns(tmp_path, precision, compile):
         start = float(lm_loss(model, batch)[0]) / batch["targets"].numel()
     args = TrainArgs(max_steps=30, lr=3e-3, warmup_steps=2, precision=precision, log_every=1, eval_every=100,
                      save_every=100, device="cuda", compile=compile)  # fmt: skip
-    loop = Loop(model=model, args=args, run_dir=tmp_path, next_batches=lambda step: [batch], device=device)
-    log = MetricsLogger(tmp_path)
-    loop.run(log, progress=False)
-    log.close()
+    trainer = Trainer(prepare_model(model, args), args, tmp_path, device=device)
+    fit(trainer, lambda start: itertools.repeat([batch]), progress=False)
     with torch.no_grad():
         end = float(lm_loss(model, batch)[0]) / batch["targets"].numel()
     assert end < 0.5 * start
-    assert loop.state.skipped_steps <= 2  # fp16 may skip a step or two while the scaler settles
+    assert trainer.state.skipped_steps <= 2  # fp16 may skip a step or two while the scaler settles

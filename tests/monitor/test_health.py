@@ -61,13 +61,13 @@ PRE = [
 def test_a_run_logs_its_flags_and_the_report_shows_them(tmp_path, monkeypatch):
     from llmstages.train import loop as loop_mod
 
-    real = loop_mod.Loop._step
+    real = loop_mod.Trainer.forward_backward
 
-    def spiking(self, batches):
-        loss, norm, stats, applied = real(self, batches)
-        return (loss * 4 if self.state.step == 9 else loss), norm, stats, applied
+    def spiking(self, batches, loss_fn, count_fn):
+        loss, stats = real(self, batches, loss_fn, count_fn)
+        return (loss * 4 if self.state.step == 9 else loss), stats
 
-    monkeypatch.setattr(loop_mod.Loop, "_step", spiking)
+    monkeypatch.setattr(loop_mod.Trainer, "forward_backward", spiking)
     assert main(["pretrain", f"out_dir={tmp_path}", *PRE]) == 0
     flags = [r for r in read_metrics(tmp_path) if r.get("event") == "health"]
     assert [(f["step"], f["kind"]) for f in flags if f["kind"] == "loss_spike"] == [(10, "loss_spike")]

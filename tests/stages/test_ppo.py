@@ -68,10 +68,10 @@ def test_compile_and_activation_checkpointing_reach_every_model_and_change_no_st
     """train.compile compiles the policy, the separate critic and the frozen reference, and with activation
     checkpointing the first update's figures equal the eager run's (decoding stays eager: the same rollout)."""
     import llmstages.rl.rollout as rollout
-    import llmstages.train.loop as loop
+    import llmstages.train.prepare as prepare
 
     compiled = []
-    for module in (loop, rollout):
+    for module in (prepare, rollout):
         real = module.compile_blocks
         monkeypatch.setattr(module, "compile_blocks", lambda m, real=real: compiled.append(m) or real(m))
     args = ["peft.method=none", "ppo.critic=separate", "train.max_steps=2"]

@@ -36,15 +36,15 @@ def test_exact_resume_after_a_signal(tmp_path, monkeypatch):
     assert [s for s, _ in straight] == list(range(1, 13))
 
     # Second run: a SIGTERM arrives during step 6; the loop saves a checkpoint and stops.
-    real_step = loop_mod.Loop._step
+    real_step = loop_mod.Trainer.optimizer_step
 
-    def step_then_signal(self, batches):
-        out = real_step(self, batches)
+    def step_then_signal(self, loss):
+        out = real_step(self, loss)
         if self.state.step == 5:  # the step being taken is the 6th
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(loop_mod.Loop, "_step", step_then_signal)
+    monkeypatch.setattr(loop_mod.Trainer, "optimizer_step", step_then_signal)
     assert _pretrain(tmp_path / "split") == 130
     monkeypatch.undo()
     assert (tmp_path / "split/checkpoints/step_6").is_dir()

@@ -23,14 +23,14 @@ from llmstages.train import loop as loop_mod
 leave = distributed.shutdown
 distributed.shutdown = lambda: distributed.current().barrier()  # no re-init between jobs
 rank = int(os.environ["RANK"])
-real_step = loop_mod.Loop._step
+real_step = loop_mod.Trainer.forward_backward
 
 
 def failing_step(step: int):
-    def _step(self, batches):
+    def _step(self, batches, loss_fn, count_fn):
         if self.state.step == step:
             raise RuntimeError(f"injected failure at step {step + 1}")
-        return real_step(self, batches)
+        return real_step(self, batches, loss_fn, count_fn)
 
     return _step
 
@@ -44,7 +44,7 @@ for job in json.loads(Path(sys.argv[1]).read_text()):
         distributed.current().barrier()
         continue
     fails = job.get("fail_rank") == rank
-    loop_mod.Loop._step = failing_step(job["fail_step"]) if fails else real_step
+    loop_mod.Trainer.forward_backward = failing_step(job["fail_step"]) if fails else real_step
     codes.append(main(job["argv"]))
 Path(f"{sys.argv[1]}.rank{rank}").write_text(json.dumps(codes))
 leave()

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from llmstages import losses as L
 from llmstages.cli import main
@@ -109,6 +110,19 @@ def test_restore_puts_the_originals_back():
         restore_frozen(held, ["blocks.0.attn.q_proj.weight"], {})
 
 
+def test_restore_finds_the_model_inside_a_wrapper():
+    """A wrapper (PPO's policy beside a value head, a reward model's trunk) holds the GPT under an attribute; the
+    originals, keyed as in the GPT, go back to it by its place, whatever the attribute is called."""
+    ref = _lora_model(False)
+    wrapper = nn.ModuleDict({"head": nn.Linear(4, 1), "trunk": copy.deepcopy(ref)})
+    names = hold_frozen(wrapper, "bf16")
+    assert names and all(n.startswith("trunk.") for n in names)
+    restore_frozen(wrapper, names, ref.state_dict())
+    for k, v in ref.state_dict().items():
+        got = wrapper["trunk"].state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v), k
+
+
 def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r.get("event") != "start" and "loss" in r]
 
@@ -122,7 +136,7 @@ def test_bf16_lora_tracks_fp32_and_keeps_the_saved_weights(base_dir, tmp_path, m
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / name}", *FAST, *steps,
                      f"train.precision={precision}"]) == 0  # fmt: skip
     with monkeypatch.context() as mp:  # the same bf16 run with fp32 weights autocast casts on every call
-        mp.setattr("llmstages.train.loop.hold_frozen", lambda model, precision: [])
+        mp.setattr("llmstages.train.prepare.hold_frozen", lambda model, precision: [])
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / 'cast'}", *FAST, *steps,
                      "train.precision=bf16"]) == 0  # fmt: skip
     fp32, bf16, cast = (_losses(tmp_path / n) for n in ("fp32", "bf16", "cast"))
@@ -188,6 +202,6 @@ def test_base_weights_merge_a_carried_lora(base_dir, tmp_path):
     from llmstages.peft import merge_lora
 
     expected = merge_lora(load_model(tmp_path / "final")).state_dict()
-    got = frozen.base_weights(str(tmp_path / "final"), prefix="p.")
-    assert got.keys() == {"p." + k for k in expected}
-    assert all(torch.equal(got["p." + k], v) for k, v in expected.items())
+    got = frozen.base_weights(str(tmp_path / "final"))
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -11,7 +12,8 @@ import torch
 from llmstages.config import TrainArgs
 from llmstages.losses import IGNORE_INDEX, count_targets, lm_loss
 from llmstages.model import GPT, preset
-from llmstages.train.loop import accumulate, lr_at, param_groups
+from llmstages.train.loop import accumulate
+from llmstages.train.optim import lr_at, param_groups
 
 
 def _padded_batch(n: int, seq: int = 12, vocab: int = 256, seed: int = 0):
@@ -75,7 +77,7 @@ def test_native_bf16_detection_agrees_with_the_cpu(monkeypatch):
     from pathlib import Path
 
     from llmstages.errors import UserError
-    from llmstages.train.loop import fast_bf16, resolve_precision
+    from llmstages.train.start import fast_bf16, resolve_precision
 
     for forced in ("fp32", "bf16"):
         monkeypatch.setenv("LLMSTAGES_AUTO_PRECISION", forced)
@@ -111,7 +113,7 @@ def test_compiled_blocks_match_eager_compile_once_and_survive_a_deep_copy():
     from torch._dynamo.utils import counters
 
     from llmstages.model.generate import generate
-    from llmstages.train.loop import compile_blocks
+    from llmstages.train.prepare import compile_blocks
 
     torch._dynamo.reset()
     counters.clear()
@@ -147,7 +149,8 @@ def test_compiled_blocks_match_eager_compile_once_and_survive_a_deep_copy():
 def test_loop_compiles_and_checkpoints_every_block_of_any_stage_model(tmp_path):
     """train.compile and train.activation_checkpointing reach every block the loop trains, also when the stage's
     model holds several trunks (PPO's policy and critic, a reward model's backbone), and change no step's loss."""
-    from llmstages.train.loop import Loop
+    from llmstages.train.loop import Trainer
+    from llmstages.train.prepare import prepare_model
 
     class TwoTrunks(torch.nn.Module):  # the shape of PPO's policy + separate critic
         def __init__(self) -> None:
@@ -164,47 +167,57 @@ def test_loop_compiles_and_checkpoints_every_block_of_any_stage_model(tmp_path):
     for options in ({}, {"compile": True, "activation_checkpointing": True}):
         args = TrainArgs(max_steps=3, lr=1e-2, warmup_steps=1, log_every=1, eval_every=100, save_every=100, **options)
         model = TwoTrunks()
-        loop = Loop(model=model, args=args, run_dir=tmp_path / str(len(runs)), next_batches=lambda s: [batch],
-                    loss_fn=loss_fn)  # fmt: skip
+        trainer = Trainer(prepare_model(model, args), args, tmp_path / str(len(runs)))
         blocks = [*model.policy.blocks, *model.critic.blocks]
         for attr in ("_forward_uncompiled", "_forward_without_checkpoint"):
             assert all(hasattr(b, attr) for b in blocks) == bool(options), attr
-        runs[bool(options)] = [loop._step(loop.next_batches(s))[0] for s in range(3)]
+        losses = []
+        for _ in range(3):
+            loss, _ = trainer.forward_backward([batch], loss_fn, count_targets)
+            trainer.optimizer_step(loss)
+            losses.append(loss)
+        runs[bool(options)] = losses
     for eager, compiled in zip(runs[False], runs[True]):
         assert math.isclose(eager, compiled, rel_tol=1e-5)
 
 
-def _loop(tmp_path, model, loss_fn=lm_loss, **train):
-    from llmstages.train.loop import Loop
+def _trainer(tmp_path, model, **train):
+    from llmstages.train.loop import Trainer
+    from llmstages.train.prepare import prepare_model
 
     args = TrainArgs(**{"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "eval_every": 100,
                         "save_every": 100, "precision": "fp32", **train})  # fmt: skip
+    return Trainer(prepare_model(model, args), args, tmp_path)
+
+
+def _fit(trainer, loss_fn=lm_loss):
+    """The shared loop on one fixed batch, no metrics written."""
+    from llmstages.monitor.metrics import NullLogger
+    from llmstages.train.loop import fit
+
     batch = _padded_batch(4, seq=16)
-    return Loop(model=model, args=args, run_dir=tmp_path, next_batches=lambda s: [batch], loss_fn=loss_fn)
+    return fit(trainer, lambda start: itertools.repeat([batch]), loss_fn, log=NullLogger(), progress=False)
 
 
 def test_a_run_that_no_longer_trains_stops_naming_the_step_and_saves_nothing(tmp_path):
     """Poisoned weights: every loss is NaN. The loop skips the bad steps, but a run that ends in them (or reaches
     train.max_bad_steps of them) fails with TrainingFailed naming the step, and writes no checkpoint."""
-    from llmstages.monitor.metrics import NullLogger
     from llmstages.train.loop import TrainingFailed
 
     for max_bad, expected in ((5, "step 3: the run ended with 3 step"), (2, "step 2: the loss or gradient was NaN")):
         model = _tiny()
         with torch.no_grad():
             model.blocks[0].attn.q_proj.weight[0, 0] = float("nan")
-        loop = _loop(tmp_path / str(max_bad), model, max_bad_steps=max_bad)
+        trainer = _trainer(tmp_path / str(max_bad), model, max_bad_steps=max_bad)
         with pytest.raises(TrainingFailed, match=expected):
-            loop.run(NullLogger(), progress=False)
+            _fit(trainer)
         assert not (tmp_path / str(max_bad) / "checkpoints").exists()
         with pytest.raises(TrainingFailed, match=r"step \d: the weights are NaN/Inf \(blocks.0.attn.q_proj.weight\)"):
-            loop.save()  # nor is a checkpoint of NaN weights written on a signal or at save_every
+            trainer.save()  # nor is a checkpoint of NaN weights written on a signal or at save_every
 
 
 def test_an_isolated_bad_step_is_skipped(tmp_path):
     """One NaN loss among finite ones: that step's update is skipped, the run goes on and saves."""
-    from llmstages.monitor.metrics import NullLogger
-
     calls = []
 
     def nan_once(m, b):
@@ -212,8 +225,9 @@ def test_an_isolated_bad_step_is_skipped(tmp_path):
         calls.append(1)
         return (loss * float("nan") if len(calls) == 2 else loss), stats
 
-    loop = _loop(tmp_path, _tiny(), nan_once)
-    state = loop.run(NullLogger(), progress=False)
+    trainer = _trainer(tmp_path, _tiny())
+    _fit(trainer, nan_once)
+    state = trainer.state
     assert state.step == 3 and state.skipped_steps == 1
     assert (tmp_path / "checkpoints" / "step_3").is_dir()
 
@@ -235,10 +249,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(t
     import errno
 
     from llmstages.errors import UserError
-    from llmstages.monitor.metrics import NullLogger
     from llmstages.train import checkpoint as ckpt
 
-    loop = _loop(tmp_path, _tiny(), save_every=1)
+    trainer = _trainer(tmp_path, _tiny(), save_every=1)
     real, saves = ckpt.torch.save, []
 
     def fills_the_disk(obj, path):
@@ -249,7 +262,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(t
 
     monkeypatch.setattr(ckpt.torch, "save", fills_the_disk)
     with pytest.raises(UserError) as e:
-        loop.run(NullLogger(), progress=False)
+        _fit(trainer)
     where = tmp_path / "checkpoints" / "step_2"
     assert (
         str(e.value)
@@ -274,10 +287,10 @@ def test_the_final_model_is_refused_when_the_base_changed_during_the_run(tmp_pat
     base = builtin_base(tmp_path / "base")
     run = tmp_path / "run"
     start_run_dir(run, "sft", False, {"path": str(base), "sha256": ckpt.weights_digest(base)})
-    loop = _loop(run, load_model(base))
-    assert loop.final_model() is not None  # unchanged: fine
+    trainer = _trainer(run, load_model(base))
+    assert trainer.final_model() is not None  # unchanged: fine
     tensors = load_file(str(base / "model.safetensors"))
     tensors["blocks.0.attn.q_proj.weight"] = tensors["blocks.0.attn.q_proj.weight"] + 1
     save_file(tensors, str(base / "model.safetensors"))  # another model, the same shapes
     with pytest.raises(UserError, match=r"changed while it trained \(its weights' sha256 is now [0-9a-f]{16}, it"):
-        loop.final_model()
+        trainer.final_model()

@@ -92,10 +92,10 @@ def test_out_of_memory_advice_names_the_estimate_and_the_fixes():
 def test_running_out_of_memory_stops_with_the_estimate(tmp_path, monkeypatch, capsys):
     from llmstages.train import loop as loop_mod
 
-    def no_memory(self, batches):
+    def no_memory(self, batches, loss_fn, count_fn):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123456789 bytes")
 
-    monkeypatch.setattr(loop_mod.Loop, "_step", no_memory)
+    monkeypatch.setattr(loop_mod.Trainer, "forward_backward", no_memory)
     argv = ["pretrain", f"out_dir={tmp_path}", "model.n_layers=2", "model.d_model=64", "model.n_heads=4",
             "model.n_kv_heads=2", "model.block_size=64", "data.builtin_size_mb=0.05", "data.vocab_size=400",
             "data.workers=1", "train.max_steps=3", "train.batch_size=4", "train.seq_len=32"]  # fmt: skip

@@ -15,7 +15,7 @@ from llmstages.eval.policy import evaluate_dir, label_agreement
 from llmstages.model.generate import check_temperature
 from llmstages.outputs import claim_file, write_file
 from llmstages.store import load_model, load_tokenizer
-from llmstages.train.loop import resolve_device
+from llmstages.train.start import resolve_device
 
 
 def _is_eval_json(path: Path) -> bool:

@@ -26,7 +26,7 @@ from llmstages.model.generate import sample_replies
 from llmstages.peft import disable_adapters, prepare_policy
 from llmstages.store import load_model_and_tokenizer, load_tokenizer
 from llmstages.train.frozen import hold_frozen
-from llmstages.train.loop import compile_blocks
+from llmstages.train.prepare import compile_blocks
 
 RewardFn = Callable[..., list[float]]
 """f(prompts, responses, ended, **columns) -> one score per reply."""

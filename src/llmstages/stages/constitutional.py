@@ -44,7 +44,7 @@ from llmstages.model import GPT
 from llmstages.model.generate import sample_many
 from llmstages.outputs import claim_run_dir, start_run_dir
 from llmstages.store import load_config, load_model, load_tokenizer
-from llmstages.train.loop import resolve_device
+from llmstages.train.start import resolve_device
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs"
 BATCH = 128

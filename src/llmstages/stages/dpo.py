@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,9 @@ from llmstages.rl.pairs import builtin_preference_pairs
 from llmstages.rl.rollout import policy_logprobs
 from llmstages.store import load_model_and_tokenizer, save_model
 from llmstages.train.frozen import base_weights, hold_frozen
-from llmstages.train.loop import EpochSampler, Loop, compile_blocks, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, Trainer, fit
+from llmstages.train.prepare import compile_blocks, prepare_model
+from llmstages.train.start import prepare_run_dir, start_run
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSSES = ("dpo", "cdpo", "ipo", "hinge", "simpo", "orpo", "kto")
@@ -260,27 +264,17 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     prepare_run_dir(cfg.run_args("dpo"), to_dict(cfg), s.model)
     s.model.to(s.device)
-    ref = Reference(s, cfg)
+    ref = Reference(s, cfg)  # a frozen copy is taken of the model as loaded, before it is prepared
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
-    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [s.batch([s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
+    def batches(start: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The grad_accum micro-batches of pairs (KTO: examples) of each step."""
+        for step in itertools.count(start):
+            yield [s.batch([s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
 
     loss_fn = kto_score if s.kto else score
-
-    loop = Loop(
-        model=s.model,
-        args=cfg.train,
-        run_dir=s.out,
-        next_batches=next_batches,
-        device=s.device,
-        loss_fn=lambda m, b: loss_fn(m, b, "train", ref, cfg.dpo),
-        count_fn=lambda b: int(b["index"].numel()),
-        evaluate=lambda m: evaluate(m, s, ref, cfg),
-        monitor=cfg.monitor,
-        frozen_source=functools.partial(base_weights, cfg.model.path),
-    )
-    resumed = loop.resume() if cfg.resume else False
+    model = prepare_model(s.model, cfg.train, frozen_source=functools.partial(base_weights, cfg.model.path))
+    trainer = Trainer(model, cfg.train, s.out, device=s.device)
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
@@ -289,8 +283,15 @@ def main(cfg: DPOConfig, progress: bool = True) -> dict[str, float]:
             f"reference: {ref.kind}; {trainable:,} of {total:,} parameters trainable"
         )
     start = {s.unit: len(s.train), **s.fit.metrics()}
-    state = loop.run_logged(resumed, lambda: {**start, **evaluate(s.model, s, ref, cfg)}, progress)
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
-    if final is not None:
-        save_model(final, s.out / "final", s.tokenizer)
-    return {"step": state.step, **loop.last_eval}
+    return fit(
+        trainer,
+        batches,
+        lambda m, b: loss_fn(m, b, "train", ref, cfg.dpo),
+        lambda b: int(b["index"].numel()),
+        evaluate=lambda m: evaluate(m, s, ref, cfg),
+        first_record=lambda: {**start, **evaluate(s.model, s, ref, cfg)},
+        save_final=lambda final: save_model(final, s.out / "final", s.tokenizer),
+        resume=cfg.resume,
+        monitor=cfg.monitor,
+        progress=progress,
+    )

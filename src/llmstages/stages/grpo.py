@@ -24,7 +24,9 @@ Rollouts are seeded by (seed, rollout), so a resumed run samples what the uninte
 from __future__ import annotations
 
 import functools
+import itertools
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -49,7 +51,9 @@ from llmstages.rl.rollout import (
 from llmstages.store import save_model
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, LoopState, Trainer, fit
+from llmstages.train.prepare import prepare_model
+from llmstages.train.start import autocast, prepare_run_dir, start_run
 
 
 def setup(cfg: GRPOConfig) -> tuple[PolicySetup, dict[str, int]]:
@@ -83,7 +87,7 @@ ROLLOUT_KEYS = ("input_ids", "targets", "mask", "adv", "old_logp", "ref_logp")
 
 
 class Rollouts:
-    """The rollout in progress, handed to the loop as its batches (the loop's `next_batches`).
+    """The rollout in progress, and the batches the loop trains on (`batches`).
 
     Every grpo.iterations optimizer steps a new rollout is drawn from the current policy (`sample`); each step of
     it trains on the whole rollout, so from its second step on the ratio to the sampling policy moves from 1 and
@@ -103,12 +107,15 @@ class Rollouts:
         self.stats: dict[str, float] = {}
         self.t_gen = 0.0  # seconds spent sampling the current rollout
 
-    def batches(self, step: int) -> list[dict]:
-        """Optimizer step `step`'s batch: rollout step // iterations, drawn when not held."""
-        it = step // self.g.iterations
-        if self.it != it:
-            self.sample(it)
-        return [{**self.batch, "stats": self.stats}]
+    def batches(self, start: int) -> Iterator[list[dict]]:
+        """Each optimizer step's batch from step `start` on: rollout `it` is sampled from the current policy at
+        its first step (a rollout a checkpoint held is continued), then trained on for grpo.iterations steps."""
+        n = self.g.iterations
+        for it in itertools.count(start // n):
+            if self.it != it:
+                self.sample(it)
+            for _ in range(max(start - it * n, 0), n):
+                yield [self.batch]
 
     def _round(self, idx: list[int], gen: torch.Generator) -> tuple[list, list, list[bool], torch.Tensor, dict]:
         """group_size replies to each prompt of `idx`: (prompts, replies, ended, rewards (N * G,), each reward
@@ -220,13 +227,13 @@ def grpo_step_loss(m: GPT, batch: dict, g: GRPOArgs) -> tuple[torch.Tensor, dict
             logp, old, logp.detach() if ref is None else ref, batch["adv"], tmask, g.clip, g.kl_beta
         )
         kl_stat = {} if ref is None else {"kl_k3": float(kl)}
-        return loss, {**batch["stats"], **kl_stat, "clip_fraction": float(clip_frac)}
+        return loss, {**kl_stat, "clip_fraction": float(clip_frac)}
     loss, stats = L.policy_loss(logp, old, batch["adv"], tmask, g.loss_type, g.clip, g.clip_high,
                                 ref_logp=ref, beta=g.kl_beta, max_length=g.max_new_tokens,
                                 reduction="sum")  # fmt: skip
     if "kl" in stats:
         stats["kl_k3"] = stats.pop("kl")
-    return loss, {**batch["stats"], **{k: float(v) for k, v in stats.items()}}
+    return loss, {k: float(v) for k, v in stats.items()}
 
 
 def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
@@ -238,23 +245,8 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
     def evaluate(m: GPT) -> dict[str, float]:
         return evaluate_policy(m, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, g.max_new_tokens, s.eval_columns)
 
-    loop = Loop(
-        model=s.model,
-        args=cfg.train,
-        run_dir=s.out,
-        device=s.device,
-        next_batches=rollouts.batches,
-        loss_fn=functools.partial(grpo_step_loss, g=g),
-        evaluate=evaluate,
-        count_fn=lambda b: L.policy_loss_normalizer(b["targets"] != L.IGNORE_INDEX, g.loss_type, g.max_new_tokens),
-        on_save=rollouts.saved,
-        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-        monitor=cfg.monitor,
-        frozen_source=functools.partial(base_weights, cfg.model.path),
-    )
-    resumed = loop.resume() if cfg.resume else False
-    if resumed:
-        rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
+    model = prepare_model(s.model, cfg.train, frozen_source=functools.partial(base_weights, cfg.model.path))
+    trainer = Trainer(model, cfg.train, s.out, device=s.device, on_save=rollouts.saved)
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
@@ -262,8 +254,18 @@ def main(cfg: GRPOConfig, progress: bool = True) -> dict[str, float]:
             f"{g.max_new_tokens} new tokens), {g.prompts_per_step} x {g.group_size} samples a step; "
             f"{trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: {**cut, **evaluate(s.model)}, progress)
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
-    if final is not None:
-        save_model(final, s.out / "final", s.tokenizer)
-    return {"step": state.step, **loop.last_eval}
+    return fit(
+        trainer,
+        rollouts.batches,
+        functools.partial(grpo_step_loss, g=g),
+        lambda b: L.policy_loss_normalizer(b["targets"] != L.IGNORE_INDEX, g.loss_type, g.max_new_tokens),
+        evaluate=evaluate,
+        first_record=lambda: {**cut, **evaluate(s.model)},
+        stats=lambda: rollouts.stats,  # the rollout's rewards and sampling speed
+        save_final=lambda final: save_model(final, s.out / "final", s.tokenizer),
+        resume=cfg.resume,
+        on_resume=rollouts.restore,  # the rollout in progress when the checkpoint was written
+        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
+        monitor=cfg.monitor,
+        progress=progress,
+    )

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import random
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,7 +48,9 @@ from llmstages.rl.rollout import (
 from llmstages.store import save_model
 from llmstages.train import distributed
 from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, LoopState, autocast, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, LoopState, Trainer, fit
+from llmstages.train.prepare import prepare_model
+from llmstages.train.start import autocast, prepare_run_dir, start_run
 
 ROLLOUT_KEYS = ("input_ids", "targets", "mask", "old_logp", "old_values", "adv", "returns")
 
@@ -113,7 +117,7 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic, dict[str, int]]:
 
 
 class Rollouts:
-    """The rollout in progress, handed to the loop as its batches.
+    """The rollout in progress, and the minibatches the loop trains on (`minibatches`).
 
     Every `ppo_epochs x minibatches` optimizer steps a new rollout is sampled from the current policy and scored;
     each step takes one minibatch of it (a fresh order each epoch, seeded by the rollout and epoch). The rollout
@@ -131,17 +135,24 @@ class Rollouts:
         self.stats: dict[str, float] = {}
         self.controller: dict[str, float] = {"kl_coef": self.p.kl_coef}
 
-    def batches(self, step: int) -> list[dict]:
-        """Optimizer step `step`'s minibatch (the loop's `next_batches`)."""
-        p = self.p
-        it, j = divmod(step, self.updates)
-        if self.it != it:
-            self.sample(it)
-        epoch, mb = divmod(j, p.minibatches)
-        order = random.Random(self.seed * 1_000_003 + it * 7919 + epoch).sample(range(p.rollout_size), p.rollout_size)
-        size = p.rollout_size // p.minibatches
-        sel = torch.tensor(order[mb * size : (mb + 1) * size], device=self.s.device)
-        return [{**{k: self.batch[k][sel] for k in ROLLOUT_KEYS}, "stats": self.stats}]
+    def minibatches(self, start: int) -> Iterator[list[dict]]:
+        """PPO's loops from optimizer step `start` on: sample a rollout, then ppo_epochs passes over it, each in
+        a fresh order (seeded by the rollout and the epoch) cut into ppo.minibatches minibatches, one optimizer
+        step each. A run resumed in the middle of a rollout has it back from the checkpoint and skips the steps
+        it took."""
+        p, size = self.p, self.p.rollout_size // self.p.minibatches
+        step = start - start % self.updates  # the first step of the rollout that `start` falls in
+        for it in itertools.count(start // self.updates):
+            if self.it != it:
+                self.sample(it)
+            for epoch in range(p.ppo_epochs):
+                seed = self.seed * 1_000_003 + it * 7919 + epoch
+                order = random.Random(seed).sample(range(p.rollout_size), p.rollout_size)
+                for mb in range(p.minibatches):
+                    if step >= start:
+                        rows = torch.tensor(order[mb * size : (mb + 1) * size], device=self.s.device)
+                        yield [{k: self.batch[k][rows] for k in ROLLOUT_KEYS}]
+                    step += 1
 
     @torch.no_grad()
     def sample(self, it: int) -> None:
@@ -239,7 +250,7 @@ def ppo_loss(m: ActorCritic, b: dict, p: PPOArgs) -> tuple[torch.Tensor, dict[st
         "kl_old_new_k3": float(approx_kl),
         "explained_variance": float(1 - resid / var.clamp(min=1e-8)),
     }
-    return loss, {**b["stats"], **stats}
+    return loss, stats
 
 
 def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
@@ -253,33 +264,34 @@ def main(cfg: PPOConfig, progress: bool = True) -> dict[str, float]:
             m.policy, s.tokenizer, s.eval_ids, s.eval_texts, s.reward_of, p.max_new_tokens, s.eval_columns
         )
 
-    loop = Loop(
-        model=ac,
-        args=cfg.train,
-        run_dir=s.out,
+    model = prepare_model(ac, cfg.train, frozen_source=functools.partial(base_weights, cfg.model.path))
+    trainer = Trainer(
+        model,
+        cfg.train,
+        s.out,
         device=s.device,
-        next_batches=rollouts.batches,
-        loss_fn=functools.partial(ppo_loss, p=p),
-        count_fn=lambda b: 1,
-        evaluate=evaluate,
-        param_groups_fn=lambda m: _param_groups(m, cfg),
+        param_groups=_param_groups(model.module, cfg),
         on_save=rollouts.saved,
         state=LoopState(extra=rollouts.controller),  # the KL coefficient, kept across resume
-        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
-        monitor=cfg.monitor,
-        frozen_source=functools.partial(base_weights, cfg.model.path, prefix="policy."),
     )
-    resumed = loop.resume() if cfg.resume else False
-    if resumed:
-        rollouts.restore(loop.resumed_extra)  # the rollout in progress when the checkpoint was written
     trainable, total = trainable_parameters(ac)
     if progress:
         print(
             f"ppo: {len(s.prompts)} prompts, rollouts of {p.rollout_size}, {rollouts.updates} updates each, "
             f"critic {p.critic}; {trainable:,} of {total:,} parameters trainable"
         )
-    state = loop.run_logged(resumed, lambda: {**cuts, **evaluate(ac)}, progress)
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
-    if final is not None:
-        save_model(final.policy, s.out / "final", s.tokenizer)
-    return {"step": state.step, **loop.last_eval}
+    return fit(
+        trainer,
+        rollouts.minibatches,
+        functools.partial(ppo_loss, p=p),
+        lambda b: 1,
+        evaluate=evaluate,
+        first_record=lambda: {**cuts, **evaluate(ac)},
+        stats=lambda: rollouts.stats,  # the rollout's rewards, KL and sampling speed
+        save_final=lambda final: save_model(final.policy, s.out / "final", s.tokenizer),
+        resume=cfg.resume,
+        on_resume=rollouts.restore,  # the rollout in progress when the checkpoint was written
+        health=HealthMonitor(slowdown=0, stall=False),  # drawing a batch is sampling a rollout
+        monitor=cfg.monitor,
+        progress=progress,
+    )

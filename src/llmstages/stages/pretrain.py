@@ -10,7 +10,9 @@ main:  tokenize the corpus into shards, then run the shared loop with the langua
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,9 @@ from llmstages.losses import count_targets
 from llmstages.model import GPT, flops_per_token, num_params, preset
 from llmstages.store import load_model, load_tokenizer, save_model
 from llmstages.train import distributed
-from llmstages.train.loop import Loop, prepare_run_dir, start_run
+from llmstages.train.loop import Trainer, fit
+from llmstages.train.prepare import prepare_model
+from llmstages.train.start import prepare_run_dir, start_run
 
 SHARD_VERSION = 2
 VAL_KEY = 2**31 - 1  # the "step" of validation batches in the sampling key
@@ -195,14 +199,14 @@ def to_batch(x: np.ndarray, y: np.ndarray, device: torch.device) -> dict[str, to
     return {"input_ids": torch.from_numpy(x).to(device), "targets": torch.from_numpy(y).to(device)}
 
 
-def validate(m: GPT, loop: Loop, s: Setup, shards: TokenShards, recall: World | None) -> dict[str, float]:
+def validate(m: GPT, trainer: Trainer, s: Setup, shards: TokenShards, recall: World | None) -> dict[str, float]:
     """Loss and perplexity on train.eval_batches fixed validation batches, and for the built-in world (`recall`)
     how many of its facts the model completes."""
     args = s.cfg.train
     total, n = 0.0, 0
     for i in range(args.eval_batches):
         b = to_batch(*shards.batch("val", (s.cfg.seed, VAL_KEY, i), args.batch_size, args.seq_len), s.device)
-        total, n = total + loop.loss_sum(b), n + count_targets(b)
+        total, n = total + trainer.loss_sum(b), n + count_targets(b)
     result = {"val_loss": total / n, "val_ppl": math.exp(total / n)}
     if recall is not None:
         result.update(fact_recall(m, s.tokenizer, recall))
@@ -215,52 +219,44 @@ def main(cfg: PretrainConfig, progress: bool = True) -> dict[str, float]:
     d = distributed.current()
     prepare_run_dir(cfg.run_args("pretrain"), to_dict(cfg), s.model)
     shards = write_data(s)
-    model = s.model.to(s.device)
-
     rows = d.rows(args.batch_size * d.dp)  # this rank's rows of each global micro-batch
 
-    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        drawn = [
-            shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
-            for m in range(args.grad_accum)
-        ]
-        return [to_batch(x[rows], y[rows], s.device) for x, y in drawn]
+    def batches(start: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The grad_accum micro-batches of each step: random windows of the token shards, seeded by the step."""
+        for step in itertools.count(start):
+            drawn = [
+                shards.batch("train", (cfg.seed, step, m, 0), args.batch_size * d.dp, args.seq_len)
+                for m in range(args.grad_accum)
+            ]
+            yield [to_batch(x[rows], y[rows], s.device) for x, y in drawn]
 
     has_val = len(shards.val) > args.seq_len
     # Fact recall needs the whole model in one process (generation); the split strategies report losses only.
     recall = World(cfg.world_seed) if not cfg.data.path and d.strategy in ("none", "ddp", "zero1", "fsdp") else None
-    loop = Loop(
-        monitor=cfg.monitor,
-        model=model,
-        args=args,
-        run_dir=s.out,
-        next_batches=next_batches,
-        device=s.device,
-        evaluate=(lambda m: validate(m, loop, s, shards, recall)) if has_val else None,
-        flops_per_token=flops_per_token(model.config, args.seq_len),
-    )
-    resumed = loop.resume() if cfg.resume else False
+    trainer = Trainer(prepare_model(s.model.to(s.device), args), args, s.out, device=s.device)
+    evaluate = (lambda m: validate(m, trainer, s, shards, recall)) if has_val else None
     if progress:
-        where = f"resuming at step {loop.state.step}" if resumed else "starting"
         print(
-            f"pretrain: {num_params(model):,} parameters, {len(shards.train):,} train tokens, global batch "
-            f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens; {where}"
+            f"pretrain: {num_params(s.model):,} parameters, {len(shards.train):,} train tokens, global batch "
+            f"{args.batch_size * args.grad_accum * d.dp * args.seq_len:,} tokens"
         )
-    state = loop.run_logged(
-        resumed,
-        lambda: {
+    result = fit(
+        trainer,
+        batches,
+        evaluate=evaluate,
+        first_record=lambda: {
             "unigram_entropy": unigram_entropy(shards, "val" if has_val else "train"),
-            "parameters": num_params(model),
+            "parameters": num_params(s.model),
             "train_tokens": int(len(shards.train)),
-            **(loop.evaluate(model) if loop.evaluate else {}),
+            **(evaluate(s.model) if evaluate else {}),
         },
-        progress,
+        save_final=lambda final: save_model(final, s.out / "final", s.tokenizer),
+        resume=cfg.resume,
+        monitor=cfg.monitor,
+        flops_per_token=flops_per_token(s.model.config, args.seq_len),
+        progress=progress,
     )
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards or stages
-    if final is not None:
-        save_model(final, s.out / "final", s.tokenizer)
-    result = {"step": state.step, "tokens_seen": state.tokens_seen}
-    result.update(loop.last_eval)
+    result = {"step": result["step"], "tokens_seen": trainer.state.tokens_seen, **result}
     if progress:
         print(
             f"pretrain: done; final model in {s.out / 'final'}"

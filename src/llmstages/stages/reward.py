@@ -11,6 +11,8 @@ which PPO, GRPO and evaluation load with `load_reward_model`.
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,9 @@ from llmstages.rl.pairs import builtin_preference_pairs
 from llmstages.store import load_model_and_tokenizer, save_model
 from llmstages.store.heads import save_head
 from llmstages.train.frozen import base_weights
-from llmstages.train.loop import EpochSampler, Loop, prepare_run_dir, start_run
+from llmstages.train.loop import EpochSampler, Trainer, fit
+from llmstages.train.prepare import prepare_model
+from llmstages.train.start import prepare_run_dir, start_run
 
 # Calibration: accuracy of the predicted order within bins of |r_w - r_l|.
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, float("inf"))
@@ -119,22 +123,19 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
     prepare_run_dir(cfg.run_args("reward"), to_dict(cfg), s.model)
     sampler = EpochSampler(len(s.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.seed)
 
-    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [batch_of(s, [s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
+    def batches(start: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The grad_accum micro-batches of pairs of each step."""
+        for step in itertools.count(start):
+            yield [batch_of(s, [s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
 
-    loop = Loop(
-        model=s.model,
-        args=cfg.train,
-        run_dir=s.out,
-        next_batches=next_batches,
-        device=s.device,
-        loss_fn=lambda m, b: pair_loss(m, b, cfg.margin),
-        count_fn=lambda b: int(b["index"].numel()),
-        evaluate=lambda m: evaluate(m, s, cfg),
-        monitor=cfg.monitor,
-        frozen_source=functools.partial(base_weights, cfg.model.path, prefix="backbone."),
-    )
-    resumed = loop.resume() if cfg.resume else False
+    def save_final(final: RewardModel) -> None:
+        if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):
+            merge_lora(final.backbone)  # a reward model is used as a whole: save it merged
+        save_model(final.backbone, s.out / "final", s.tokenizer)
+        save_head(final.head, s.out / "final", kind="reward")
+
+    model = prepare_model(s.model, cfg.train, frozen_source=functools.partial(base_weights, cfg.model.path))
+    trainer = Trainer(model, cfg.train, s.out, device=s.device)
     trainable, total = trainable_parameters(s.model)
     if progress:
         print(
@@ -142,13 +143,18 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
             "parameters trainable"
         )
     start = {"pairs": len(s.train), **s.fit.metrics()}
-    state = loop.run_logged(resumed, lambda: {**start, **evaluate(s.model, s, cfg)}, progress)
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
-    if final is not None:
-        if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):
-            merge_lora(final.backbone)  # a reward model is used as a whole: save it merged
-        save_model(final.backbone, s.out / "final", s.tokenizer)
-        save_head(final.head, s.out / "final", kind="reward")
-    if progress and loop.last_eval:
-        print(f"reward: done; held-out accuracy {loop.last_eval.get('val_accuracy', float('nan')):.1%}")
-    return {"step": state.step, **loop.last_eval}
+    result = fit(
+        trainer,
+        batches,
+        lambda m, b: pair_loss(m, b, cfg.margin),
+        lambda b: int(b["index"].numel()),
+        evaluate=lambda m: evaluate(m, s, cfg),
+        first_record=lambda: {**start, **evaluate(s.model, s, cfg)},
+        save_final=save_final,
+        resume=cfg.resume,
+        monitor=cfg.monitor,
+        progress=progress,
+    )
+    if progress and trainer.last_eval:
+        print(f"reward: done; held-out accuracy {trainer.last_eval.get('val_accuracy', float('nan')):.1%}")
+    return result

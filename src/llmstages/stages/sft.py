@@ -13,7 +13,9 @@ main:  apply PEFT from outside, run the shared loop with the language-model loss
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +40,9 @@ from llmstages.model import GPT, flops_per_token
 from llmstages.peft import prepare_policy, trainable_parameters
 from llmstages.store import load_model_and_tokenizer, load_tokenizer, save_model
 from llmstages.train.frozen import base_weights
-from llmstages.train.loop import (
-    EpochSampler,
-    Loop,
-    prepare_run_dir,
-    start_run,
-)
+from llmstages.train.loop import EpochSampler, Trainer, fit
+from llmstages.train.prepare import prepare_model
+from llmstages.train.start import prepare_run_dir, start_run
 
 
 @dataclass
@@ -127,21 +126,18 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     s = setup(cfg)
     args = cfg.train
     prepare_run_dir(cfg.run_args("sft"), to_dict(cfg), s.model)
-    model = s.model.to(s.device)
     pad = s.tokenizer.pad_id
     sampler = EpochSampler(len(s.train), args.batch_size, args.grad_accum, cfg.seed)
-
-    def examples_for(step: int, micro: int) -> list[Example]:
-        return [s.train[i] for i in sampler(step, micro)]
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(s.device) for k, v in batch.items()}
 
-    def make_batch(exs: list[Example]) -> dict[str, torch.Tensor]:
-        return to_device(packed_batch(exs, args.seq_len, pad) if cfg.data.packing else padded_batch(exs, pad))
-
-    def next_batches(step: int) -> list[dict[str, torch.Tensor]]:
-        return [make_batch(examples_for(step, m)) for m in range(args.grad_accum)]
+    def batches(start: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The grad_accum micro-batches of each step: shuffled examples, packed or padded."""
+        for step in itertools.count(start):
+            drawn = [[s.train[i] for i in sampler(step, m)] for m in range(args.grad_accum)]
+            yield [to_device(packed_batch(e, args.seq_len, pad) if cfg.data.packing else padded_batch(e, pad))
+                   for e in drawn]  # fmt: skip
 
     def evaluate(m: GPT) -> dict[str, float]:
         result: dict[str, float] = {}
@@ -155,19 +151,9 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         result.update(exact_match(m, s.tokenizer, s.eval_items, max_new_tokens=s.eval_new_tokens))
         return result
 
-    loop = Loop(
-        model=model,
-        args=args,
-        run_dir=s.out,
-        next_batches=next_batches,
-        device=s.device,
-        evaluate=evaluate,
-        flops_per_token=flops_per_token(model.config, args.seq_len),
-        monitor=cfg.monitor,
-        frozen_source=functools.partial(base_weights, cfg.model.path),
-    )
-    resumed = loop.resume() if cfg.resume else False
-    trainable, total = trainable_parameters(model)
+    model = prepare_model(s.model.to(s.device), args, frozen_source=functools.partial(base_weights, cfg.model.path))
+    trainer = Trainer(model, args, s.out, device=s.device)
+    trainable, total = trainable_parameters(s.model)
     if progress:
         print(
             f"sft: {len(s.train)} examples ({s.fit.summary()}), {len(s.eval_items)} held-out prompts; "
@@ -177,11 +163,19 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
         if s.eval_note:
             print(f"sft: {s.eval_note}")
     start = {"trainable_parameters": trainable, "parameters": total, **s.fit.metrics()}
-    state = loop.run_logged(resumed, lambda: {**start, **evaluate(model)}, progress)
-    final = loop.final_model()  # rank 0: the whole model, gathered from its shards
-    if final is not None:
-        save_model(final, s.out / "final", s.tokenizer)
-    result = {"step": state.step, **loop.last_eval}
+    result = fit(
+        trainer,
+        batches,
+        lm_loss,
+        count_targets,
+        evaluate=evaluate,
+        first_record=lambda: {**start, **evaluate(s.model)},
+        save_final=lambda final: save_model(final, s.out / "final", s.tokenizer),
+        resume=cfg.resume,
+        monitor=cfg.monitor,
+        flops_per_token=flops_per_token(s.model.config, args.seq_len),
+        progress=progress,
+    )
     if progress:
         acc = result.get("task_accuracy")
         print(f"sft: done; final model in {s.out / 'final'}" + (f", held-out accuracy {acc:.1%}" if acc else ""))

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 -m llmstages pretrain --config configs/pretrain/tiny.yaml dist.strategy=fsdp
 
-`setup` (called by every stage through `train.loop.start_run`) joins the process group and records this
+`setup` (called by every stage through `train.start.start_run`) joins the process group and records this
 process's place in the job; `current()` returns it anywhere after that. The strategies:
 
     ddp      DistributedDataParallel: a full replica per process, gradients all-reduced (averaged).

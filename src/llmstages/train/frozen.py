@@ -54,27 +54,31 @@ def hold_frozen(model: nn.Module, precision: str) -> list[str]:
 
 
 def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torch.Tensor]) -> None:
-    """Put the original tensors back for the parameters `hold_frozen` cast (`originals` keyed by the same
-    names, e.g. `base_weights` of the model directory the run started from)."""
+    """Put the original tensors back for the parameters `hold_frozen` cast (`names` in `model`). `originals` are
+    keyed as in the `GPT` that holds each parameter (`base_weights` of the model directory it was loaded from),
+    wherever that GPT sits in `model`: a reward model's trunk, the policy beside PPO's critic."""
+    places = [(n, m) for n, m in model.named_modules() if isinstance(m, GPT)]
     back: dict[int, nn.Parameter] = {}  # a weight two layers share stays shared
     for name in names:
-        if name not in originals:
+        place = next((p for p, _ in places if not p or name.startswith(p + ".")), None)
+        key = name[len(place) + 1 :] if place else name
+        if key not in originals:
             raise RuntimeError(f"restore_frozen: the original of '{name}' is missing")
         owner, _, attr = name.rpartition(".")
         m = model.get_submodule(owner) if owner else model
         old = m._parameters[attr]
         if id(old) not in back:
-            back[id(old)] = nn.Parameter(originals[name].to(old.device), requires_grad=False)
+            back[id(old)] = nn.Parameter(originals[key].to(old.device), requires_grad=False)
         m._parameters[attr] = back[id(old)]
 
 
-def base_weights(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+def base_weights(path: str) -> dict[str, torch.Tensor]:
     """The frozen weights a stage starts from, as it loads them: the model directory `path`, a LoRA/DoRA it
-    carries merged (peft.prepare_policy does the same); keys prefixed with `prefix` (a wrapper's attribute)."""
+    carries merged (peft.prepare_policy does the same); keyed as in the loaded `GPT`."""
     from llmstages.peft import merge_lora, peft_config
     from llmstages.store import load_model
 
     model = load_model(path)
     if (peft_config(model) or {}).get("method") in ("lora", "dora"):
         merge_lora(model)
-    return {prefix + k: v for k, v in model.state_dict().items()}
+    return dict(model.state_dict())

@@ -16,7 +16,9 @@ from llmstages.config import TrainArgs
 from llmstages.losses import lm_loss
 from llmstages.model.gpt import GPT, ModelConfig
 from llmstages.peft import apply_lora
-from llmstages.train.loop import apply_activation_checkpointing, autocast, build_optimizer
+from llmstages.train.optim import build_optimizer
+from llmstages.train.prepare import apply_activation_checkpointing
+from llmstages.train.start import autocast
 
 
 def high_water() -> int:
