@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llmstages.config import TrainArgs
+from llmstages.config import MonitorArgs, TrainArgs
 from llmstages.errors import UserError
 from llmstages.losses import count_targets, lm_loss
 from llmstages.monitor.health import HealthMonitor
@@ -378,7 +378,7 @@ def fit(
     save_final: Callable[[nn.Module], Any] | None = None,
     resume: bool = False,
     on_resume: Callable[[dict[str, torch.Tensor]], None] | None = None,
-    monitor: Any = None,
+    monitor: MonitorArgs | None = None,
     health: HealthMonitor | None = None,
     flops_per_token: float | None = None,
     log: MetricsLogger | NullLogger | None = None,
@@ -498,7 +498,9 @@ def _evaluated(trainer: Trainer, fn: Callable[[], dict[str, Any]]) -> dict[str, 
     return out
 
 
-def _validate(trainer: Trainer, evaluate: Callable[[nn.Module], dict[str, float]], log: Any) -> dict[str, float]:
+def _validate(
+    trainer: Trainer, evaluate: Callable[[nn.Module], dict[str, float]], log: MetricsLogger | NullLogger
+) -> dict[str, float]:
     metrics = _evaluated(trainer, lambda: evaluate(trainer.model))
     if "val_loss" in metrics:
         v, best = metrics["val_loss"], trainer.state.best_val_loss
