@@ -77,6 +77,9 @@ class TrainArgs:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: str = "adamw"
+    """adamw (fp32 moments, 8 bytes a trainable parameter) or adamw8bit (block-wise 8-bit moments, about 2 bytes;
+    train/adamw8bit.py)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     precision: str = "fp32"
@@ -153,6 +156,8 @@ class PeftArgs:
     """Scale by alpha / sqrt(rank) instead of alpha / rank."""
     bottleneck: int = 64
     """Hidden units of each bottleneck adapter."""
+    quantize_base: str = "none"
+    """none, or nf4: QLoRA, every frozen linear weight held in 4-bit NormalFloat (lora and dora only)."""
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `llmstages.peft.apply_peft`."""
@@ -164,6 +169,7 @@ class PeftArgs:
             target_modules=targets,
             use_rslora=self.use_rslora,
             bottleneck=self.bottleneck,
+            quantize_base=self.quantize_base,
         )
 
 
@@ -604,6 +610,7 @@ RANGES: dict[type, dict[str, Rule]] = {
         "beta1": "[0, 1)",
         "beta2": "[0, 1)",
         "eps": "> 0",
+        "optimizer": ("adamw", "adamw8bit"),
         "grad_clip": ">= 0",
         "eval_every": "> 0",
         "eval_batches": "> 0",
@@ -631,6 +638,7 @@ RANGES: dict[type, dict[str, Rule]] = {
         "alpha": "> 0",
         "dropout": "[0, 1)",
         "bottleneck": "> 0",
+        "quantize_base": ("none", "nf4"),
     },
     DataArgs: {"vocab_size": ">= 300", "val_fraction": "[0, 1)", "workers": ">= 1", "builtin_size_mb": "> 0"},
     SFTDataArgs: {"heldout_people": "[1, 31]", "max_eval_examples": ">= 0", "max_dropped": "[0, 1]"},
@@ -845,7 +853,32 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
             kwargs[key] = _coerce(value, tp, prefix + key, source)
     obj = cls(**kwargs)
     check_ranges(obj, prefix, source)
+    if not prefix:
+        check_combinations(obj, source)
     return obj
+
+
+def check_combinations(cfg: Any, source: str) -> None:
+    """Settings of different sections that do not go together; a UserError naming both."""
+    peft, dist = getattr(cfg, "peft", None), getattr(cfg, "dist", None)
+    if peft is not None and peft.quantize_base != "none":
+        if peft.method not in ("lora", "dora"):
+            raise UserError(
+                f"{source}: peft.quantize_base={peft.quantize_base} (QLoRA) trains LoRA or DoRA on the quantized "
+                f"base; set peft.method=lora or dora (got {peft.method})"
+            )
+        if dist is not None and dist.strategy not in ("auto", "none", "ddp", "zero1"):
+            raise UserError(
+                f"{source}: peft.quantize_base={peft.quantize_base} runs under dist.strategy none, ddp or zero1, "
+                f"got {dist.strategy}"
+            )
+    train = getattr(cfg, "train", None)
+    sharded = dist is not None and dist.strategy not in ("auto", "none", "ddp", "zero1")
+    if train is not None and train.optimizer != "adamw" and sharded:
+        raise UserError(
+            f"{source}: train.optimizer={train.optimizer} runs under dist.strategy none, ddp or zero1, "
+            f"got {dist.strategy}"
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

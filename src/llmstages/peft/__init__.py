@@ -18,6 +18,7 @@ from llmstages.peft.apply import (
     merged_for_sampling,
     peft_config,
     prepare_policy,
+    quantize_frozen,
     trainable_parameters,
 )
 from llmstages.peft.lora import LoRALinear
@@ -35,5 +36,6 @@ __all__ = [
     "merged_for_sampling",
     "peft_config",
     "prepare_policy",
+    "quantize_frozen",
     "trainable_parameters",
 ]

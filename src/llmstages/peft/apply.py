@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from llmstages.errors import UserError
+from llmstages.model.gpt import GPT
 from llmstages.peft.adapter import BottleneckAdapter, insert_adapters
 from llmstages.peft.lora import LoRALinear
+from llmstages.peft.nf4 import BLOCK, NF4Linear, NF4Weight
 
 METHODS = ("none", "lora", "dora", "adapter")
 
@@ -109,11 +111,12 @@ def apply_peft(model: nn.Module, method: str, **kw: Any) -> None:
         apply_adapters(model, **{k: kw[k] for k in ("bottleneck", "activation", "dropout") if k in kw})
 
 
-def prepare_policy(model: nn.Module, method: str, **options: Any) -> bool:
-    """Ready a fine-tuned model for another stage (reward, DPO, PPO, GRPO). A LoRA/DoRA it carries is merged, so
-    the fine-tuned model becomes the base (and the reference); then the run's `method` is applied. Returns True
-    when the reference is this model with its adapters disabled, False when it needs a frozen copy (full
-    fine-tuning, or bottleneck adapters that came with the model and keep training)."""
+def prepare_policy(model: nn.Module, method: str, quantize_base: str = "none", **options: Any) -> bool:
+    """Ready a model for a fine-tuning stage (SFT, reward, DPO, PPO, GRPO). A LoRA/DoRA it carries is merged, so
+    the fine-tuned model becomes the base (and the reference); then the run's `method` is applied, and with
+    quantize_base=nf4 the frozen base is quantized (QLoRA). Returns True when the reference is this model with its
+    adapters disabled, False when it needs a frozen copy (full fine-tuning, or bottleneck adapters that came with
+    the model and keep training)."""
     loaded = (peft_config(model) or {}).get("method")
     if loaded in ("lora", "dora"):
         merge_lora(model)
@@ -121,7 +124,42 @@ def prepare_policy(model: nn.Module, method: str, **options: Any) -> bool:
     if loaded is None:
         model.requires_grad_(True)
         apply_peft(model, method, **options)
+    if quantize_base == "nf4":
+        if (peft_config(model) or {}).get("method") not in ("lora", "dora"):
+            raise UserError("peft.quantize_base=nf4 (QLoRA) needs peft.method lora or dora")
+        quantize_frozen(model)
+    elif quantize_base != "none":
+        raise UserError(f"peft.quantize_base must be none or nf4, got '{quantize_base}'")
     return loaded is None and peft_config(model) is not None
+
+
+def quantize_frozen(model: nn.Module) -> list[str]:
+    """QLoRA: hold every frozen linear weight of `model` in NF4 (peft/nf4.py), the base of each LoRA/DoRA layer
+    and the linear layers it does not adapt. Not quantized: each `GPT`'s output head and a weight it shares with
+    an embedding, and a weight that is not a whole number of 64-weight blocks. DoRA's magnitudes are set to the
+    row norms of the quantized base, so that an adapter still starts equal to its base. Returns the names of the
+    weights quantized."""
+    heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear | LoRALinear) for p in m.parameters(False)}
+    names = []
+    for name, m in list(model.named_modules()):
+        if id(m) in heads or not isinstance(m, nn.Linear | LoRALinear):
+            continue
+        w = m.weight
+        if not isinstance(w, torch.Tensor) or w.requires_grad or id(w) in shared or w.numel() % BLOCK:
+            continue
+        q = NF4Weight.quantize(w)
+        if isinstance(m, LoRALinear):
+            del m.weight
+            m.weight = q
+            if m.use_dora:
+                with torch.no_grad():
+                    m.lora_magnitude_vector.copy_(q.dequantize(torch.float32).norm(p=2, dim=1))
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, NF4Linear(q, m.bias))
+        names.append(f"{name}.weight" if name else "weight")
+    return names
 
 
 def peft_config(model: nn.Module) -> dict[str, Any] | None:
@@ -142,9 +180,10 @@ def adapter_keys(model: nn.Module) -> set[str]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, tied weights counted once."""
+    """(trainable, total) parameter counts, tied weights counted once, weights held in NF4 (QLoRA) included."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
+    quantized = sum(m.shape[0] * m.shape[1] for m in model.modules() if isinstance(m, NF4Weight))
+    total = sum(p.numel() for p in seen.values()) + quantized
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return trainable, total
 
@@ -188,11 +227,12 @@ def merged_for_sampling(model: nn.Module) -> Iterator[bool]:
     `merged_weight()`, made once on entry: sampling pays nothing per token for the adapters. The training weights
     keep their bits (W' is a separate tensor, dropped on exit). Only where the products run in fp32 (fp32 weights,
     no autocast) and parameters are not sharded: in bf16 the sum W + s B A would be rounded to bf16, losing a
-    small early update (the unmerged layer adds it after the base product), so there the adapters stay apart.
-    Yields whether it merged."""
+    small early update (the unmerged layer adds it after the base product), so there the adapters stay apart; nor
+    over an NF4 base (QLoRA), which would hold a dense copy of every weight it quantized. Yields whether it merged."""
     mods = [m for m in _peft_modules(model) if isinstance(m, LoRALinear) and not m.disabled and not m.merged]
     ok = bool(mods) and all(
-        m.weight.dtype == torch.float32
+        isinstance(m.weight, torch.Tensor)
+        and m.weight.dtype == torch.float32
         and not hasattr(m.weight, "placements")  # an FSDP/TP shard
         and not torch.is_autocast_enabled(m.weight.device.type)
         for m in mods
@@ -208,8 +248,20 @@ def merged_for_sampling(model: nn.Module) -> Iterator[bool]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA/DoRA into its base weight and put plain `nn.Linear` layers back, in place."""
+    """Fold every LoRA/DoRA into its base weight and put plain `nn.Linear` layers back, in place. A base held in
+    NF4 (QLoRA) is dequantized first: the merged model is the quantized base plus the adapters."""
     for name, m in list(model.named_modules()):
+        if isinstance(m, NF4Linear | LoRALinear) and isinstance(m.weight, NF4Weight):
+            w = m.weight.dequantize()
+            del m.weight
+            m.weight = nn.Parameter(w, requires_grad=False)
+        if isinstance(m, NF4Linear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight = m.weight
+            if m.bias is not None:
+                lin.bias = m.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
         if isinstance(m, LoRALinear):
             m.merge()
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")

@@ -6,7 +6,8 @@ DoRA:  W' = m * (W + s B A) / ||W + s B A||_row,  m (out,) initialised to ||W||_
        The row norm is treated as a constant in the backward pass, as the DoRA paper proposes (section 4.3).
 
 The frozen base keeps the names `weight` and `bias`, so a model's state-dict keys do not change when LoRA is
-applied: only `lora_A.weight`, `lora_B.weight` (and `lora_magnitude_vector`) are added.
+applied: only `lora_A.weight`, `lora_B.weight` (and `lora_magnitude_vector`) are added. Under QLoRA `weight` is
+an `NF4Weight` (peft/nf4.py), dequantized in each product.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmstages.peft.nf4 import dense, linear
 
 
 class LoRALinear(nn.Module):
@@ -83,7 +86,7 @@ class LoRALinear(nn.Module):
 
     def _dora_scale(self) -> torch.Tensor:
         """m / ||W + s B A||_row, the norm detached (no gradient through it). Shape (out,)."""
-        norm = (self.weight.float() + self.delta_weight().float()).norm(p=2, dim=1).detach()  # fp32 for a bf16 base
+        norm = (dense(self.weight, torch.float32) + self.delta_weight().float()).norm(p=2, dim=1).detach()
         return self.lora_magnitude_vector / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +96,14 @@ class LoRALinear(nn.Module):
             with torch.autocast(x.device.type, dtype=self.weight.dtype):
                 return self.forward(x)
         if self.disabled or self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if self.sampling_weight is not None:
             return F.linear(x, self.sampling_weight, self.bias)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper
         if not self.use_dora:
             # In place on the base output (its backward does not need it): no extra full-size activations.
-            return F.linear(x, self.weight, self.bias).add_(lora)
-        out = self._dora_scale() * (F.linear(x, self.weight) + lora)
+            return linear(x, self.weight, self.bias).add_(lora)
+        out = self._dora_scale() * (linear(x, self.weight) + lora)
         return out if self.bias is None else out + self.bias
 
     def effective_weight(self) -> torch.Tensor | None:
@@ -108,17 +111,17 @@ class LoRALinear(nn.Module):
         m / ||W + s B A||_row * (W + s B A), the norm detached as in `forward`), in fp32; None where no single matrix
         is the layer (dropout on the adapter's input while training, a bias). The fused losses use it for a head."""
         if self.disabled or self.merged:
-            return self.weight if self.bias is None else None
+            return dense(self.weight) if self.bias is None else None
         if self.bias is not None or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
             return None
-        w = self.weight.float() + self.delta_weight().float()
+        w = dense(self.weight, torch.float32) + self.delta_weight().float()
         return self._dora_scale().float()[:, None] * w if self.use_dora else w
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """W + s B A (DoRA: m / ||W + s B A||_row * (W + s B A)) as a new tensor in the base's dtype, summed in fp32;
         `weight` and the adapter are not touched."""
-        w = self.weight.float() + self.delta_weight().float()
+        w = dense(self.weight, torch.float32) + self.delta_weight().float()
         if self.use_dora:
             w = self._dora_scale().float()[:, None] * w
         return w.to(self.weight.dtype)
@@ -128,6 +131,8 @@ class LoRALinear(nn.Module):
         """Fold the adapter into `weight` (inference is then a plain linear layer)."""
         if self.merged:
             return
+        if not isinstance(self.weight, torch.Tensor):
+            raise RuntimeError("merge: the base weight is NF4; put the original weights back first (train/frozen.py)")
         delta = self.delta_weight().to(self.weight.dtype)
         if self.use_dora:
             self._merge_scale = self._dora_scale().to(self.weight.dtype)

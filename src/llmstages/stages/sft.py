@@ -157,7 +157,8 @@ def main(cfg: SFTConfig, progress: bool = True) -> dict[str, float]:
     if progress:
         print(
             f"sft: {len(s.train)} examples ({s.fit.summary()}), {len(s.eval_items)} held-out prompts; "
-            f"peft {cfg.peft.method}: {trainable:,} of {total:,} parameters trainable "
+            f"peft {cfg.peft.method}{' on an NF4 base' if cfg.peft.quantize_base == 'nf4' else ''}: "
+            f"{trainable:,} of {total:,} parameters trainable "
             f"({trainable / total:.2%})"
         )
         if s.eval_note:

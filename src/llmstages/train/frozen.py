@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmstages.model.gpt import GPT
+from llmstages.peft.nf4 import NF4Weight
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,10 +54,16 @@ def hold_frozen(model: nn.Module, precision: str) -> list[str]:
     return names
 
 
+def quantized_weights(model: nn.Module) -> list[str]:
+    """The names of the weights held in NF4 (QLoRA, `peft.quantize_frozen`)."""
+    return [name for name, m in model.named_modules() if isinstance(m, NF4Weight)]
+
+
 def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torch.Tensor]) -> None:
-    """Put the original tensors back for the parameters `hold_frozen` cast (`names` in `model`). `originals` are
-    keyed as in the `GPT` that holds each parameter (`base_weights` of the model directory it was loaded from),
-    wherever that GPT sits in `model`: a reward model's trunk, the policy beside PPO's critic."""
+    """Put the original tensors back for the parameters `hold_frozen` cast or `peft.quantize_frozen` held in NF4
+    (`names` in `model`). `originals` are keyed as in the `GPT` that holds each parameter (`base_weights` of the
+    model directory it was loaded from), wherever that GPT sits in `model`: a reward model's trunk, the policy
+    beside PPO's critic."""
     places = [(n, m) for n, m in model.named_modules() if isinstance(m, GPT)]
     back: dict[int, nn.Parameter] = {}  # a weight two layers share stays shared
     for name in names:
@@ -66,9 +73,11 @@ def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torc
             raise RuntimeError(f"restore_frozen: the original of '{name}' is missing")
         owner, _, attr = name.rpartition(".")
         m = model.get_submodule(owner) if owner else model
-        old = m._parameters[attr]
+        old = m._parameters[attr] if attr in m._parameters else m._modules[attr]
         if id(old) not in back:
             back[id(old)] = nn.Parameter(originals[key].to(old.device), requires_grad=False)
+        if isinstance(old, NF4Weight):
+            del m._modules[attr]
         m._parameters[attr] = back[id(old)]
 
 

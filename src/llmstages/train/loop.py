@@ -38,6 +38,7 @@ from llmstages.losses import count_targets, lm_loss
 from llmstages.monitor.health import HealthMonitor
 from llmstages.monitor.metrics import MetricsLogger, NullLogger
 from llmstages.outputs import is_disk_full, release_run_lock, run_base
+from llmstages.peft.nf4 import NF4Weight
 from llmstages.train import checkpoint as ckpt
 from llmstages.train import distributed
 from llmstages.train.frozen import restore_frozen
@@ -347,10 +348,11 @@ class Trainer:
             return "out of memory; lower train.batch_size (raise train.grad_accum) or turn on activation checkpointing"
         sizes = [(p.numel(), p.requires_grad) for p in self.model.parameters()]
         frozen = sum(n for n, trains in sizes if not trains) > sum(n for n, _ in sizes) / 2  # adapters on a base
+        quantized = any(isinstance(m, NF4Weight) for m in self.model.modules())
         rows, seq = batches[0]["input_ids"].shape
         return out_of_memory_advice(
             config,
-            "lora" if frozen else "full",
+            "qlora" if quantized else "lora" if frozen else "full",
             strategy,
             self.dist.world,
             self.args.precision,
@@ -359,6 +361,7 @@ class Trainer:
             self.args.activation_checkpointing,
             self.args.grad_accum,
             self.device.type,
+            self.args.optimizer,
         )
 
 

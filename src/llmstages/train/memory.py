@@ -7,14 +7,24 @@ Per rank, in bytes (P parameters, T of them trained, N data-parallel ranks, fp32
 the loop keeps them; bf16/fp16 autocast only changes what the activations are stored in):
 
     parameters   4 P          (fsdp: 4 P / N plus the gathered block(s) in flight; tp and pp: their share)
+                 LoRA under bf16/fp16 holds the frozen weights in 2 bytes (train/frozen.py); QLoRA holds the
+                 blocks' linear weights in NF4, 0.5 + 1/64 + 4/(64 x 256) bytes each (peft/nf4.py), and
+                 dequantizes one of them at a time (two fp32 working copies of the largest)
     gradients    4 T          (ddp and zero1 also keep DDP's communication buckets, another 4 T; fsdp: / N)
-    optimizer    8 T          (AdamW's two moments; zero1 and fsdp: / N)
+    optimizer    8 T          (AdamW's two moments; zero1 and fsdp: / N); adamw8bit: 2 (1 + 4/256) bytes a
+                 value of each tensor of >= 4096 values, 8 for the rest, plus its fp32 working copies of up
+                 to 4M values (train/adamw8bit.py)
     activations  B S L (7 d + 2 d_kv + 4 d_ff) a    saved for the backward by each block: the norms' inputs and
                  outputs, q (after RoPE), k, v, the attention output and its copy; the MLP's gate, its SiLU,
-                 up and their product (a = 4 bytes fp32, 2 bf16). Activation checkpointing keeps B S d a per
-                 block plus one block's worth; the LM head's chunked cross-entropy adds B S d a x 3.
+                 up and their product (a = 4 bytes fp32, 2 bf16; the norms' 4 d stay fp32 under autocast, as
+                 the residual stream does). Activation checkpointing keeps B S d a per block plus one block's
+                 worth; the LM head's chunked cross-entropy adds B S d a x 3 and its chunk of logits,
+                 min(B S, 512) V x 4 bytes x 2 (2.5 under bf16/fp16: the product comes out in half first).
+    total        parameters + optimizer + runtime + the larger of gradients and activations: the backward
+                 frees a block's activations as it writes that block's gradients, so the two do not peak
+                 together (DDP's buckets are held throughout and counted in full).
     runtime      what the framework itself holds once training runs (kernels' workspaces, the autograd engine;
-                 measured ~90 MiB on a CPU; a CUDA context ~0.5 GiB).
+                 measured ~90 MiB on a CPU, ~32 MiB more under bf16/fp16; a CUDA context ~0.5 GiB).
 
 `--measure` runs a few training steps of that configuration on this machine's CPU (one process) in a fresh
 interpreter and reports the resident-memory peak above the interpreter's own, next to the estimate. It runs with
@@ -40,7 +50,11 @@ from llmstages.store import load_config
 
 STRATEGIES = ("none", "ddp", "zero1", "fsdp", "fsdp-zero2", "tp", "pp")
 RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
+HALF_CPU_RUNTIME = 32 * 2**20  # what bf16/fp16 kernels add on a CPU (measured with --measure: 26-45 MiB)
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit")
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # a 4-bit code, an int8 scale per 64, an fp32 factor per 256 scales
 
 
 @dataclass
@@ -52,30 +66,44 @@ class Estimate:
     runtime: float
     trainable: int
     total_parameters: int
+    buckets: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.runtime
+        """See the module docstring: gradients and activations do not peak together."""
+        return self.parameters + self.optimizer + self.runtime + self.buckets + max(self.gradients, self.activations)
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of a block."""
+    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+    if cfg.mlp == "swiglu":
+        shapes["gate_proj"] = (d, cfg.d_ff)
+    return {**shapes, "up_proj": (d, cfg.d_ff), "down_proj": (cfg.d_ff, d)}
 
 
 def lora_parameters(cfg: ModelConfig, rank: int, targets: list[str]) -> int:
     """Trainable LoRA parameters: rank x (in + out features) of every targeted projection in every block."""
-    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {
-        "q_proj": (d, q),
-        "k_proj": (d, kv),
-        "v_proj": (d, kv),
-        "o_proj": (q, d),
-        "gate_proj": (d, cfg.d_ff),
-        "up_proj": (d, cfg.d_ff),
-        "down_proj": (cfg.d_ff, d),
-    }
+    shapes = linear_shapes(cfg)
     if targets == ["all-linear"]:
-        targets = [t for t in shapes if t != "gate_proj" or cfg.mlp == "swiglu"]
+        targets = list(shapes)
     unknown = [t for t in targets if t not in shapes]
     if unknown:
-        raise UserError(f"--lora-targets: unknown module '{unknown[0]}' (choose from {', '.join(shapes)})")
+        names = ", ".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        raise UserError(f"--lora-targets: unknown module '{unknown[0]}' (choose from {names})")
     return cfg.n_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def optimizer_bytes(cfg: ModelConfig, method: str, trained: int, optimizer: str) -> float:
+    """The optimizer state of `trained` values: AdamW's 8 bytes each, or adamw8bit's (see the module docstring;
+    LoRA's matrices and the blocks' weights are its 8-bit tensors, the norms keep fp32 moments)."""
+    if optimizer == "adamw":
+        return 8.0 * trained
+    small = (2 * cfg.n_layers + 1) * cfg.d_model * (2 if cfg.norm == "layernorm" else 1) if method == "full" else 0
+    largest = cfg.vocab_size * cfg.d_model if method == "full" else 0
+    work = 6 * 4.0 * min(max(largest, max(a * b for a, b in linear_shapes(cfg).values())), 1 << 22)
+    return 2 * (1 + 4 / 256) * (trained - small) + 8.0 * small + work
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, checkpointing: bool) -> float:
@@ -83,8 +111,8 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, che
     a = ACT_BYTES[precision]
     tokens = batch * seq
     d_kv = cfg.n_kv_heads * cfg.head_dim
-    per_block = tokens * (7 * cfg.d_model + 2 * d_kv + 4 * cfg.d_ff) * a
-    head = tokens * cfg.d_model * a * 3
+    per_block = tokens * (4 * cfg.d_model * 4 + (3 * cfg.d_model + 2 * d_kv + 4 * cfg.d_ff) * a)
+    head = tokens * cfg.d_model * a * 3 + min(tokens, 512) * cfg.vocab_size * 4 * (2.0 if a == 4 else 2.5)
     if checkpointing:
         return cfg.n_layers * tokens * cfg.d_model * a + per_block + head
     return cfg.n_layers * per_block + head
@@ -102,12 +130,17 @@ def estimate(
     lora_rank: int = 8,
     lora_targets: list[str] | None = None,
     device: str = "cuda",
+    optimizer: str = "adamw",
 ) -> Estimate:
     """Per-rank memory of a training step (bytes): see the module docstring for the terms."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
-    if method not in ("full", "lora"):
-        raise UserError(f"--method must be full or lora, got '{method}'")
+    if method not in METHODS:
+        raise UserError(f"--method must be full, lora or qlora, got '{method}'")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be adamw or adamw8bit, got '{optimizer}'")
+    if (method == "qlora" or optimizer != "adamw") and strategy not in ("none", "ddp", "zero1"):
+        raise UserError(f"--method {method} with --optimizer {optimizer} runs under none, ddp or zero1")
     if precision not in ACT_BYTES:
         raise UserError(f"--precision must be fp32, bf16 or fp16, got '{precision}'")
     if world < 1 or batch < 1:
@@ -117,11 +150,19 @@ def estimate(
     T = P if method == "full" else lora_parameters(cfg, lora_rank, lora_targets or ["q_proj", "v_proj"])
     body = count_params(cfg, embeddings=False)
     block = (body - cfg.d_model) / cfg.n_layers
-    params, grads, opt = 4.0 * P + (4.0 * (T if method == "lora" else 0)), 4.0 * T, 8.0 * T
+    params = 4.0 * P + (4.0 * (T if method != "full" else 0))
+    grads, opt = 4.0 * T, optimizer_bytes(cfg, method, T, optimizer)
+    linear = cfg.n_layers * sum(a * b for a, b in linear_shapes(cfg).values())
+    if method == "qlora":
+        largest = max(a * b for a, b in linear_shapes(cfg).values())
+        params += (NF4_BYTES - 4.0) * linear + 2 * 4.0 * largest
+    elif method == "lora" and precision != "fp32" and strategy in ("none", "ddp", "zero1"):
+        params -= 2.0 * linear  # the frozen linear weights held in the compute dtype
     acts = activation_bytes(cfg, batch, seq, precision, checkpointing)
     n = world
+    buckets = 0.0
     if strategy in ("ddp", "zero1"):
-        grads += 4.0 * T  # DDP's buckets
+        buckets = 4.0 * T  # DDP's buckets
         if strategy == "zero1":
             opt /= n
     elif strategy == "fsdp":  # ZeRO-3: shards, plus the gathered block in use and the one prefetched
@@ -140,7 +181,8 @@ def estimate(
         acts = acts / n * min(n, 2)  # 1F1B keeps up to the pipeline depth of micro-batches in flight
     if device not in RUNTIME:
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
-    return Estimate(params, grads, opt, acts, RUNTIME[device], int(T), int(P))
+    runtime = RUNTIME[device] + (HALF_CPU_RUNTIME if device == "cpu" and precision != "fp32" else 0)
+    return Estimate(params, grads, opt, acts, runtime, int(T), int(P), buckets)
 
 
 def device_memory(device: str | object) -> float | None:
@@ -197,7 +239,7 @@ def gib(x: float) -> str:
 def report(e: Estimate, title: str) -> str:
     rows = [
         ("parameters", e.parameters),
-        ("gradients", e.gradients),
+        ("gradients", e.gradients + e.buckets),
         ("optimizer state", e.optimizer),
         ("activations", e.activations),
         ("runtime", e.runtime),
@@ -217,8 +259,10 @@ def measure(
     checkpointing: bool,
     lora_rank: int = 8,
     lora_targets: list[str] | None = None,
+    optimizer: str = "adamw",
 ) -> float:
-    """Peak resident memory (bytes) of 3 training steps on this CPU, above a fresh interpreter's own."""
+    """Peak resident memory (bytes) of 3 training steps on this CPU, above a fresh interpreter's own: the model as
+    it trains (QLoRA: quantized; bf16 LoRA: its frozen weights in bf16) plus what the steps add."""
     targets = lora_targets or ["q_proj", "v_proj"]
     spec = dict(
         config=cfg.to_dict(),
@@ -229,6 +273,7 @@ def measure(
         checkpointing=checkpointing,
         lora_rank=lora_rank,
         lora_targets=targets,
+        optimizer=optimizer,
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     cmd = [sys.executable, "-m", "llmstages.train.memory_probe", json.dumps(spec)]
@@ -249,20 +294,26 @@ def out_of_memory_advice(
     checkpointing: bool,
     grad_accum: int,
     device: str = "cuda",
+    optimizer: str = "adamw",
 ) -> str:
     """The one-line message for a run that ran out of memory: the estimate and settings that need less."""
     strategy = strategy if strategy in STRATEGIES else "none"
-    e = estimate(cfg, method, strategy, world, precision, batch, seq, checkpointing, device=device)
+    e = estimate(cfg, method, strategy, world, precision, batch, seq, checkpointing, device=device, optimizer=optimizer)
     tips = []
     if batch > 1:
         tips.append(f"train.batch_size={max(1, batch // 2)} train.grad_accum={grad_accum * 2} (same global batch)")
     if not checkpointing:
-        saved = e.activations - estimate(cfg, method, strategy, world, precision, batch, seq, True).activations
+        kw = dict(device=device, optimizer=optimizer)
+        saved = e.activations - estimate(cfg, method, strategy, world, precision, batch, seq, True, **kw).activations
         tips.append(f"train.activation_checkpointing=true (saves ~{gib(saved)})")
     if strategy in ("none", "ddp") and world > 1:
         tips.append("dist.strategy=fsdp (shards parameters, gradients and optimizer state)")
     if method == "full":
         tips.append("peft.method=lora")
+        if optimizer == "adamw":
+            tips.append("train.optimizer=adamw8bit (8-bit optimizer state)")
+    if method == "lora" and strategy in ("none", "ddp", "zero1"):
+        tips.append("peft.quantize_base=nf4 (QLoRA: the frozen base in 4 bits)")
     return (
         f"out of memory: this step needs about {gib(e.total)} per process (parameters {gib(e.parameters)}, "
         f"gradients {gib(e.gradients)}, optimizer {gib(e.optimizer)}, activations {gib(e.activations)}); try "
@@ -284,6 +335,7 @@ def estimate_run(
     device: str = "cuda",
     budget_text: str | None = None,
     measure_too: bool = False,
+    optimizer: str = "adamw",
 ) -> None:
     """`llmstages estimate-memory`: print the estimate for `model` (a preset or a model directory); with
     `budget_text` (e.g. 80GiB) the largest batch that fits, with `measure_too` the peak measured on this CPU."""
@@ -308,13 +360,14 @@ def estimate_run(
         lora_rank=lora_rank,
         lora_targets=lora_targets,
         device="cpu" if measure_too else device,
+        optimizer=optimizer,
     )
     e = estimate(cfg, batch=batch_size, **kw)
     ckpt = ", activation checkpointing" if checkpointing else ""
     print(
         report(
             e,
-            f"{model}: {method}, {strategy} on {world_size} process(es), "
+            f"{model}: {method}, {optimizer}, {strategy} on {world_size} process(es), "
             f"{precision}, batch {batch_size} x {seq} tokens{ckpt}",
         )
     )
@@ -334,5 +387,6 @@ def estimate_run(
             checkpointing,
             lora_rank,
             lora_targets,
+            optimizer,
         )
         print(f"  measured peak    {gib(m):>12}  (estimate / measured = {e.total / m:.2f})")

@@ -1,5 +1,6 @@
-"""The optimizer of every stage: AdamW over parameter groups (no decay on norms, biases, embeddings), the
-learning-rate schedule (linear warmup, cosine decay) and the peak FLOP/s behind the logged MFU."""
+"""The optimizer of every stage: AdamW (or AdamW with 8-bit moments) over parameter groups (no decay on norms,
+biases, embeddings), the learning-rate schedule (linear warmup, cosine decay) and the peak FLOP/s behind the
+logged MFU."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
+from llmstages.train.adamw8bit import AdamW8bit
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -47,17 +49,20 @@ def _split_sharded(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_optimizer(
     model: nn.Module, args: TrainArgs, groups: list[dict[str, Any]] | None = None, zero1: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW over `groups` (default: `param_groups`); with zero1 a ZeroRedundancyOptimizer, each rank keeping
-    the AdamW state of its share of the parameters."""
+    """AdamW (train.optimizer: adamw, or adamw8bit with 8-bit moments) over `groups` (default: `param_groups`);
+    with zero1 a ZeroRedundancyOptimizer, each rank keeping the optimizer state of its share of the parameters."""
     groups = groups if groups is not None else param_groups(model, args.weight_decay)
     groups = [g for g in _split_sharded(groups) if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
     kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    optimizer_class = AdamW8bit if args.optimizer == "adamw8bit" else torch.optim.AdamW
     if zero1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kw)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kw)
+    if optimizer_class is AdamW8bit:
+        return AdamW8bit(groups, **kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError):  # fused kernels unavailable for this device/dtype

@@ -1,0 +1,184 @@
+"""QLoRA (peft.quantize_base=nf4) through the stages from the CLI: each stage trains its LoRA/DoRA over a base
+held in NF4, final/ holds the base exactly as it was loaded plus the adapter, the adapter exports to peft and
+gives our logits in transformers, a run killed with SIGKILL resumes to the uninterrupted run's losses, and
+settings that do not go with it are refused before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmstages.cli import main
+from llmstages.peft import apply as peft_apply
+from llmstages.store import load_model
+from tests.helpers import builtin_base, hf_model, save_hf, tiny_tokenizer, trace
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = [
+    "train.max_steps=4", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=100",
+    "train.save_every=100", "train.warmup_steps=1", "train.precision=fp32", "train.lr=3e-3",
+    "peft.quantize_base=nf4", "peft.target_modules=[all-linear]",
+]  # fmt: skip
+STAGE_FAST = {
+    "sft": ["data.max_eval_examples=8"],
+    "reward": ["data.val_fraction=0.25"],
+    "dpo": [],
+    "kto": ["dpo.loss=kto"],
+    "ppo": ["ppo.rollout_size=4", "ppo.minibatches=1", "ppo.ppo_epochs=1", "ppo.max_new_tokens=4"],
+    "grpo": ["grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    builtin_base(root / "base")
+    towns = ["Oakfield", "Millbrook", "Ashford", "Riverton"]
+    rows = [{"prompt": f"Where does person {i} live?", "chosen": towns[i % 4], "rejected": f"{towns[i % 4]} or maybe"}
+            for i in range(16)]  # fmt: skip
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(dirs: Path, stage: str, out: Path, *extra: str) -> int:
+    name = "dpo" if stage == "kto" else stage
+    data = [f"data.path={dirs / 'prefs.jsonl'}"] if stage in ("reward", "dpo", "kto") else []
+    return main([name, f"model.path={dirs / 'base'}", f"out_dir={out}", *FAST, *STAGE_FAST[stage], *data, *extra])
+
+
+def quantized(monkeypatch) -> list[list[str]]:
+    """The names each call of `peft.quantize_frozen` quantized, one list a call."""
+    calls, real = [], peft_apply.quantize_frozen
+    monkeypatch.setattr(peft_apply, "quantize_frozen", lambda model: calls.append(real(model)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("stage", list(STAGE_FAST))
+def test_each_stage_trains_over_an_nf4_base_and_saves_the_base_as_loaded(dirs, tmp_path, monkeypatch, stage):
+    """Every linear weight of the blocks is held in NF4 while the stage trains (its reference, where it has one,
+    is the same policy with the adapters disabled); the saved model file is the loaded one, byte for byte, and
+    the adapter beside it has learned something."""
+    calls = quantized(monkeypatch)
+    method = "dora" if stage == "dpo" else "lora"
+    assert _run(dirs, stage, tmp_path, f"peft.method={method}") == 0
+    n_linear = 7 * 2  # q, k, v, o, gate, up, down in each of the builtin base's two blocks
+    assert len(calls) == 1 and len(calls[0]) == n_linear, calls
+    assert all(name.endswith("_proj.weight") for name in calls[0])
+    final = tmp_path / "final"
+    if stage == "reward":  # a reward model is saved merged: W + s B A into the original W, not the NF4 one
+        merged, base = (load_file(d / "model.safetensors") for d in (final, dirs / "base"))
+        assert merged.keys() == base.keys()
+        for k, w in base.items():
+            diff = merged[k].double() - w.double()
+            if k not in calls[0]:
+                assert torch.equal(merged[k], w), k
+            else:  # the adapter's update alone: rank <= 8, where the NF4 error would be of full rank
+                assert 0 < torch.linalg.matrix_rank(diff, rtol=1e-5) <= 8, k
+    else:
+        assert digest(final / "model.safetensors") == digest(dirs / "base" / "model.safetensors")
+        adapter = load_file(final / "adapter.safetensors")
+        assert sum("lora_B" in k for k in adapter) == n_linear
+        if stage != "grpo":  # (GRPO's rewards on a random base can tie in every group: no gradient)
+            assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in adapter.items())
+    assert trace(tmp_path, "loss")  # the losses were logged
+
+
+def test_final_model_is_the_loaded_base_plus_the_adapter_and_exports_to_peft(tmp_path):
+    """A QLoRA SFT on a Hugging Face Llama: final/ loads as the original base with the trained adapter; exported
+    to peft, transformers + peft computes our logits (within 1e-4) from the original base."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base = save_hf(hf_model("llama"), tmp_path / "hf", tiny_tokenizer())
+    argv = ["sft", f"model.path={base}", f"out_dir={tmp_path / 'run'}", *FAST, "peft.method=lora"]
+    assert main(argv) == 0
+    final = tmp_path / "run" / "final"
+    assert main(["export", "--model", str(final), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
+    ours = load_model(final).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert (theirs.eval()(x).logits - ours(x)).abs().max() < 1e-4
+        assert (transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits - ours(x)).abs().max() > 1e-4
+
+
+RUNNER = """
+import os, signal, sys
+from llmstages.train import loop
+
+save = loop.Trainer.save
+
+
+def save_then_die(self):
+    path = save(self)
+    if self.state.step == int(os.environ["KILL_AFTER_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9, right after the checkpoint landed
+    return path
+
+
+loop.Trainer.save = save_then_die
+from llmstages.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed(tmp_path: Path, argv: list[str], kill_after: int | None) -> subprocess.CompletedProcess:
+    """`llmstages argv` in a process of its own (one thread), SIGKILLed right after writing the checkpoint of step
+    `kill_after` (None: not killed)."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(RUNNER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "KILL_AFTER_STEP": str(kill_after or -1)}
+    return subprocess.run([sys.executable, str(runner), *argv], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["peft.method=lora"], ["peft.method=none", "peft.quantize_base=none", "train.optimizer=adamw8bit"]],
+    ids=["qlora", "full-adamw8bit"],
+)
+def test_exact_resume_after_kill_9(dirs, tmp_path, extra):
+    """QLoRA and 8-bit AdamW: a run killed with SIGKILL after its step-3 checkpoint and resumed logs the losses of
+    the uninterrupted run, and ends with the same weights."""
+    argv = ["sft", f"model.path={dirs / 'base'}", *FAST, "train.max_steps=6", "train.save_every=3", *extra]
+    straight = run_killed(tmp_path, [*argv, f"out_dir={tmp_path / 'a'}"], None)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run_killed(tmp_path, [*argv, f"out_dir={tmp_path / 'b'}"], 3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = run_killed(tmp_path, [*argv, f"out_dir={tmp_path / 'b'}", "resume=true"], None)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r[0] for r in trace(tmp_path / "b", "loss")] == [1, 2, 3, 4, 5, 6]
+    assert trace(tmp_path / "b", "loss") == trace(tmp_path / "a", "loss")
+    a, b = (load_model(tmp_path / run / "final").state_dict() for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_settings_that_do_not_go_with_nf4_are_refused(dirs, tmp_path, capsys):
+    run = ["sft", f"model.path={dirs / 'base'}", f"out_dir={tmp_path / 'x'}", *FAST]
+    assert "set peft.method=lora or dora (got adapter)" in _error(capsys, [*run, "peft.method=adapter"])
+    assert "set peft.method=lora or dora (got none)" in _error(capsys, [*run, "peft.method=none"])
+    err = _error(capsys, [*run, "peft.method=lora", "dist.strategy=fsdp"])
+    assert "dist.strategy none, ddp or zero1, got fsdp" in err
+    assert "peft.quantize_base must be one of" in _error(capsys, [*run, "peft.method=lora", "peft.quantize_base=int4"])
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,121 @@
+"""8-bit AdamW (train/adamw8bit.py) against torchao's AdamW8bit, run eagerly as the reference: the same
+quantization map, the same codes and scales, the same steps; small tensors step as torch's AdamW; a state dict
+saved and loaded mid-run resumes bit for bit; the state costs about 2 bytes a parameter."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from llmstages.train.adamw8bit import BLOCK, AdamW8bit, QuantMap, dequantize, dynamic_map, quantize
+
+torchao_quant = pytest.importorskip("torchao.optim.quant_utils")
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_is_torchaos(signed):
+    theirs = torch.tensor(torchao_quant.create_dynamic_map(signed=signed), dtype=torch.float32)
+    ours = dynamic_map(signed)
+    assert ours.shape == (256,) and torch.equal(ours, theirs)
+    assert ours[-1] == 1.0 and (ours == 0).sum() == 1 and (ours < 0).sum() == (127 if signed else 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_and_scales_are_torchaos(signed):
+    torch.manual_seed(0)
+    x = torch.randn(64 * BLOCK) * torch.logspace(-6, 0, 64).repeat_interleave(BLOCK)  # blocks of every magnitude
+    x = x if signed else x.square()
+    qmap = QuantMap.dynamic(signed)
+    levels, mids = qmap.levels, (qmap.levels[:-1] + qmap.levels[1:]) / 2
+    x = torch.cat((x, levels * 0.37, mids * 0.37, *([-mids * 0.37] if signed else [])))  # on levels and midpoints
+    x = torch.cat((x, x.new_zeros(-len(x) % BLOCK)))
+    codes, scales = quantize(x, qmap)
+    scaled, their_scales = torchao_quant.scale_tensor(x, BLOCK)
+    their_codes = torchao_quant.quantize_8bit_with_qmap(scaled, levels)
+    assert torch.equal(scales, their_scales)
+    assert torch.equal(codes, torch.bucketize(scaled, mids, right=True).to(torch.uint8))  # the nearest, ties up
+    assert (codes != their_codes).sum() <= 2  # torchao rounds by x - low >= (high - low) / 2: other ties, at most
+    back = dequantize(codes, scales, qmap)
+    assert torch.equal(back, torchao_quant.dequant_with_qmap(codes, levels, scales))
+    assert ((back - x).abs() <= scales.repeat_interleave(BLOCK) * 0.07).all()  # widest gap between levels / 2
+
+
+def _params() -> list[torch.nn.Parameter]:
+    torch.manual_seed(1)
+    shapes = [(64, 128), (256, 64), (32,), (10, 10)]  # two quantized, two small ones in fp32
+    return [torch.nn.Parameter(torch.randn(s) * 0.5) for s in shapes]
+
+
+def _grads(step: int, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) * 10 ** (-step % 3) for p in params]
+
+
+def _run(opt_cls, params, steps, **kw):
+    opt = opt_cls([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **kw)  # fmt: skip
+    for t in range(steps):
+        for p, g in zip(params, _grads(t, params)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+def test_steps_follow_torchaos_adamw8bit(monkeypatch):
+    """Six steps on two quantized tensors and two small ones: the weights within 1e-6 of torchao's AdamW8bit run
+    eagerly (its update is compiled otherwise); the moments' codes equal nearly everywhere (a value on the edge
+    between two levels can round either way after float differences)."""
+    from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    ours, theirs = _params(), _params()
+    opt = _run(AdamW8bit, ours, 6)
+    ref = _run(TorchaoAdamW8bit, theirs, 6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for p, q in zip(ours[:2], theirs[:2]):
+        for name in ("exp_avg", "exp_avg_sq"):
+            codes, their = opt.state[p][f"{name}_codes"], ref.state[q][name].codes.view(-1)
+            assert (codes != their).float().mean() < 1e-3
+            torch.testing.assert_close(opt.state[p][f"{name}_scales"], ref.state[q][name].scale, rtol=1e-5, atol=0)
+
+
+def test_small_tensors_step_as_torch_adamw():
+    ours, theirs = _params(), _params()
+    _run(AdamW8bit, ours, 6)
+    _run(torch.optim.AdamW, theirs, 6, foreach=False)
+    for a, b in zip(ours[2:], theirs[2:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    drift = max(float((a - b).detach().abs().max()) for a, b in zip(ours[:2], theirs[:2]))
+    assert 0 < drift < 1e-2  # the quantized moments move the big ones a little off fp32 AdamW
+
+
+def test_state_dict_resumes_bit_for_bit():
+    straight = _params()
+    _run(AdamW8bit, straight, 6)
+    params = _params()
+    opt = _run(AdamW8bit, params, 3)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    resumed = [torch.nn.Parameter(p) for p in saved["params"]]
+    opt2 = AdamW8bit([{"params": resumed[:2], "weight_decay": 0.1}, {"params": resumed[2:], "weight_decay": 0.0}],
+                     lr=1e-2, betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
+    opt2.load_state_dict(saved["opt"])
+    for t in range(3, 6):
+        for p, g in zip(resumed, _grads(t, resumed)):
+            p.grad = g
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_state_is_about_two_bytes_a_parameter():
+    p = torch.nn.Parameter(torch.randn(1024, 1024))
+    opt = AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
+    assert state / p.numel() == pytest.approx(2 * (1 + 4 / BLOCK))
