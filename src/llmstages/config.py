@@ -860,24 +860,19 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
 
 def check_combinations(cfg: Any, source: str) -> None:
     """Settings of different sections that do not go together; a UserError naming both."""
-    peft, dist = getattr(cfg, "peft", None), getattr(cfg, "dist", None)
-    if peft is not None and peft.quantize_base != "none":
-        if peft.method not in ("lora", "dora"):
-            raise UserError(
-                f"{source}: peft.quantize_base={peft.quantize_base} (QLoRA) trains LoRA or DoRA on the quantized "
-                f"base; set peft.method=lora or dora (got {peft.method})"
-            )
-        if dist is not None and dist.strategy not in ("auto", "none", "ddp", "zero1"):
-            raise UserError(
-                f"{source}: peft.quantize_base={peft.quantize_base} runs under dist.strategy none, ddp or zero1, "
-                f"got {dist.strategy}"
-            )
-    train = getattr(cfg, "train", None)
-    sharded = dist is not None and dist.strategy not in ("auto", "none", "ddp", "zero1")
-    if train is not None and train.optimizer != "adamw" and sharded:
+    peft, dist, train = (getattr(cfg, k, None) for k in ("peft", "dist", "train"))
+    if peft is not None and peft.quantize_base != "none" and peft.method not in ("lora", "dora"):
         raise UserError(
-            f"{source}: train.optimizer={train.optimizer} runs under dist.strategy none, ddp or zero1, "
-            f"got {dist.strategy}"
+            f"{source}: peft.quantize_base={peft.quantize_base} (QLoRA) trains LoRA or DoRA on the quantized "
+            f"base; set peft.method=lora or dora (got {peft.method})"
+        )
+    unsharded_only = (
+        [f"peft.quantize_base={peft.quantize_base}"] if peft is not None and peft.quantize_base != "none" else []
+    )
+    unsharded_only += [f"train.optimizer={train.optimizer}"] if train is not None and train.optimizer != "adamw" else []
+    if unsharded_only and dist is not None and dist.strategy not in ("auto", "none", "ddp", "zero1"):
+        raise UserError(
+            f"{source}: {unsharded_only[0]} runs under dist.strategy none, ddp or zero1, got {dist.strategy}"
         )
 
 

@@ -255,19 +255,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
             w = m.weight.dequantize()
             del m.weight
             m.weight = nn.Parameter(w, requires_grad=False)
-        if isinstance(m, NF4Linear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            lin.weight = m.weight
-            if m.bias is not None:
-                lin.bias = m.bias
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
-        if isinstance(m, LoRALinear):
-            m.merge()
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            lin.weight = nn.Parameter(m.weight.detach(), requires_grad=True)
-            if m.bias is not None:
-                lin.bias = nn.Parameter(m.bias.detach(), requires_grad=True)
+        if isinstance(m, NF4Linear | LoRALinear):
+            weight, bias = m.weight, m.bias  # an unadapted NF4 layer: its (now dense) frozen weight as it is
+            if isinstance(m, LoRALinear):
+                m.merge()
+                weight = nn.Parameter(m.weight.detach(), requires_grad=True)
+                bias = nn.Parameter(m.bias.detach(), requires_grad=True) if m.bias is not None else None
+            lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
+            lin.weight = weight
+            if bias is not None:
+                lin.bias = bias
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
     if getattr(model, "peft", None) and model.peft["method"] in ("lora", "dora"):
