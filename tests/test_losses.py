@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmstages import losses as L
 
@@ -261,6 +262,53 @@ def test_a_head_that_is_not_one_matrix_goes_through_its_logits():
     head = LoRALinear.from_linear(torch.nn.Linear(16, 30, bias=False), rank=2, dropout=0.1)
     assert L.head_weight(head.train()) is None and L.head_weight(head.eval()) is not None
     assert L.head_weight(torch.nn.Linear(16, 30, bias=True)) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_half_head_multiplies_as_autocast_does_for_an_unfused_head(temperature):
+    """QLoRA holds the head in bf16 (train/frozen.py). The fused losses then multiply in bf16, in the forward and
+    the backward: the loss, log-probs and entropies of an unfused head under bf16 autocast (logits as bf16, the
+    rest in fp32), and d h within one bf16 step of the largest (its product is bf16 in both)."""
+    torch.manual_seed(0)
+    V, d, n = 1000, 64, 700  # two chunks of 512 rows
+    w = (torch.randn(V, d) * 0.5).bfloat16()
+    h = torch.randn(n, d)
+    t = torch.randint(0, V, (n,))
+    t[::7] = L.IGNORE_INDEX
+    head = torch.nn.Linear(d, V, bias=False)
+    head.weight = torch.nn.Parameter(w, requires_grad=False)
+
+    def unfused(hh, temp=1.0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.linear(hh, w.float()).float() / temp
+
+    valid = t != L.IGNORE_INDEX
+    for fused, plain in (
+        (
+            lambda hh: L.linear_cross_entropy(hh, w, t, reduction="sum"),
+            lambda hh: F.cross_entropy(unfused(hh), t, reduction="sum"),
+        ),
+        (
+            lambda hh: sum(x.sum() for x in L.head_logprobs(hh[None], head, t[None], temperature)),
+            lambda hh: sum(x.sum() for x in _plain_logprobs(unfused(hh, temperature), t, valid)),
+        ),
+    ):
+        h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused(h1)
+        want = plain(h2)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        assert h1.grad.dtype == torch.float32
+        assert (h1.grad - h2.grad).abs().max() <= 2**-7 * h2.grad.abs().max()
+
+
+def _plain_logprobs(z, t, valid):
+    logsm = torch.log_softmax(z, -1)
+    logp = logsm.gather(1, t.clamp(min=0)[:, None]).squeeze(1) * valid
+    ent = -(logsm.exp() * logsm).sum(-1) * valid
+    return logp, ent
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
 
 
+def _product_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype the fused losses multiply hidden states by the head in: a half head's own (QLoRA holds it so,
+    train/frozen.py), h's otherwise (bf16/fp16 autocast then casts both, as it does for any product)."""
+    return h.dtype if w.dtype == torch.float32 else w.dtype
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (h @ W^T) against targets, computed in row chunks without keeping the logits.
 
@@ -35,12 +41,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, w, targets, ignore_index: int, chunk: int):  # type: ignore[override]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # e.g. no dW for a frozen head (PEFT)
         need_grad = need_h or need_w
-        wc = w.to(h.dtype)
+        dt = _product_dtype(h, w)
+        wc = w.to(dt)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, h.size(0), chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            hc, tc = h[s : s + chunk].to(dt), targets[s : s + chunk]
             valid = tc != ignore_index
             tc = tc.masked_fill(~valid, 0)
             z = (hc @ wc.t()).float()  # (c, V)
@@ -50,9 +57,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.sub_(lse[:, None]).exp_()  # softmax, in place
                 z[torch.arange(z.size(0), device=z.device), tc] -= 1.0
                 z.mul_(valid[:, None])
-                zc = z.to(h.dtype)
-                if need_h:
+                zc = z.to(dt)
+                if need_h and dt == h.dtype:
                     torch.mm(zc, wc, out=dh[s : s + chunk])
+                elif need_h:
+                    dh[s : s + chunk] = zc @ wc
                 if need_w:
                     dw.addmm_(z.t(), hc.float())
         ctx.need = (need_h, need_w)
@@ -315,12 +324,13 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, targets, inv_t: float, chunk: int):  # type: ignore[override]
-        wc = w.to(h.dtype)
+        dt = _product_dtype(h, w)
+        wc = w.to(dt)
         logp = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         ent = torch.empty_like(logp)
         lse_all = torch.empty_like(logp)
         for s in range(0, h.size(0), chunk):
-            z = (h[s : s + chunk] @ wc.t()).float().mul_(inv_t)  # (c, V)
+            z = (h[s : s + chunk].to(dt) @ wc.t()).float().mul_(inv_t)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)
             logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
             ent[s : s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
@@ -333,11 +343,12 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):  # type: ignore[override]
         h, w, targets, lse_all, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        wc = w.to(h.dtype)
+        dt = _product_dtype(h, w)
+        wc = w.to(dt)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, h.size(0), ctx.chunk):
-            hc, sl = h[s : s + ctx.chunk], slice(s, s + ctx.chunk)
+            hc, sl = h[s : s + ctx.chunk].to(dt), slice(s, s + ctx.chunk)
             logq = (hc @ wc.t()).float().mul_(ctx.inv_t).sub_(lse_all[sl, None])  # log p, (c, V)
             p = logq.exp()
             dz = (logq + ent[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # dH/dz * g_ent
@@ -345,7 +356,7 @@ class _LinearLogprobs(torch.autograd.Function):
             dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl]
             dz.mul_(ctx.inv_t)
             if need_h:
-                dh[sl] = dz.to(h.dtype) @ wc
+                dh[sl] = dz.to(dt) @ wc
             if need_w:
                 dw.addmm_(dz.t(), hc.float())
         return dh, dw.to(w.dtype) if need_w else None, None, None, None

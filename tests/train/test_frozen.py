@@ -74,6 +74,39 @@ def test_held_weights_give_autocasts_products(tie):
         assert torch.equal(grads[0][n], grads[1][n]), n
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_held_embeddings_give_autocasts_products(tie):
+    """QLoRA also holds the token embedding and output head in bf16 (`embeddings=True`). Against an fp32 model
+    whose embedding and head already hold bf16 values: lookups come back fp32 and equal, the logits and the fused
+    losses' forward values equal bit for bit (autocast multiplies in bf16 either way); the fused losses' d h is now
+    a bf16 product, as an unfused head's is (tests/test_losses.py). Restoring puts the fp32 originals back, a tied
+    pair as one tensor."""
+    ref = _lora_model(tie)
+    with torch.no_grad():
+        for w in {id(p): p for p in (ref.tok_emb.weight, ref.lm_head.weight)}.values():
+            w.copy_(w.bfloat16().float())
+    held = copy.deepcopy(ref)
+    names = hold_frozen(held, "bf16", embeddings=True)
+    assert "tok_emb.weight" in names and "lm_head.weight" in names
+    assert held.tok_emb.weight.dtype == held.lm_head.weight.dtype == torch.bfloat16
+    assert (held.tok_emb.weight is held.lm_head.weight) == tie
+    x = torch.randint(0, 96, (2, 16))
+    t = torch.randint(0, 96, (2, 16))
+    assert held.tok_emb(x).dtype == torch.float32 and torch.equal(held.tok_emb(x), ref.tok_emb(x))
+    outs = []
+    for m in (ref, held):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = L.lm_loss(m, {"input_ids": x, "targets": t})[0]
+            outs.append((m(x), loss, *L.head_logprobs(m.hidden_states(x), m.lm_head, t)))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    fp32 = copy.deepcopy(ref)
+    restore_frozen(held, names, fp32.state_dict())
+    assert held.tok_emb.weight.dtype == torch.float32 and (held.tok_emb.weight is held.lm_head.weight) == tie
+    for k, v in fp32.state_dict().items():
+        assert torch.equal(held.state_dict()[k], v), k
+
+
 def test_held_lora_without_autocast_computes_in_the_held_dtype():
     """Called outside autocast (a user's own loop), a held LoRA layer computes as autocast would."""
     ref, held = _lora_model(False), _lora_model(False)
@@ -136,7 +169,7 @@ def test_bf16_lora_tracks_fp32_and_keeps_the_saved_weights(base_dir, tmp_path, m
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / name}", *FAST, *steps,
                      f"train.precision={precision}"]) == 0  # fmt: skip
     with monkeypatch.context() as mp:  # the same bf16 run with fp32 weights autocast casts on every call
-        mp.setattr("llmstages.train.prepare.hold_frozen", lambda model, precision: [])
+        mp.setattr("llmstages.train.prepare.hold_frozen", lambda model, precision, embeddings=False: [])
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / 'cast'}", *FAST, *steps,
                      "train.precision=bf16"]) == 0  # fmt: skip
     fp32, bf16, cast = (_losses(tmp_path / n) for n in ("fp32", "bf16", "cast"))

@@ -5,6 +5,9 @@ Under bf16 (fp16) autocast every matrix product casts its fp32 weight to bf16 on
 can be cast once: the products see exactly the values autocast would have made (the same round-to-nearest),
 with no per-step copies and half the memory and memory traffic. Adapters, their gradients and the optimizer
 state stay fp32; embeddings and norms are not touched (the residual stream stays fp32, as under autocast).
+QLoRA, the memory-first mode, also holds the frozen token embedding and output head in the compute dtype
+(`embeddings=True`): the lookups are cast back to fp32, and the fused losses multiply the half head in its dtype,
+as autocast does with an fp32 one.
 
 Only the values a product reads are held: the fp32 originals are gone, so a model saved after training takes
 its frozen weights back from where they came from (`restore_frozen` with `base_weights(path)`), and the saved
@@ -28,21 +31,21 @@ def _is_linear(m: nn.Module) -> bool:
     return w is not None and w.dim() == 2 and hasattr(m, "in_features") and hasattr(m, "out_features")
 
 
-def hold_frozen(model: nn.Module, precision: str) -> list[str]:
+def hold_frozen(model: nn.Module, precision: str, embeddings: bool = False) -> list[str]:
     """Cast the frozen weight and bias of every linear layer to the compute dtype of `precision` (nothing under
-    fp32); returns the names of the parameters cast. The output head of every `GPT` in `model` (which the fused
-    losses multiply in fp32) and a weight shared with a module that is not linear (an embedding tied to it) are left
-    as they are."""
+    fp32); returns the names of the parameters cast. The output head of every `GPT` in `model` and a weight shared
+    with a module that is not linear (an embedding tied to it) are left as they are, unless `embeddings`
+    (`hold_embeddings`)."""
     dtype = HALF.get(precision)
     if dtype is None:
         return []
+    names = hold_embeddings(model, dtype) if embeddings else []
     shared = {id(p) for m in model.modules() if not _is_linear(m) for p in m._parameters.values() if p is not None}
     heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
     cast: dict[int, nn.Parameter] = {}
-    names = []
     for name, m in model.named_modules():
         if not _is_linear(m) or id(m) in heads:
-            continue  # the output head: the fused losses multiply it in fp32 (losses.py), so it stays fp32
+            continue  # the output head: its own choice (hold_embeddings)
         for attr in ("weight", "bias"):
             p = m._parameters.get(attr)
             if p is None or p.requires_grad or p.dtype != torch.float32 or id(p) in shared:
@@ -51,6 +54,38 @@ def hold_frozen(model: nn.Module, precision: str) -> list[str]:
                 cast[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
             setattr(m, attr, cast[id(p)])
             names.append(f"{name}.{attr}" if name else attr)
+    return names
+
+
+def _lookup_in_fp32(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.float()
+
+
+def hold_embeddings(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Hold the frozen token embedding and output head of every `GPT` in `model` in `dtype` (a tied pair stays one
+    tensor); the embedding's lookups are cast back to fp32, so the residual stream stays fp32. Returns the names
+    of the parameters cast. A trained or non-fp32 weight, and a head that is not a plain linear layer's or a
+    LoRA/DoRA layer's base, are left as they are."""
+    names = []
+    for prefix, g in model.named_modules():
+        if not isinstance(g, GPT):
+            continue
+        at = f"{prefix}." if prefix else ""
+        emb, head = g.tok_emb, g.lm_head
+        w = emb.weight
+        if not w.requires_grad and w.dtype == torch.float32:
+            held = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+            emb.weight = held
+            names.append(f"{at}tok_emb.weight")
+            if not hasattr(emb, "_lookup_hook"):
+                emb._lookup_hook = emb.register_forward_hook(_lookup_in_fp32)
+            if head._parameters.get("weight") is w:
+                head.weight = held
+                names.append(f"{at}lm_head.weight")
+        hw = head._parameters.get("weight")
+        if _is_linear(head) and not hw.requires_grad and hw.dtype == torch.float32:
+            head.weight = nn.Parameter(hw.detach().to(dtype), requires_grad=False)
+            names.append(f"{at}lm_head.weight")
     return names
 
 

@@ -9,7 +9,8 @@ the loop keeps them; bf16/fp16 autocast only changes what the activations are st
     parameters   4 P          (fsdp: 4 P / N plus the gathered block(s) in flight; tp and pp: their share)
                  LoRA under bf16/fp16 holds the frozen weights in 2 bytes (train/frozen.py); QLoRA holds the
                  blocks' linear weights in NF4, 0.5 + 1/64 + 4/(64 x 256) bytes each (peft/nf4.py), and
-                 dequantizes one of them at a time (two fp32 working copies of the largest)
+                 dequantizes one of them at a time (two fp32 working copies of the largest); under bf16/fp16
+                 its token embedding and output head are held in 2 bytes too
     gradients    4 T          (ddp and zero1 also keep DDP's communication buckets, another 4 T; fsdp: / N)
     optimizer    8 T          (AdamW's two moments; zero1 and fsdp: / N); adamw8bit: 2 (1 + 4/256) bytes a
                  value of each tensor of >= 4096 values, 8 for the rest, plus its fp32 working copies of up
@@ -156,6 +157,8 @@ def estimate(
     if method == "qlora":
         largest = max(a * b for a, b in linear_shapes(cfg).values())
         params += (NF4_BYTES - 4.0) * linear + 2 * 4.0 * largest
+        if precision != "fp32":  # the token embedding and output head held in the compute dtype too
+            params -= 2.0 * cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     elif method == "lora" and precision != "fp32" and strategy in ("none", "ddp", "zero1"):
         params -= 2.0 * linear  # the frozen linear weights held in the compute dtype
     acts = activation_bytes(cfg, batch, seq, precision, checkpointing)

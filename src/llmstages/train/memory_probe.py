@@ -61,8 +61,7 @@ def main(spec: dict) -> int:
         )
         if spec["method"] == "qlora":
             quantize_frozen(model)
-        else:
-            hold_frozen(model, spec["precision"])
+        hold_frozen(model, spec["precision"], embeddings=spec["method"] == "qlora")  # as train/prepare.py does
     if spec["checkpointing"]:
         apply_activation_checkpointing(model)
     opt = build_optimizer(model, TrainArgs(optimizer=spec.get("optimizer", "adamw")))

@@ -3,8 +3,8 @@
 1. activation checkpointing (recompute blocks in the backward pass instead of keeping their activations);
 2. `torch.compile` of the transformer blocks (train.compile);
 3. frozen linear weights held in the compute dtype under bf16/fp16 (`frozen.hold_frozen`; strategies none, ddp
-   and zero1), the originals read back from the model directory when the final model is saved (so are the
-   weights QLoRA holds in NF4);
+   and zero1; under QLoRA the token embedding and output head too), the originals read back from the model
+   directory when the final model is saved (so are the weights QLoRA holds in NF4);
 4. the parallel strategy of the run: DDP, ZeRO-1, FSDP2, tensor parallel (the module sharded in place), or this
    process's stage of a pipeline.
 
@@ -62,7 +62,8 @@ def prepare_model(
     d = distributed.current()
     template = distributed.meta_template(model) if d.sharded else None
     holds = frozen_source is not None and d.strategy in ("none", "ddp", "zero1")
-    held = hold_frozen(model, args.precision) + quantized_weights(model) if holds else []
+    nf4 = quantized_weights(model) if holds else []
+    held = hold_frozen(model, args.precision, embeddings=bool(nf4)) + nf4 if holds else []
     if d.strategy == "pp":
         pipeline = Pipeline(model, d)
         return Prepared(pipeline.part, pipeline, d, pipeline, template, held, frozen_source)
