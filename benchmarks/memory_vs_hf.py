@@ -12,7 +12,8 @@ AdamW at 1e-4; LoRA rank 16 (alpha 32) on every linear layer of the blocks.
 - ours-lora / hf-lora: LoRA; under bf16 ours holds the frozen linear weights in bf16 (as its stages do), the
   reference runs autocast over its fp32 weights (as `transformers.Trainer(bf16=True)` does).
 - ours-qlora: `peft.quantize_base: nf4`, the blocks' linear weights in NF4 with double-quantized scales
-  (peft/nf4.py). hf-qlora: `BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype)` + peft, without
+  (peft/nf4.py), and under bf16 the token embedding and output head in bf16 (train/frozen.py). hf-qlora:
+  `BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype)` + peft, without
   `prepare_model_for_kbit_training` (which would cast the rest to fp32: the reference as lean as it gets).
 - ours-full / ours-full8: full fine-tuning with AdamW / with `train.optimizer: adamw8bit` (train/adamw8bit.py);
   hf-full8: transformers with bitsandbytes' AdamW8bit.
@@ -87,7 +88,7 @@ def setup(contender: str, path: str, precision: str):
             apply_peft(model, "lora", target_modules=TARGETS, rank=16, alpha=32, dropout=0.0)
             if method == "qlora":
                 quantize_frozen(model)
-            hold_frozen(model, precision)
+            hold_frozen(model, precision, embeddings=method == "qlora")  # as train/prepare.py does
         opt = build_optimizer(model, TrainArgs(lr=1e-4, optimizer="adamw8bit" if method == "full8" else "adamw"))
 
         def loss(ids: torch.Tensor) -> torch.Tensor:

@@ -264,6 +264,24 @@ def test_a_head_that_is_not_one_matrix_goes_through_its_logits():
     assert L.head_weight(torch.nn.Linear(16, 30, bias=True)) is None
 
 
+def test_chunks_shrink_for_a_large_vocabulary_and_do_not_change_the_result():
+    """At most 2^25 logits at a time: 512 rows up to a 65,536-token vocabulary, 220 for Qwen2's 151,936; the loss
+    and gradients do not depend on the chunk (rows are independent; d W sums over chunks)."""
+    assert L.chunk_rows(49152) == 512 and L.chunk_rows(151936) == 220 and L.chunk_rows(1 << 26) == 1
+    torch.manual_seed(0)
+    h, w, t = (
+        torch.randn(50, 8, requires_grad=True),
+        torch.randn(30, 8, requires_grad=True),
+        torch.randint(0, 30, (50,)),
+    )
+    grads = []
+    for chunk in (None, 7):
+        loss = L.linear_cross_entropy(h, w, t, chunk=chunk)
+        grads.append((loss, *torch.autograd.grad(loss, (h, w))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_a_half_head_multiplies_as_autocast_does_for_an_unfused_head(temperature):
     """QLoRA holds the head in bf16 (train/frozen.py). The fused losses then multiply in bf16, in the forward and

@@ -23,6 +23,16 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), ignore_index)], dim=1)
 
 
+LOGITS_AT_ONCE = 1 << 25
+"""The most logits the fused losses hold at a time (128 MB in fp32)."""
+
+
+def chunk_rows(vocab: int, most: int = 512) -> int:
+    """Rows of logits the fused losses compute at a time: 512, fewer where a large vocabulary would make a chunk
+    of more than LOGITS_AT_ONCE values (220 rows for Qwen2's 151,936 tokens)."""
+    return max(1, min(most, LOGITS_AT_ONCE // vocab))
+
+
 def _product_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype the fused losses multiply hidden states by the head in: a half head's own (QLoRA holds it so,
     train/frozen.py), h's otherwise (bf16/fp16 autocast then casts both, as it does for any product)."""
@@ -88,16 +98,17 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
-    chunk: int = 512,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """cross_entropy(hidden @ weight^T, targets) without materialising the (N, V) logits ("fused linear CE").
 
     hidden: (..., d) final hidden states; weight: (V, d) output head; targets: (...) with `ignore_index` for
     positions not trained. reduction "sum" gives -sum_t log p(y_t), "mean" divides by the number of targets.
+    `chunk`: rows of logits at a time (default `chunk_rows`).
     """
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
-    total = _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk)
+    total = _LinearCrossEntropy.apply(h, weight, t, ignore_index, chunk or chunk_rows(weight.size(0)))
     if reduction == "sum":
         return total
     if reduction != "mean":
@@ -368,7 +379,7 @@ def head_logprobs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
-    chunk: int = 512,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target_t), entropy_t) of softmax(head(hidden) / temperature) at each position, both 0 where the
     target is ignored; hidden (B, T, d), targets (B, T). Only the target positions are computed, and where the head
@@ -381,7 +392,7 @@ def head_logprobs(
     t = targets.reshape(-1).index_select(0, rows)
     w = head_weight(head)
     if w is not None:
-        logp, ent = _LinearLogprobs.apply(h, w, t, 1.0 / temperature, chunk)
+        logp, ent = _LinearLogprobs.apply(h, w, t, 1.0 / temperature, chunk or chunk_rows(w.size(0)))
     else:
         z = head(h).float() / temperature
         logp = torch.log_softmax(z, -1).gather(1, t[:, None]).squeeze(1)

@@ -130,6 +130,43 @@ def test_missing_and_misshaped_tensors(tmp_path):
         load_model(src)
 
 
+def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path):
+    """store/hf.py reads safetensors itself (tensors in memory of their own, not a mapping of the file): every
+    dtype and shape as safetensors' own `load_file` reads them, floating ones converted on request; a damaged
+    file is one clear error naming it."""
+    from llmstages.store.hf import read_safetensors_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+        "f16": torch.randn(7, generator=g).half(), "f64": torch.randn(2, 2, generator=g).double(),
+        "i64": torch.arange(6).view(2, 3), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+        "f8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
+    }  # fmt: skip
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    want = load_file(path)
+    got = read_safetensors_file(path)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+        assert got[k].untyped_storage().nbytes() == v.numel() * v.element_size()  # its own, not the file's
+    half = read_safetensors_file(path, torch.bfloat16)
+    assert half["f32"].dtype == torch.bfloat16 and torch.equal(half["f32"], want["f32"].bfloat16())
+    assert half["i64"].dtype == torch.int64
+    data = path.read_bytes()
+    for damaged, why in (
+        (data[:-4], "past the end"),
+        (data[:5], "header"),
+        (b"\x10" + b"\0" * 7 + b"{not json}!!!!!!", "JSON"),
+    ):
+        path.write_bytes(damaged)
+        with pytest.raises(UserError, match=f"model.safetensors: cannot read safetensors.*{why}"):
+            read_safetensors_file(path)
+
+
 def test_pickle_only_is_refused(tmp_path):
     hf_model("gpt2").save_pretrained(tmp_path, safe_serialization=False)
     (tmp_path / "model.safetensors").unlink(missing_ok=True)

@@ -20,7 +20,8 @@ the loop keeps them; bf16/fp16 autocast only changes what the activations are st
                  up and their product (a = 4 bytes fp32, 2 bf16; the norms' 4 d stay fp32 under autocast, as
                  the residual stream does). Activation checkpointing keeps B S d a per block plus one block's
                  worth; the LM head's chunked cross-entropy adds B S d a x 3 and its chunk of logits,
-                 min(B S, 512) V x 4 bytes x 2 (2.5 under bf16/fp16: the product comes out in half first).
+                 min(B S, c) V x 4 bytes x 2 (2.5 under bf16/fp16: the product comes out in half first), with
+                 c = 512 rows or fewer for a large vocabulary (losses.chunk_rows: at most 2^25 logits).
     total        parameters + optimizer + runtime + the larger of gradients and activations: the backward
                  frees a block's activations as it writes that block's gradients, so the two do not peak
                  together (DDP's buckets are held throughout and counted in full).
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmstages.errors import UserError
+from llmstages.losses import chunk_rows
 from llmstages.model.gpt import ModelConfig, count_params
 from llmstages.model.presets import PRESETS, preset
 from llmstages.store import load_config
@@ -113,7 +115,8 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, che
     tokens = batch * seq
     d_kv = cfg.n_kv_heads * cfg.head_dim
     per_block = tokens * (4 * cfg.d_model * 4 + (3 * cfg.d_model + 2 * d_kv + 4 * cfg.d_ff) * a)
-    head = tokens * cfg.d_model * a * 3 + min(tokens, 512) * cfg.vocab_size * 4 * (2.0 if a == 4 else 2.5)
+    logits = min(tokens, chunk_rows(cfg.vocab_size)) * cfg.vocab_size
+    head = tokens * cfg.d_model * a * 3 + logits * 4 * (2.0 if a == 4 else 2.5)
     if checkpointing:
         return cfg.n_layers * tokens * cfg.d_model * a + per_block + head
     return cfg.n_layers * per_block + head
