@@ -1,8 +1,9 @@
 """Peak memory and speed of LoRA, QLoRA and full fine-tuning with 8-bit AdamW: ours against transformers + peft
 (+ bitsandbytes for QLoRA and 8-bit AdamW).
 
-    python benchmarks/memory_vs_hf.py [--shapes smollm2_360m,qwen2_5_0_5b] [--rounds 2] [--steps 3]
+    python benchmarks/memory_vs_hf.py [--shapes smollm2_360m,qwen2_5_0_5b] [--rounds 2] [--steps 2]
                                       [--only ours-lora,hf-qlora,...] [--precision auto|fp32|bf16]
+                                      [--checkpointing]
 
 Each shape is a transformers model built from the published config (`smollm2_360m`: Llama, 32 blocks, d=960;
 `qwen2_5_0_5b`: Qwen2, 24 blocks, d=896, a 151,936-token vocabulary, tied embeddings) with random weights, saved
@@ -72,8 +73,9 @@ def reset_high_water() -> None:
         f.write("5")
 
 
-def setup(contender: str, path: str, precision: str):
-    """(model, optimizer, loss(batch)) of a contender."""
+def setup(contender: str, path: str, precision: str, checkpointing: bool = False):
+    """(model, optimizer, loss(batch)) of a contender; `checkpointing`: activation checkpointing of every block
+    (ours: `train.activation_checkpointing`; transformers: `gradient_checkpointing_enable`, non-reentrant)."""
     side, method = contender.split("-")
     if side == "ours":
         from llmstages import losses as L
@@ -89,6 +91,10 @@ def setup(contender: str, path: str, precision: str):
             if method == "qlora":
                 quantize_frozen(model)
             hold_frozen(model, precision, embeddings=method == "qlora")  # as train/prepare.py does
+        if checkpointing:
+            from llmstages.train.prepare import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         opt = build_optimizer(model, TrainArgs(lr=1e-4, optimizer="adamw8bit" if method == "full8" else "adamw"))
 
         def loss(ids: torch.Tensor) -> torch.Tensor:
@@ -108,6 +114,8 @@ def setup(contender: str, path: str, precision: str):
             bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         )
     model = tf.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kw).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora"):
         import peft
 
@@ -127,10 +135,10 @@ def setup(contender: str, path: str, precision: str):
     return model, opt, loss
 
 
-def child(contender: str, path: str, precision: str, steps: int) -> dict:
+def child(contender: str, path: str, precision: str, steps: int, checkpointing: bool = False) -> dict:
     torch.manual_seed(0)
     base = current_rss_mib()
-    model, opt, loss_of = setup(contender, path, precision)
+    model, opt, loss_of = setup(contender, path, precision, checkpointing)
     load_peak = peak_rss_mib() - base
     reset_high_water()
     vocab = model.config.vocab_size
@@ -148,9 +156,9 @@ def child(contender: str, path: str, precision: str, steps: int) -> dict:
     return {"train_mib": peak_rss_mib() - base, "load_mib": load_peak, "step_s": times[1:]}
 
 
-def run_child(contender: str, path: Path, precision: str, steps: int) -> dict | str:
+def run_child(contender: str, path: Path, precision: str, steps: int, checkpointing: bool = False) -> dict | str:
     env_cmd = [sys.executable, __file__, "--child", contender, "--path", str(path), "--precision", precision,
-               "--steps", str(steps)]  # fmt: skip
+               "--steps", str(steps), *(["--checkpointing"] if checkpointing else [])]  # fmt: skip
     t0 = time.perf_counter()
     r = subprocess.run(env_cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -184,17 +192,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on every side")
     ap.add_argument("--child")
     ap.add_argument("--path")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.path, args.precision, args.steps)))
+        print(json.dumps(child(args.child, args.path, args.precision, args.steps, args.checkpointing)))
         return
     from llmstages.train.start import fast_bf16
 
     precision = ("bf16" if fast_bf16(torch.device("cpu")) else "fp32") if args.precision == "auto" else args.precision
     contenders = [c for c in args.only.split(",") if c]
-    print(f"# {machine()}; {versions()}; {precision}; {ROWS} x {SEQ} tokens a step; rounds {args.rounds}")
+    ckpt = "; activation checkpointing" if args.checkpointing else ""
+    print(f"# {machine()}; {versions()}; {precision}; {ROWS} x {SEQ} tokens a step; rounds {args.rounds}{ckpt}")
     header = "| shape | contender | train peak MiB | with loading MiB | tokens/s | train peak / ours-lora |"
     for shape in args.shapes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +212,7 @@ def main() -> None:
             results: dict[str, list] = {c: [] for c in contenders}
             for r in range(args.rounds):
                 for c in contenders if r % 2 == 0 else contenders[::-1]:
-                    results[c].append(run_child(c, path, precision, args.steps))
+                    results[c].append(run_child(c, path, precision, args.steps, args.checkpointing))
             print(f"\n{header}\n|---|---|---|---|---|---|")
             rows = {}
             for c, outs in results.items():

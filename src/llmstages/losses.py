@@ -83,9 +83,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         dh, dw = ctx.saved_tensors
         need_h, need_w = ctx.need
+        # scaled in place: a full head's dW is as large as the embedding, and a copy of it would be held at the
+        # start of the backward, when the activations are too (a second backward through the graph is refused)
         return (
-            dh * grad.to(dh.dtype) if need_h else None,
-            dw * grad.to(dw.dtype) if need_w else None,
+            dh.mul_(grad.to(dh.dtype)) if need_h else None,
+            dw.mul_(grad.to(dw.dtype)) if need_w else None,
             None,
             None,
             None,
