@@ -90,7 +90,7 @@ def setup(contender: str, path: str, precision: str, checkpointing: bool = False
             apply_peft(model, "lora", target_modules=TARGETS, rank=16, alpha=32, dropout=0.0)
             if method == "qlora":
                 quantize_frozen(model)
-            hold_frozen(model, precision, embeddings=method == "qlora")  # as train/prepare.py does
+            hold_frozen(model, precision)  # as train/prepare.py does (QLoRA: the embedding and head too)
         if checkpointing:
             from llmstages.train.prepare import apply_activation_checkpointing
 

@@ -90,3 +90,13 @@ def trace(run: Path, *keys: str) -> list[tuple]:
     from llmstages.monitor.metrics import read_metrics
 
     return [(r["step"], *(r[k] for k in keys)) for r in read_metrics(run) if keys[0] in r]
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run the CLI on `argv`, expecting bad input: exit code 2 and one line on stderr, no traceback; that line."""
+    from llmstages.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

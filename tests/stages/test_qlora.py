@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from llmstages.cli import main
 from llmstages.peft import apply as peft_apply
 from llmstages.store import load_model
-from tests.helpers import builtin_base, hf_model, save_hf, tiny_tokenizer, trace
+from tests.helpers import builtin_base, cli_error, hf_model, save_hf, tiny_tokenizer, trace
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = [
@@ -169,18 +169,13 @@ def test_exact_resume_after_kill_9(dirs, tmp_path, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_settings_that_do_not_go_with_nf4_are_refused(dirs, tmp_path, capsys):
     run = ["sft", f"model.path={dirs / 'base'}", f"out_dir={tmp_path / 'x'}", *FAST]
-    assert "set peft.method=lora or dora (got adapter)" in _error(capsys, [*run, "peft.method=adapter"])
-    assert "set peft.method=lora or dora (got none)" in _error(capsys, [*run, "peft.method=none"])
-    err = _error(capsys, [*run, "peft.method=lora", "dist.strategy=fsdp"])
+    assert "set peft.method=lora or dora (got adapter)" in cli_error(capsys, [*run, "peft.method=adapter"])
+    assert "set peft.method=lora or dora (got none)" in cli_error(capsys, [*run, "peft.method=none"])
+    err = cli_error(capsys, [*run, "peft.method=lora", "dist.strategy=fsdp"])
     assert "dist.strategy none, ddp or zero1, got fsdp" in err
-    assert "peft.quantize_base must be one of" in _error(capsys, [*run, "peft.method=lora", "peft.quantize_base=int4"])
+    assert "peft.quantize_base must be one of" in cli_error(
+        capsys, [*run, "peft.method=lora", "peft.quantize_base=int4"]
+    )
     assert not (tmp_path / "x").exists()

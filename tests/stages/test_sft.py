@@ -12,7 +12,7 @@ import torch
 from llmstages.cli import main
 from llmstages.monitor.metrics import read_metrics
 from llmstages.store import load_model
-from tests.helpers import builtin_base, hf_model, save_hf, stop_after_step, tiny_tokenizer, trace
+from tests.helpers import builtin_base, cli_error, hf_model, save_hf, stop_after_step, tiny_tokenizer, trace
 
 FAST = [
     "train.max_steps=8", "train.batch_size=4", "train.seq_len=48", "train.log_every=1", "train.eval_every=4",
@@ -83,24 +83,17 @@ def test_show_example(base_dir, capsys):
     assert "<|assistant|>" in out and "[" in out and "<|eos|>]" in out
 
 
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_input(base_dir, tmp_path, capsys):
     run = ["sft", f"model.path={base_dir}", f"out_dir={tmp_path / 'x'}", *FAST]
-    assert "matched no linear module" in _error(capsys, [*run, "peft.method=lora", "peft.target_modules=[qq_proj]"])
+    assert "matched no linear module" in cli_error(capsys, [*run, "peft.method=lora", "peft.target_modules=[qq_proj]"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
-    assert "bad.jsonl:2: message 1 has unknown role 'robot'" in _error(capsys, [*run, f"data.path={bad}"])
+    assert "bad.jsonl:2: message 1 has unknown role 'robot'" in cli_error(capsys, [*run, f"data.path={bad}"])
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "word " * 80, "completion": "yes"}) + "\n")
-    err = _error(capsys, [*run, f"data.path={long}", "data.truncate=false"])
+    err = cli_error(capsys, [*run, f"data.path={long}", "data.truncate=false"])
     assert "long.jsonl:1: example of" in err
-    assert "peft.method must be one of" in _error(capsys, [*run, "peft.method=qlora"])
+    assert "peft.method must be one of" in cli_error(capsys, [*run, "peft.method=qlora"])
     assert not (tmp_path / "x").exists()  # failed starts wrote nothing
 
 

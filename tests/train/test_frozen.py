@@ -14,7 +14,7 @@ from llmstages import losses as L
 from llmstages.cli import main
 from llmstages.model import GPT, preset
 from llmstages.monitor.metrics import read_metrics
-from llmstages.peft import apply_lora
+from llmstages.peft import apply_lora, quantize_frozen
 from llmstages.store import load_model
 from llmstages.train import frozen
 from llmstages.train.frozen import hold_frozen, restore_frozen
@@ -76,7 +76,7 @@ def test_held_weights_give_autocasts_products(tie):
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_held_embeddings_give_autocasts_products(tie):
-    """QLoRA also holds the token embedding and output head in bf16 (`embeddings=True`). Against an fp32 model
+    """QLoRA also holds the token embedding and output head in bf16 (`hold_embeddings`). Against an fp32 model
     whose embedding and head already hold bf16 values: lookups come back fp32 and equal, the logits and the fused
     losses' forward values equal bit for bit (autocast multiplies in bf16 either way); the fused losses' d h is now
     a bf16 product, as an unfused head's is (tests/test_losses.py). Restoring puts the fp32 originals back, a tied
@@ -86,9 +86,12 @@ def test_held_embeddings_give_autocasts_products(tie):
         for w in {id(p): p for p in (ref.tok_emb.weight, ref.lm_head.weight)}.values():
             w.copy_(w.bfloat16().float())
     held = copy.deepcopy(ref)
-    names = hold_frozen(held, "bf16", embeddings=True)
+    names = frozen.hold_embeddings(held, torch.bfloat16)
     assert "tok_emb.weight" in names and "lm_head.weight" in names
     assert held.tok_emb.weight.dtype == held.lm_head.weight.dtype == torch.bfloat16
+    qlora = copy.deepcopy(ref)
+    quantize_frozen(qlora)
+    assert {"tok_emb.weight", "lm_head.weight"} <= set(hold_frozen(qlora, "bf16"))  # hold_frozen does it for QLoRA
     assert (held.tok_emb.weight is held.lm_head.weight) == tie
     x = torch.randint(0, 96, (2, 16))
     t = torch.randint(0, 96, (2, 16))
@@ -169,7 +172,7 @@ def test_bf16_lora_tracks_fp32_and_keeps_the_saved_weights(base_dir, tmp_path, m
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / name}", *FAST, *steps,
                      f"train.precision={precision}"]) == 0  # fmt: skip
     with monkeypatch.context() as mp:  # the same bf16 run with fp32 weights autocast casts on every call
-        mp.setattr("llmstages.train.prepare.hold_frozen", lambda model, precision, embeddings=False: [])
+        mp.setattr("llmstages.train.prepare.hold_frozen", lambda model, precision: [])
         assert main(["sft", f"model.path={base_dir}", f"out_dir={tmp_path / 'cast'}", *FAST, *steps,
                      "train.precision=bf16"]) == 0  # fmt: skip
     fp32, bf16, cast = (_losses(tmp_path / n) for n in ("fp32", "bf16", "cast"))

@@ -6,8 +6,8 @@ can be cast once: the products see exactly the values autocast would have made (
 with no per-step copies and half the memory and memory traffic. Adapters, their gradients and the optimizer
 state stay fp32; embeddings and norms are not touched (the residual stream stays fp32, as under autocast).
 QLoRA, the memory-first mode, also holds the frozen token embedding and output head in the compute dtype
-(`embeddings=True`): the lookups are cast back to fp32, and the fused losses multiply the half head in its dtype,
-as autocast does with an fp32 one.
+(`hold_embeddings`, wherever the model holds NF4 weights): the lookups are cast back to fp32, and the fused
+losses multiply the half head in its dtype, as autocast does with an fp32 one.
 
 Only the values a product reads are held: the fp32 originals are gone, so a model saved after training takes
 its frozen weights back from where they came from (`restore_frozen` with `base_weights(path)`), and the saved
@@ -31,15 +31,15 @@ def _is_linear(m: nn.Module) -> bool:
     return w is not None and w.dim() == 2 and hasattr(m, "in_features") and hasattr(m, "out_features")
 
 
-def hold_frozen(model: nn.Module, precision: str, embeddings: bool = False) -> list[str]:
+def hold_frozen(model: nn.Module, precision: str) -> list[str]:
     """Cast the frozen weight and bias of every linear layer to the compute dtype of `precision` (nothing under
     fp32); returns the names of the parameters cast. The output head of every `GPT` in `model` and a weight shared
-    with a module that is not linear (an embedding tied to it) are left as they are, unless `embeddings`
-    (`hold_embeddings`)."""
+    with a module that is not linear (an embedding tied to it) are left as they are, unless the model holds NF4
+    weights (QLoRA: then `hold_embeddings` casts them too)."""
     dtype = HALF.get(precision)
     if dtype is None:
         return []
-    names = hold_embeddings(model, dtype) if embeddings else []
+    names = hold_embeddings(model, dtype) if quantized_weights(model) else []
     shared = {id(p) for m in model.modules() if not _is_linear(m) for p in m._parameters.values() if p is not None}
     heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
     cast: dict[int, nn.Parameter] = {}

@@ -61,7 +61,7 @@ def main(spec: dict) -> int:
         )
         if spec["method"] == "qlora":
             quantize_frozen(model)
-        hold_frozen(model, spec["precision"], embeddings=spec["method"] == "qlora")  # as train/prepare.py does
+        hold_frozen(model, spec["precision"])  # as train/prepare.py does (QLoRA: the embedding and head too)
     if spec["checkpointing"]:
         apply_activation_checkpointing(model)
     opt = build_optimizer(model, TrainArgs(optimizer=spec.get("optimizer", "adamw")))

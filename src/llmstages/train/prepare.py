@@ -62,8 +62,7 @@ def prepare_model(
     d = distributed.current()
     template = distributed.meta_template(model) if d.sharded else None
     holds = frozen_source is not None and d.strategy in ("none", "ddp", "zero1")
-    nf4 = quantized_weights(model) if holds else []
-    held = hold_frozen(model, args.precision, embeddings=bool(nf4)) + nf4 if holds else []
+    held = hold_frozen(model, args.precision) + quantized_weights(model) if holds else []
     if d.strategy == "pp":
         pipeline = Pipeline(model, d)
         return Prepared(pipeline.part, pipeline, d, pipeline, template, held, frozen_source)
