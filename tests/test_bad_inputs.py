@@ -161,6 +161,10 @@ def _damaged(root: Path, p: dict[str, str]) -> None:
     shutil.copytree(p["base"], root / "no_method")
     (root / "no_method" / "adapter_config.json").write_text(json.dumps({"rank": 4, "target_modules": ["q_proj"]}))
     p["no_method"] = str(root / "no_method")
+    shutil.copytree(p["base"], root / "bad_quant")
+    bad_quant = {"method": "lora", "target_modules": ["blocks.0.attn.q_proj"], "quantize_base": "int4"}
+    (root / "bad_quant" / "adapter_config.json").write_text(json.dumps(bad_quant))
+    p["bad_quant"] = str(root / "bad_quant")
     shutil.copytree(p["base"], root / "peft_lib")  # the peft library's adapter config where ours belongs
     (root / "peft_lib" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     p["peft_lib"] = str(root / "peft_lib")
@@ -405,6 +409,7 @@ CASES = [
     ("sft-template-filter", ["sft", "out_dir={new}", "model.path={tmpl_filter}"], "No filter named 'shout'"),
     ("sft-template-render", ["sft", "out_dir={new}", "model.path={tmpl_render}"], "tokenizer_config.json: the chat template failed (UndefinedError"),
     ("sft-adapter-method", ["sft", "out_dir={new}", "model.path={no_method}"], "adapter_config.json: no 'method' (one of lora, dora, adapter)"),
+    ("gen-adapter-quantize", ["generate", "--model", "{bad_quant}", "--prompt", "Ada"], "adapter_config.json: 'quantize_base' must be none or nf4, got 'int4'"),
     ("gen-adapter-peft-lib", ["generate", "--model", "{peft_lib}", "--prompt", "Ada"], "no 'method' (one of lora, dora, adapter) (this is the peft library's format, peft_type LORA"),
     ("gen-model-loop", ["generate", "--model", "{loop}", "--prompt", "Ada"], "loop_a' is a symlink loop"),
     ("pretrain-data-loop", ["pretrain", "out_dir={new}", *PRE, "data.path=[{loop}]"], "loop_a' is a symlink loop"),

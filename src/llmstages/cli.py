@@ -44,7 +44,7 @@ def _sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from llmstages.store.export import export
 
-    export(args.model, args.out, args.format, args.dtype, args.force)
+    export(args.model, args.out, args.format, args.dtype, args.force, args.merge_base)
     return 0
 
 
@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="a new or empty folder (gguf: a .gguf file), or with --force an earlier export"
     )
     e.add_argument("--force", action="store_true", help="replace --out when it is a model directory (never a run)")
+    e.add_argument(
+        "--merge-base",
+        choices=["original", "nf4"],
+        default="original",
+        help="a QLoRA model: merge its adapter into the original base weights, or into the NF4 base it trained over",
+    )
     e.set_defaults(func=cmd_export)
     return p
 

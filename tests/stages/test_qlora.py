@@ -19,7 +19,10 @@ from safetensors.torch import load_file
 
 from llmstages.cli import main
 from llmstages.peft import apply as peft_apply
+from llmstages.peft import nf4
+from llmstages.peft.nf4 import NF4Weight
 from llmstages.store import load_model
+from llmstages.train.frozen import quantized_weights
 from tests.helpers import builtin_base, cli_error, hf_model, save_hf, tiny_tokenizer, trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,26 +98,77 @@ def test_each_stage_trains_over_an_nf4_base_and_saves_the_base_as_loaded(dirs, t
         assert sum("lora_B" in k for k in adapter) == n_linear
         if stage != "grpo":  # (GRPO's rewards on a random base can tie in every group: no gradient)
             assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in adapter.items())
+        loaded = load_model(final)  # as it trained: the same weights held in NF4, the adapter as saved
+        assert sorted(quantized_weights(loaded)) == sorted(calls[0])
+        held = loaded.state_dict()
+        assert all(torch.equal(held[k], v) for k, v in adapter.items())  # DoRA's magnitudes too, not reset
     assert trace(tmp_path, "loss")  # the losses were logged
 
 
-def test_final_model_is_the_loaded_base_plus_the_adapter_and_exports_to_peft(tmp_path):
-    """A QLoRA SFT on a Hugging Face Llama: final/ loads as the original base with the trained adapter; exported
-    to peft, transformers + peft computes our logits (within 1e-4) from the original base."""
+def _nf4_base(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model with every linear weight of its blocks replaced by torchao's NF4 round trip of it
+    (blocks of 64; scales double-quantized in the groups ours chooses, at most 256 to a group)."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    with torch.no_grad():
+        for name, m in hf_model.named_modules():
+            if isinstance(m, torch.nn.Linear) and "layers." in name:
+                group = NF4Weight.quantize(m.weight).scale_group
+                m.weight.copy_(to_nf4(m.weight.detach().clone(), 64, group).get_original_weight())
+    return hf_model
+
+
+def test_final_model_loads_as_trained_and_exports_to_peft_and_merged(tmp_path, monkeypatch):
+    """A QLoRA SFT on a Hugging Face Llama. final/ loads as it trained: transformers + peft over a base that
+    torchao quantized to NF4 computes its logits. Loaded with the base as saved (quantized=False), and exported to
+    peft, transformers + peft over the original base computes ours (within 1e-4). `export --format hf` merges into
+    the original weights; `--merge-base nf4` into the NF4 base, and transformers then computes the model as it
+    trained."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    # torchao's levels are the paper's rounded to four decimals: with them, our NF4 is torchao's bit for bit
+    monkeypatch.setattr(nf4, "NF4_LEVELS", to_nf4(torch.ones(64, 64), 64, 64).nf4.tolist())
     base = save_hf(hf_model("llama"), tmp_path / "hf", tiny_tokenizer())
     argv = ["sft", f"model.path={base}", f"out_dir={tmp_path / 'run'}", *FAST, "peft.method=lora"]
     assert main(argv) == 0
     final = tmp_path / "run" / "final"
-    assert main(["export", "--model", str(final), "--format", "peft", "--out", str(tmp_path / "adapter")]) == 0
-    ours = load_model(final).eval()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(base)
-    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    out = {name: tmp_path / name for name in ("adapter", "merged", "merged_nf4")}
+    assert main(["export", "--model", str(final), "--format", "peft", "--out", str(out["adapter"])]) == 0
+    assert main(["export", "--model", str(final), "--out", str(out["merged"])]) == 0
+    assert main(["export", "--model", str(final), "--out", str(out["merged_nf4"]), "--merge-base", "nf4"]) == 0
+    as_trained, as_saved = load_model(final).eval(), load_model(final, quantized=False).eval()
+
+    def hf(path: Path) -> torch.nn.Module:
+        return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+    theirs = peft.PeftModel.from_pretrained(hf(base), out["adapter"]).eval()
+    theirs_nf4 = peft.PeftModel.from_pretrained(_nf4_base(hf(base)), out["adapter"]).eval()
     x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
-        assert (theirs.eval()(x).logits - ours(x)).abs().max() < 1e-4
-        assert (transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits - ours(x)).abs().max() > 1e-4
+        trained, saved = as_trained(x), as_saved(x)
+        assert (theirs_nf4(x).logits - trained).abs().max() < 1e-4
+        assert (theirs(x).logits - trained).abs().max() > 1e-2  # the NF4 base is not the original
+        assert (theirs(x).logits - saved).abs().max() < 1e-4
+        assert (hf(out["merged"])(x).logits - saved).abs().max() < 1e-4
+        assert (hf(out["merged_nf4"])(x).logits - trained).abs().max() < 1e-4
+        assert (hf(base)(x).logits - saved).abs().max() > 1e-4
+
+
+def test_merge_base_nf4_is_refused_where_there_is_no_nf4_base(dirs, tmp_path, capsys):
+    argv = ["sft", f"model.path={dirs / 'base'}", f"out_dir={tmp_path / 'run'}", *FAST, "peft.method=lora"]
+    assert main([*argv, "peft.quantize_base=none"]) == 0
+    capsys.readouterr()
+    final, out = tmp_path / "run" / "final", tmp_path / "out"
+    err = cli_error(capsys, ["export", "--model", str(final), "--out", str(out), "--merge-base", "nf4"])
+    assert "holds no adapter trained over an NF4 base" in err
+    err = cli_error(
+        capsys, ["export", "--model", str(final), "--format", "peft", "--out", str(out), "--merge-base", "nf4"]
+    )
+    assert "--merge-base nf4 is for --format merged, hf or gguf" in err
+    assert not out.exists()
 
 
 RUNNER = """

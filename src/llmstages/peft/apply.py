@@ -128,17 +128,18 @@ def prepare_policy(model: nn.Module, method: str, quantize_base: str = "none", *
         if (peft_config(model) or {}).get("method") not in ("lora", "dora"):
             raise UserError("peft.quantize_base=nf4 (QLoRA) needs peft.method lora or dora")
         quantize_frozen(model)
+        model.peft["quantize_base"] = "nf4"  # saved with the adapter: loading re-quantizes the base it trained on
     elif quantize_base != "none":
         raise UserError(f"peft.quantize_base must be none or nf4, got '{quantize_base}'")
     return loaded is None and peft_config(model) is not None
 
 
-def quantize_frozen(model: nn.Module) -> list[str]:
+def quantize_frozen(model: nn.Module, reset_magnitudes: bool = True) -> list[str]:
     """QLoRA: hold every frozen linear weight of `model` in NF4 (peft/nf4.py), the base of each LoRA/DoRA layer
     and the linear layers it does not adapt. Not quantized: each `GPT`'s output head and a weight it shares with
     an embedding, and a weight that is not a whole number of 64-weight blocks. DoRA's magnitudes are set to the
-    row norms of the quantized base, so that an adapter still starts equal to its base. Returns the names of the
-    weights quantized."""
+    row norms of the quantized base, so that a fresh adapter still starts equal to its base (`reset_magnitudes`;
+    False for a trained adapter loaded back). Returns the names of the weights quantized."""
     heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear | LoRALinear) for p in m.parameters(False)}
     names = []
@@ -152,7 +153,7 @@ def quantize_frozen(model: nn.Module) -> list[str]:
         if isinstance(m, LoRALinear):
             del m.weight
             m.weight = q
-            if m.use_dora:
+            if m.use_dora and reset_magnitudes:
                 with torch.no_grad():
                     m.lora_magnitude_vector.copy_(q.dequantize(torch.float32).norm(p=2, dim=1))
         else:

@@ -1,5 +1,6 @@
 """An adapter on disk: `adapter.safetensors` (only the PEFT tensors) and `adapter_config.json` (the method and
-its options, checked key by key when read)."""
+its options, checked key by key when read). A QLoRA adapter's config says `"quantize_base": "nf4"`: it was trained
+over the NF4 base, and loading holds the base in NF4 again so that the model computes what it trained to."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmstages.errors import UserError
-from llmstages.peft import adapter_state_dict, apply_peft, peft_config
+from llmstages.peft import adapter_state_dict, apply_peft, peft_config, quantize_frozen
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
@@ -49,6 +50,7 @@ _ADAPTER_KEYS: dict[str, dict[str, tuple[Any, str]]] = {
             "a list of module names",
         ),
         "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+        "quantize_base": (lambda v: v in ("none", "nf4"), "none or nf4"),
     },
     "adapter": {
         "bottleneck": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -84,15 +86,16 @@ def check_adapter_config(cfg: Any, source: str) -> None:
             raise UserError(f"{source}: '{key}' must be {what}, got {cfg[key]!r}")
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> None:
-    """Apply the adapter saved in `path` to `model` (which holds the base weights) and load its tensors."""
+def load_adapter(model: nn.Module, path: str | Path, quantized: bool = True) -> None:
+    """Apply the adapter saved in `path` to `model` (which holds the base weights) and load its tensors. A QLoRA
+    adapter's base is then held in NF4, as it was in training (`quantized`; False: the base stays as saved)."""
     path = Path(path)
     try:
         cfg = json.loads((path / ADAPTER_CONFIG).read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise UserError(f"{path / ADAPTER_CONFIG}: cannot read the adapter config ({e})") from None
     check_adapter_config(cfg, str(path / ADAPTER_CONFIG))
-    kw = {k: v for k, v in cfg.items() if k != "method"}
+    kw = {k: v for k, v in cfg.items() if k not in ("method", "quantize_base")}
     if cfg["method"] in ("lora", "dora"):
         kw["target_modules"] = "|".join(re.escape(t) for t in cfg["target_modules"])
     apply_peft(model, cfg["method"], **kw)
@@ -108,3 +111,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(tensors, strict=False)
     if cfg["method"] in ("lora", "dora"):
         model.peft["target_modules"] = cfg["target_modules"]
+    if cfg.get("quantize_base") == "nf4":
+        model.peft["quantize_base"] = "nf4"
+        if quantized:
+            quantize_frozen(model, reset_magnitudes=False)  # DoRA's magnitudes are the trained ones

@@ -32,16 +32,29 @@ def _is_export(path: Path) -> bool:
     return bool(names & {"config.json", "adapter_config.json"}) and names <= known
 
 
-def export(model_path: str, out_path: str, fmt: str = "hf", dtype: str | None = None, force: bool = False) -> None:
+def export(
+    model_path: str,
+    out_path: str,
+    fmt: str = "hf",
+    dtype: str | None = None,
+    force: bool = False,
+    merge_base: str = "original",
+) -> None:
     """`llmstages export`: the model directory `model_path` written at `out_path` as `fmt` (merged, peft, hf, gguf);
-    everything is checked before anything is written, and only an earlier export is replaced (`force`)."""
+    everything is checked before anything is written, and only an earlier export is replaced (`force`). A QLoRA
+    model's adapter is merged into its original base weights (`merge_base="original"`) or into the NF4 base it
+    trained over ("nf4": the model that computes what training measured, in the saved precision)."""
     refuse_through_file(Path(out_path), "--out")
-    model = load_model(model_path, dtype=None)
+    model = load_model(model_path, dtype=None, quantized=merge_base == "nf4" and fmt != "peft")
     tok = load_tokenizer(model_path)
     src, out = resolve_model_path(model_path).resolve(), Path(out_path).resolve()
     if out == src or src in out.parents or out in src.parents:
         raise UserError(f"--out {out_path} is the model being exported or holds it; write the export elsewhere")
     method = (peft_config(model) or {}).get("method")
+    if merge_base == "nf4" and fmt == "peft":
+        raise UserError("--merge-base nf4 is for --format merged, hf or gguf (a peft export is the adapter alone)")
+    if merge_base == "nf4" and (peft_config(model) or {}).get("quantize_base") != "nf4":
+        raise UserError(f"--merge-base nf4: {model_path} holds no adapter trained over an NF4 base (QLoRA)")
     if fmt == "gguf":
         _export_gguf(model_path, out_path, out, model, tok, dtype, force, method)
         return

@@ -112,12 +112,19 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(raw, source)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, device: torch.device | str = "cpu") -> GPT:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str = "cpu",
+    quantized: bool = True,
+) -> GPT:
     """Our model with the weights of the directory `path` (ours or a Hugging Face one).
 
     The model is built on the meta device and the loaded tensors are assigned to it, so no memory is spent
     on a random initialisation. `dtype=None` keeps the dtype the weights were saved in; either way the model
-    remembers it (`model.saved_dtype`), and saving writes the weights in it again.
+    remembers it (`model.saved_dtype`), and saving writes the weights in it again. A QLoRA run's final model is
+    its original base plus an adapter trained over that base in NF4: the base is quantized again, as it trained
+    (`quantized=False`: held as saved, to merge the adapter into the original weights).
     """
     p, raw = check_model_dir(path)
     cfg = load_config(p)
@@ -153,7 +160,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32, devi
     model = model.to(device)
     model.saved_dtype = saved_dtype  # save_model and export_hf write the weights back in it
     if (p / ADAPTER_CONFIG).is_file():  # a PEFT run's model directory: base weights plus the adapter
-        load_adapter(model, p)
+        load_adapter(model, p, quantized)
     return model
 
 
