@@ -19,8 +19,7 @@ steps (7.5 epochs) is where LoRA has learned the task (its loss below 0.02); at 
 steep part of the curve. (8 chats a step for 60 steps left both near chance, at the recipe's 2e-4 and at 1e-3.)
 Each is run at bf16 (where the CPU has it natively) and fp32: the claim must hold at both. Results go to
 WORK/results.json (a rerun does only what is missing); the table gives each seed, the min and median, and QLoRA
-minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's
-over the seeds.
+minus LoRA. Target (issue 27): QLoRA's held-out accuracy within 0.05 of LoRA's over the seeds.
 """
 
 from __future__ import annotations

@@ -45,15 +45,16 @@ def export(
     model's adapter is merged into its original base weights (`merge_base="original"`) or into the NF4 base it
     trained over ("nf4": the model that computes what training measured, in the saved precision)."""
     refuse_through_file(Path(out_path), "--out")
-    model = load_model(model_path, dtype=None, quantized=merge_base == "nf4" and fmt != "peft")
+    if merge_base == "nf4" and fmt == "peft":
+        raise UserError("--merge-base nf4 is for --format merged, hf or gguf (a peft export is the adapter alone)")
+    model = load_model(model_path, dtype=None, quantized=merge_base == "nf4")
     tok = load_tokenizer(model_path)
     src, out = resolve_model_path(model_path).resolve(), Path(out_path).resolve()
     if out == src or src in out.parents or out in src.parents:
         raise UserError(f"--out {out_path} is the model being exported or holds it; write the export elsewhere")
-    method = (peft_config(model) or {}).get("method")
-    if merge_base == "nf4" and fmt == "peft":
-        raise UserError("--merge-base nf4 is for --format merged, hf or gguf (a peft export is the adapter alone)")
-    if merge_base == "nf4" and (peft_config(model) or {}).get("quantize_base") != "nf4":
+    adapter = peft_config(model) or {}
+    method = adapter.get("method")
+    if merge_base == "nf4" and adapter.get("quantize_base") != "nf4":
         raise UserError(f"--merge-base nf4: {model_path} holds no adapter trained over an NF4 base (QLoRA)")
     if fmt == "gguf":
         _export_gguf(model_path, out_path, out, model, tok, dtype, force, method)
