@@ -18,6 +18,7 @@ BENCHMARKS = [
     "finetune_vs_hf.py --compile",
     "memory_vs_hf.py",  # LoRA, QLoRA, 8-bit AdamW at the 360M and 0.5B shapes: about 25 min
     "demo_sweep.py",  # the full demo over seeds and thread counts: about an hour on 2 cores
+    "grpo_step.py",  # one GRPO step, ours against TRL's GRPOTrainer, fp32 and bf16, 2 rounds: about 30 min
     "rl_real.py",  # GRPO on SmolLM2-135M-Instruct: ours, ours at TRL's samples and TRL, 2 seeds: about 2.5 h
     "qlora_quality.py",  # QLoRA against LoRA SFT on SmolLM2-135M-Instruct, 2 seeds, bf16 and fp32: about 30 min
 ]

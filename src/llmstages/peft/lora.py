@@ -18,7 +18,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstages.peft.nf4 import dense, linear
+from llmstages.peft.nf4 import NF4Weight, dense, linear
+
+
+class _LoRAProduct(torch.autograd.Function):
+    """y = x W^T + b + (s x A^T) B^T for rows x (N, in), with the adapter's product accumulated into the base's
+    output by addmm_ (and in the backward, dx = dy W + (s dy B) A likewise): no full-size adapter output and no
+    separate full-size sum, which on a CPU cost about as much as the rank-r products' FLOPs suggest they should not
+    (benchmarks/finetune_vs_hf.py). W (a tensor or an NF4Weight, dequantized again in the backward) and b are
+    frozen; every input is already in the compute dtype. Backward:
+        g = s dy B (N, r);  dA = g^T x;  dB = dy^T (s x A^T);  dx = dy W + g A."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling):  # noqa: ANN001, ANN205
+        w = dense(weight, x.dtype)
+        xa = (x @ a.t()).mul_(scaling)  # (N, r)
+        out = F.linear(x, w, bias).addmm_(xa, b.t())
+        ctx.scaling, ctx.nf4 = scaling, isinstance(weight, NF4Weight)
+        ctx.weight = weight if ctx.nf4 else None  # NF4: dequantized again in the backward, nothing W-sized saved
+        ctx.save_for_backward(x, None if ctx.nf4 else w, a, b, xa)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, w, a, b, xa = ctx.saved_tensors
+        g = (grad @ b).mul_(ctx.scaling)  # s dy B: the gradient of x A^T, (N, r)
+        dx = da = db = None
+        if ctx.needs_input_grad[4]:
+            db = grad.t() @ xa
+        if ctx.needs_input_grad[3]:
+            da = g.t() @ x
+        if ctx.needs_input_grad[0]:
+            w = dense(ctx.weight, grad.dtype) if ctx.nf4 else w
+            dx = (grad @ w).addmm_(g, a)
+        return dx, None, None, da, db, None
 
 
 class LoRALinear(nn.Module):
@@ -99,12 +132,25 @@ class LoRALinear(nn.Module):
             return linear(x, self.weight, self.bias)
         if self.sampling_weight is not None:
             return F.linear(x, self.sampling_weight, self.bias)
+        if self._fusable():
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            a, b = self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
+            bias = None if self.bias is None else self.bias.to(dt)
+            out = _LoRAProduct.apply(x.reshape(-1, self.in_features).to(dt), self.weight, bias, a, b, self.scaling)
+            return out.view(*x.shape[:-1], self.out_features)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper
         if not self.use_dora:
             # In place on the base output (its backward does not need it): no extra full-size activations.
             return linear(x, self.weight, self.bias).add_(lora)
         out = self._dora_scale() * (linear(x, self.weight) + lora)
         return out if self.bias is None else out + self.bias
+
+    def _fusable(self) -> bool:
+        """Whether `_LoRAProduct` computes this layer: LoRA (not DoRA), no dropout in use, frozen base, plain or NF4
+        weight (not a sharded DTensor)."""
+        frozen = not getattr(self.weight, "requires_grad", False) and (self.bias is None or not self.bias.requires_grad)
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        return not self.use_dora and frozen and no_dropout and not hasattr(self.weight, "device_mesh")
 
     def effective_weight(self) -> torch.Tensor | None:
         """The one matrix this layer multiplies by, with the adapter's gradient through it: W + s B A (DoRA:
