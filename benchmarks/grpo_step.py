@@ -43,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import machine  # noqa: E402
-from rl_real import CLI, build_model, write_data  # noqa: E402
+from rl_real import CLI, build_model, grpo_steps, write_data  # noqa: E402
 
 ROOT = HERE.parent
 RECIPE = ROOT / "configs" / "grpo" / "verifiable_hf.yaml"
@@ -79,11 +79,8 @@ def run_ours(model: Path, data: Path, out: Path, precision: str, steps: int) -> 
            f"out_dir={out}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
-    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    recs = [r for r in recs if "rollout_s" in r]
-    seen = [0] + [r["tokens_seen"] for r in recs]
-    return {"step_s": [(b - a) / r["tokens_per_s"] for a, b, r in zip(seen, seen[1:], recs)],
-            "sample_s": [r["rollout_s"] for r in recs],
+    recs, step_s = grpo_steps(out)
+    return {"step_s": step_s, "sample_s": [r["rollout_s"] for r in recs],
             "sampled": [round(r["rollout_s"] * r["rollout_tokens_per_s"]) for r in recs]}  # fmt: skip
 
 

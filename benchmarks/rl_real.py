@@ -160,6 +160,14 @@ def judge(model_dir: Path, held: list, seed: int = 1234) -> dict:
             "examples": greedy[:3]}  # fmt: skip
 
 
+def grpo_steps(run: Path) -> tuple[list[dict], list[float]]:
+    """An `llmstages grpo` run's step records (metrics.jsonl) and each step's seconds: the tokens it trained over
+    its tokens/s, which the loop measures over the whole step, its rollout included."""
+    recs = [r for r in map(json.loads, open(run / "metrics.jsonl")) if "rollout_s" in r]
+    seen = [0] + [r["tokens_seen"] for r in recs]
+    return recs, [(b - a) / r["tokens_per_s"] for a, b, r in zip(seen, seen[1:], recs)]
+
+
 def run_ours(model: Path, data: Path, out: Path, seed: int, steps: int, *extra: str) -> dict:
     cmd = [CLI, "grpo", "--config", str(RECIPE), f"model.path={model}",
            f"data.path=[{data}]", "data.val_fraction=0", f"seed={seed}", f"train.max_steps={steps}",
@@ -169,10 +177,8 @@ def run_ours(model: Path, data: Path, out: Path, seed: int, steps: int, *extra: 
     wall = time.perf_counter() - t0
     subprocess.run([CLI, "export", "--model", str(out / "run" / "final"),
                     "--format", "hf", "--out", str(out / "merged")], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    recs = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
-    steps_ = [r for r in recs if "rollout_s" in r]
+    steps_, step_s = grpo_steps(out / "run")
     seen = [0] + [r["tokens_seen"] for r in steps_]
-    step_s = [(b - a) / r["tokens_per_s"] for a, b, r in zip(seen, seen[1:], steps_)]
     sample_s = [r["rollout_s"] for r in steps_]
     sampled = [r["rollout_s"] * r["rollout_tokens_per_s"] for r in steps_]
     trained = [b - a for a, b in zip(seen, seen[1:])]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstages.peft.nf4 import NF4Weight, dense, linear
+from llmstages.peft.nf4 import NF4Weight, compute_dtype, dense, linear
 
 
 class _LoRAProduct(torch.autograd.Function):
@@ -34,9 +34,9 @@ class _LoRAProduct(torch.autograd.Function):
         w = dense(weight, x.dtype)
         xa = (x @ a.t()).mul_(scaling)  # (N, r)
         out = F.linear(x, w, bias).addmm_(xa, b.t())
-        ctx.scaling, ctx.nf4 = scaling, isinstance(weight, NF4Weight)
-        ctx.weight = weight if ctx.nf4 else None  # NF4: dequantized again in the backward, nothing W-sized saved
-        ctx.save_for_backward(x, None if ctx.nf4 else w, a, b, xa)
+        nf4 = isinstance(weight, NF4Weight)  # dequantized again in the backward: nothing W-sized saved
+        ctx.scaling, ctx.weight = scaling, weight if nf4 else None
+        ctx.save_for_backward(x, None if nf4 else w, a, b, xa)
         return out
 
     @staticmethod
@@ -49,7 +49,7 @@ class _LoRAProduct(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             da = g.t() @ x
         if ctx.needs_input_grad[0]:
-            w = dense(ctx.weight, grad.dtype) if ctx.nf4 else w
+            w = dense(ctx.weight, grad.dtype) if w is None else w
             dx = (grad @ w).addmm_(g, a)
         return dx, None, None, da, db, None
 
@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
         if self.sampling_weight is not None:
             return F.linear(x, self.sampling_weight, self.bias)
         if self._fusable():
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dt = compute_dtype(x)
             a, b = self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
             bias = None if self.bias is None else self.bias.to(dt)
             out = _LoRAProduct.apply(x.reshape(-1, self.in_features).to(dt), self.weight, bias, a, b, self.scaling)

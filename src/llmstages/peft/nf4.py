@@ -145,14 +145,14 @@ class _NF4Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(_compute_dtype(x)), bias)
+        return F.linear(x, weight.dequantize(compute_dtype(x)), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
         return grad @ ctx.weight.dequantize(grad.dtype), None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the product runs in: autocast's, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
