@@ -282,14 +282,16 @@ def test_chunks_shrink_for_a_large_vocabulary_and_do_not_change_the_result():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_a_half_head_multiplies_as_autocast_does_for_an_unfused_head(temperature):
-    """QLoRA holds the head in bf16 (train/frozen.py). The fused losses then multiply in bf16, in the forward and
-    the backward: the loss, log-probs and entropies of an unfused head under bf16 autocast (logits as bf16, the
-    rest in fp32), and d h within one bf16 step of the largest (its product is bf16 in both)."""
+def test_a_head_under_autocast_multiplies_as_autocast_does_for_an_unfused_head(temperature, head_dtype):
+    """Under bf16 autocast, or with the head held in bf16 (QLoRA, train/frozen.py), the fused losses multiply in
+    bf16, in the forward and in the backward (which runs outside autocast and recomputes the logits the forward
+    had): the loss, log-probs and entropies of an unfused head under bf16 autocast (logits as bf16, the rest in
+    fp32), and d h within one bf16 step of the largest (its product is bf16 in both)."""
     torch.manual_seed(0)
     V, d, n = 1000, 64, 700  # two chunks of 512 rows
-    w = (torch.randn(V, d) * 0.5).bfloat16()
+    w = (torch.randn(V, d) * 0.5).bfloat16().to(head_dtype)
     h = torch.randn(n, d)
     t = torch.randint(0, V, (n,))
     t[::7] = L.IGNORE_INDEX

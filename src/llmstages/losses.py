@@ -35,8 +35,15 @@ def chunk_rows(vocab: int, most: int = 512) -> int:
 
 def _product_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype the fused losses multiply hidden states by the head in: a half head's own (QLoRA holds it so,
-    train/frozen.py), h's otherwise (bf16/fp16 autocast then casts both, as it does for any product)."""
-    return h.dtype if w.dtype == torch.float32 else w.dtype
+    train/frozen.py), else the autocast dtype where autocast is on (what it would cast both to, as for any
+    product), else h's. Chosen once in the forward and kept for the backward, which runs outside autocast: the
+    head is cast once per call, not once per chunk, and the backward recomputes the logits the forward had."""
+    if w.dtype != torch.float32:
+        return w.dtype
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and h.dtype == torch.float32:
+        return torch.get_autocast_dtype(device)
+    return h.dtype
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -61,19 +68,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = tc != ignore_index
             tc = tc.masked_fill(~valid, 0)
             z = (hc @ wc.t()).float()  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)
-            total += ((lse - z.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
+            top = z.amax(-1)
+            z_y = z.gather(1, tc[:, None]).squeeze(1)
+            z = z.sub_(top[:, None]).exp_()  # softmax's numerator e, in place: p = e / sum(e)
+            sums = z.sum(-1)
+            total += ((top + sums.log() - z_y) * valid).sum()  # logsumexp(z) - z_y
             if need_grad:
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
-                z[torch.arange(z.size(0), device=z.device), tc] -= 1.0
-                z.mul_(valid[:, None])
+                z.mul_((valid / sums)[:, None])  # p on the rows with a target, 0 elsewhere
+                z[torch.arange(z.size(0), device=z.device), tc] -= valid.to(z.dtype)
                 zc = z.to(dt)
                 if need_h and dt == h.dtype:
                     torch.mm(zc, wc, out=dh[s : s + chunk])
                 elif need_h:
                     dh[s : s + chunk] = zc @ wc
-                if need_w:
-                    dw.addmm_(z.t(), hc.float())
+                if need_w:  # dW = dz^T h accumulates in fp32 from h as given
+                    dw.addmm_(z.t(), h[s : s + chunk].float())
         ctx.need = (need_h, need_w)
         if need_grad:
             ctx.save_for_backward(dh if need_h else h.new_empty(0), dw.to(w.dtype) if need_w else w.new_empty(0))
@@ -343,35 +352,44 @@ class _LinearLogprobs(torch.autograd.Function):
         ent = torch.empty_like(logp)
         lse_all = torch.empty_like(logp)
         for s in range(0, h.size(0), chunk):
-            z = (h[s : s + chunk].to(dt) @ wc.t()).float().mul_(inv_t)  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)
+            z = (h[s : s + chunk].to(dt) @ wc.t()).float()  # (c, V)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            top = z.amax(-1)
+            e = (z - top[:, None]).exp_()  # softmax's numerator: p = e / sum(e)
+            total = e.sum(-1)
+            lse = top + total.log()
             logp[s : s + chunk] = z.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse
-            ent[s : s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+            ent[s : s + chunk] = lse - e.mul_(z).sum(-1) / total  # H = lse - sum_j p_j z_j
             lse_all[s : s + chunk] = lse
         ctx.save_for_backward(h, w, targets, lse_all, ent)
-        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.inv_t, ctx.chunk, ctx.dt = inv_t, chunk, dt
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):  # type: ignore[override]
         h, w, targets, lse_all, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dt = _product_dtype(h, w)
+        dt = ctx.dt
         wc = w.to(dt)
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        # dz = inv_t * (p * (a log p + b) + e_y g_logp) with a = -g_ent and b = -(g_ent H + g_logp), per row
+        with_ent = bool(g_ent.ne(0).any())  # the entropy often only logged: its gradient is then zero
+        a, b = -g_ent * ctx.inv_t, -(g_ent * ent + g_logp) * ctx.inv_t
         for s in range(0, h.size(0), ctx.chunk):
             hc, sl = h[s : s + ctx.chunk].to(dt), slice(s, s + ctx.chunk)
-            logq = (hc @ wc.t()).float().mul_(ctx.inv_t).sub_(lse_all[sl, None])  # log p, (c, V)
+            logq = (hc @ wc.t()).float()
+            if ctx.inv_t != 1.0:
+                logq.mul_(ctx.inv_t)
+            logq.sub_(lse_all[sl, None])  # log p, (c, V)
             p = logq.exp()
-            dz = (logq + ent[sl, None]).mul_(p).mul_(-g_ent[sl, None])  # dH/dz * g_ent
-            dz.sub_(p * g_logp[sl, None])
-            dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl]
-            dz.mul_(ctx.inv_t)
+            dz = logq.mul_(a[sl, None]).add_(b[sl, None]).mul_(p) if with_ent else p.mul_(b[sl, None])
+            dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl] * ctx.inv_t
             if need_h:
                 dh[sl] = dz.to(dt) @ wc
             if need_w:
-                dw.addmm_(dz.t(), hc.float())
+                dw.addmm_(dz.t(), h[sl].float())
         return dh, dw.to(w.dtype) if need_w else None, None, None, None
 
 
