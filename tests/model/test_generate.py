@@ -217,6 +217,47 @@ def test_sampling_filters():
     assert picks == {3}
 
 
+def test_draw_follows_each_rows_distribution_and_never_a_token_of_probability_zero():
+    """The inverse-CDF draw: over 20,000 draws of each row, every token's frequency is within 5 standard errors
+    of its probability (sqrt(p (1 - p) / n)), a token of probability 0 is never drawn (first, middle, last), and a
+    row of one token always gives it."""
+    probs = torch.tensor(
+        [[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.5, 0.0, 0.25, 0.125, 0.0, 0.125], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    )
+    n = 20_000
+    tok = G.draw(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 3)
+    for r in range(3):
+        freq = torch.bincount(tok[:, r], minlength=6).double() / n
+        p = probs[r].double()
+        assert bool((freq[p == 0] == 0).all()), (r, freq)
+        assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all()), (r, freq, p)
+
+
+def test_a_frozen_fp32_head_is_cast_once_under_autocast_with_the_same_result():
+    """Under bf16 autocast a frozen fp32 head (a LoRA policy's) is held in bf16 while `generate` runs and given
+    back after (the same tensor, tied to the embedding again); the tokens and log-probs equal those of the head
+    autocast casts itself (one that requires grad is not swapped), bit for bit."""
+    torch.manual_seed(3)
+    m = GPT(preset("llama_tiny", vocab_size=512, n_layers=2, block_size=64)).eval().requires_grad_(False)
+    w = m.lm_head.weight
+    seen = []
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return generate(m, _prompts(3, seed=5), 12, temperature=1.0,
+                            generator=torch.Generator().manual_seed(2),
+                            on_token=lambda _: seen.append(m.lm_head.weight.dtype))  # fmt: skip
+
+    swapped = run()
+    assert set(seen) == {torch.bfloat16} and m.lm_head.weight is w and w is m.tok_emb.weight
+    assert w.dtype == torch.float32
+    w.requires_grad_(True)
+    seen.clear()
+    plain = run()
+    assert set(seen) == {torch.float32}
+    assert torch.equal(swapped.tokens, plain.tokens) and torch.equal(swapped.logprobs, plain.logprobs)
+
+
 def test_prompt_too_long(model):
     with pytest.raises(UserError, match="exceeds the model's context of 64"):
         generate(model, [[5] * 60], 10)

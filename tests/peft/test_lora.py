@@ -225,6 +225,8 @@ def test_fused_lora_product_equals_the_textbook_formula(bias, input_grad):
     y_drop = dropped.train()(x)
     assert not _fused(y_drop)
     torch.testing.assert_close(y_drop, y, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # sampling and scoring: the same product without an autograd node
+        assert torch.equal(layer(x), y)
 
 
 def test_fused_lora_product_under_bf16_autocast():

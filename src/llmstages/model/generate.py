@@ -9,9 +9,11 @@ replies to one prompt) share its prefill: the prompt's keys and values are compu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import shutil
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -191,7 +193,8 @@ def sample_next(
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = torch.log_softmax(logits, -1)
     filt = logits
     if top_k is not None and 0 < top_k < logits.size(-1):
@@ -203,12 +206,62 @@ def sample_next(
         drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filt = torch.full_like(filt, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(filt, -1)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tok = draw(logp.exp() if filt is logits else torch.softmax(filt, -1), generator)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V) (non-negative, each row summing to about 1), by the inverse of its
+    cumulative distribution: the first v with cumsum(p)_v > u for one uniform u in [0, sum p) per row. One random
+    number a row, where torch.multinomial draws one exponential per vocabulary entry (a row of 49,152 costs about
+    1 ms on a CPU core). A token of probability 0 is never drawn (the sum does not rise at it)."""
+    cum = probs.cumsum(-1)
+    total = cum[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cum.dtype) * total
+    tok = torch.searchsorted(cum, u, right=True).squeeze(-1)
+    over = tok >= probs.size(-1)  # u rounded up to the total: the last token that has probability
+    return torch.where(over, cum.argmax(-1), tok) if bool(over.any()) else tok
+
+
+def _head_cast_once(fn: Callable) -> Callable:
+    """Run `fn(model, ...)` with a frozen fp32 output head held in the autocast dtype while it runs (see
+    `head_in_compute_dtype`)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kw):
+        with head_in_compute_dtype(model):
+            return fn(model, *args, **kw)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def head_in_compute_dtype(model: nn.Module) -> Iterator[None]:
+    """Under bf16/fp16 autocast, every decode step's product casts an fp32 output head (V x d, 113 MB at
+    SmolLM2's vocabulary) to the autocast dtype again when it is frozen (a LoRA policy's, a reference's: autocast
+    keeps casts only of weights that require grad). Here it is cast once for the block, to the same values, and
+    the original put back on exit (the tie to the embedding with it)."""
+    head = getattr(model, "lm_head", None)
+    w = head.weight if type(head) is nn.Linear else None
+    device = w.device.type if w is not None else "cpu"
+    if (
+        w is None
+        or w.requires_grad
+        or w.dtype != torch.float32
+        or hasattr(w, "placements")  # an FSDP/TP shard: gathered per use
+        or not torch.is_autocast_enabled(device)
+    ):
+        yield
+        return
+    head.weight = nn.Parameter(w.detach().to(torch.get_autocast_dtype(device)), requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight = w
+
+
 @torch.no_grad()
+@_head_cast_once
 def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
@@ -368,6 +421,7 @@ def _prefill(
 
 
 @torch.no_grad()
+@_head_cast_once
 def generate_queue(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],

@@ -21,6 +21,14 @@ from torch import nn
 from llmstages.peft.nf4 import NF4Weight, compute_dtype, dense, linear
 
 
+def _lora_product(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + b + (s x A^T) B^T, s x A^T) for rows x (N, in), all in one dtype."""
+    xa = (x @ a.t()).mul_(scaling)  # (N, r)
+    return F.linear(x, w, bias).addmm_(xa, b.t()), xa
+
+
 class _LoRAProduct(torch.autograd.Function):
     """y = x W^T + b + (s x A^T) B^T for rows x (N, in), with the adapter's product accumulated into the base's
     output by addmm_ (and in the backward, dx = dy W + (s dy B) A likewise): no full-size adapter output and no
@@ -32,8 +40,7 @@ class _LoRAProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling):  # noqa: ANN001, ANN205
         w = dense(weight, x.dtype)
-        xa = (x @ a.t()).mul_(scaling)  # (N, r)
-        out = F.linear(x, w, bias).addmm_(xa, b.t())
+        out, xa = _lora_product(x, w, bias, a, b, scaling)
         nf4 = isinstance(weight, NF4Weight)  # dequantized again in the backward: nothing W-sized saved
         ctx.scaling, ctx.weight = scaling, weight if nf4 else None
         ctx.save_for_backward(x, None if nf4 else w, a, b, xa)
@@ -136,7 +143,11 @@ class LoRALinear(nn.Module):
             dt = compute_dtype(x)
             a, b = self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
             bias = None if self.bias is None else self.bias.to(dt)
-            out = _LoRAProduct.apply(x.reshape(-1, self.in_features).to(dt), self.weight, bias, a, b, self.scaling)
+            rows = x.reshape(-1, self.in_features).to(dt)
+            if torch.is_grad_enabled():
+                out = _LoRAProduct.apply(rows, self.weight, bias, a, b, self.scaling)
+            else:  # sampling, scoring: the same product without an autograd node per layer
+                out = _lora_product(rows, dense(self.weight, dt), bias, a, b, self.scaling)[0]
             return out.view(*x.shape[:-1], self.out_features)
         lora = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)  # scale the rank-r tensor: cheaper
         if not self.use_dora:
