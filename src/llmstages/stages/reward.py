@@ -4,8 +4,9 @@ Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin).
     llmstages reward --config configs/reward/full.yaml data.path=[prefs.jsonl]
 
 The head reads the final hidden state of the last real token. The trunk is fine-tuned fully or through
-LoRA/adapters (merged into the weights when saved). `final/` is a model directory plus `score_head.safetensors`,
-which PPO, GRPO and evaluation load with `load_reward_model`.
+LoRA/adapters (merged into the weights when saved; over an NF4 base, saved as the base plus the adapter).
+`final/` is a model directory plus `score_head.safetensors`, which PPO, GRPO and evaluation load with
+`load_reward_model`.
 """
 
 from __future__ import annotations
@@ -129,8 +130,12 @@ def main(cfg: RewardConfig, progress: bool = True) -> dict[str, float]:
             yield [batch_of(s, [s.train[i] for i in sampler(step, m)]) for m in range(cfg.train.grad_accum)]
 
     def save_final(final: RewardModel) -> None:
-        if peft_config(final.backbone) is not None and peft_config(final.backbone)["method"] in ("lora", "dora"):
-            merge_lora(final.backbone)  # a reward model is used as a whole: save it merged
+        # a reward model is used as a whole: saved merged into the original weights, except over an NF4 base
+        # (QLoRA), where it is saved as the base as loaded plus the adapter: it scores as it trained, over the
+        # base quantized again on load (`load_model`), and `export` merges it into the original weights
+        cfg_peft = peft_config(final.backbone)
+        if cfg_peft is not None and cfg_peft["method"] in ("lora", "dora") and "quantize_base" not in cfg_peft:
+            merge_lora(final.backbone)
         save_model(final.backbone, s.out / "final", s.tokenizer)
         save_head(final.head, s.out / "final", kind="reward")
 
