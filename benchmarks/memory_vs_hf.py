@@ -16,8 +16,8 @@ AdamW at 1e-4; LoRA rank 16 (alpha 32) on every linear layer of the blocks.
   (peft/nf4.py), and under bf16 the token embedding and output head in bf16 (train/frozen.py). hf-qlora:
   `BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype)` + peft, without
   `prepare_model_for_kbit_training` (which would cast the rest to fp32: the reference as lean as it gets).
-- ours-full / ours-full8: full fine-tuning with AdamW / with `train.optimizer: adamw8bit` (train/adamw8bit.py);
-  hf-full8: transformers with bitsandbytes' AdamW8bit.
+- ours-full / ours-full8 / ours-full4: full fine-tuning with AdamW / with `train.optimizer: adamw8bit` /
+  `adamw4bit` (train/adamw8bit.py); hf-full8: transformers with bitsandbytes' AdamW8bit.
 
 Every (shape, contender) runs in a fresh subprocess, the contenders alternating round by round. Memory is the
 resident high-water mark over the interpreter's own before the model is loaded: "train" from after setup
@@ -46,7 +46,7 @@ from common import current_rss_mib, machine, median, peak_rss_mib  # noqa: E402
 
 ROWS, SEQ = 2, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONTENDERS = ("ours-lora", "hf-lora", "ours-qlora", "hf-qlora", "ours-full", "ours-full8", "hf-full8")
+CONTENDERS = ("ours-lora", "hf-lora", "ours-qlora", "hf-qlora", "ours-full", "ours-full8", "ours-full4", "hf-full8")
 
 
 def save_reference(shape: str, path: Path) -> Path:
@@ -95,7 +95,8 @@ def setup(contender: str, path: str, precision: str, checkpointing: bool = False
             from llmstages.train.prepare import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
-        opt = build_optimizer(model, TrainArgs(lr=1e-4, optimizer="adamw8bit" if method == "full8" else "adamw"))
+        optimizer = {"full8": "adamw8bit", "full4": "adamw4bit"}.get(method, "adamw")
+        opt = build_optimizer(model, TrainArgs(lr=1e-4, optimizer=optimizer))
 
         def loss(ids: torch.Tensor) -> torch.Tensor:
             batch = {"input_ids": ids, "targets": L.shift_labels(ids)}
@@ -229,6 +230,7 @@ def main() -> None:
             for a, b, what in (("ours-qlora", "ours-lora", "QLoRA / LoRA (ours)"),
                                ("ours-qlora", "hf-qlora", "QLoRA ours / reference"),
                                ("ours-full8", "ours-full", "8-bit / fp32 AdamW (ours)"),
+                               ("ours-full4", "ours-full", "4-bit / fp32 AdamW (ours)"),
                                ("ours-lora", "hf-lora", "LoRA ours / reference"),
                                ("ours-full8", "hf-full8", "8-bit AdamW ours / reference")):  # fmt: skip
                 if a in rows and b in rows:

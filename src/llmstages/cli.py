@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("estimate-memory", help="memory per process of a training run, and the largest batch that fits")
     m.add_argument("--model", required=True, help="a preset (e.g. llama3_8b) or a model directory")
     m.add_argument("--method", choices=["full", "lora", "qlora"], default="full", help="qlora: LoRA on an NF4 base")
-    m.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    m.add_argument("--optimizer", choices=["adamw", "adamw8bit", "adamw4bit"], default="adamw")
     m.add_argument("--strategy", default="none", help="none, ddp, zero1, fsdp (ZeRO-3), fsdp-zero2, tp or pp")
     m.add_argument("--world-size", type=int, default=1)
     m.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")

@@ -78,8 +78,8 @@ class TrainArgs:
     beta2: float = 0.95
     eps: float = 1e-8
     optimizer: str = "adamw"
-    """adamw (fp32 moments, 8 bytes a trainable parameter) or adamw8bit (block-wise 8-bit moments, about 2 bytes;
-    train/adamw8bit.py)."""
+    """adamw (fp32 moments, 8 bytes a trainable parameter), adamw8bit (block-wise 8-bit moments, about 2 bytes) or
+    adamw4bit (4-bit moments, about 1 byte; both in train/adamw8bit.py)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
     precision: str = "fp32"
@@ -610,7 +610,7 @@ RANGES: dict[type, dict[str, Rule]] = {
         "beta1": "[0, 1)",
         "beta2": "[0, 1)",
         "eps": "> 0",
-        "optimizer": ("adamw", "adamw8bit"),
+        "optimizer": ("adamw", "adamw8bit", "adamw4bit"),
         "grad_clip": ">= 0",
         "eval_every": "> 0",
         "eval_batches": "> 0",

@@ -219,12 +219,16 @@ def run_killed(tmp_path: Path, argv: list[str], kill_after: int | None) -> subpr
 
 @pytest.mark.parametrize(
     "extra",
-    [["peft.method=lora"], ["peft.method=none", "peft.quantize_base=none", "train.optimizer=adamw8bit"]],
-    ids=["qlora", "full-adamw8bit"],
+    [
+        ["peft.method=lora"],
+        ["peft.method=none", "peft.quantize_base=none", "train.optimizer=adamw8bit"],
+        ["peft.method=none", "peft.quantize_base=none", "train.optimizer=adamw4bit"],
+    ],
+    ids=["qlora", "full-adamw8bit", "full-adamw4bit"],
 )
 def test_exact_resume_after_kill_9(dirs, tmp_path, extra):
-    """QLoRA and 8-bit AdamW: a run killed with SIGKILL after its step-3 checkpoint and resumed logs the losses of
-    the uninterrupted run, and ends with the same weights."""
+    """QLoRA, 8-bit and 4-bit AdamW: a run killed with SIGKILL after its step-3 checkpoint and resumed logs the
+    losses of the uninterrupted run, and ends with the same weights."""
     argv = ["sft", f"model.path={dirs / 'base'}", *FAST, "train.max_steps=6", "train.save_every=3", *extra]
     straight = run_killed(tmp_path, [*argv, f"out_dir={tmp_path / 'a'}"], None)
     assert straight.returncode == 0, straight.stderr[-2000:]

@@ -1,6 +1,7 @@
-"""8-bit AdamW (train/adamw8bit.py) against torchao's AdamW8bit, run eagerly as the reference: the same
-quantization map, the same codes and scales, the same steps; small tensors step as torch's AdamW; a state dict
-saved and loaded mid-run resumes bit for bit; the state costs about 2 bytes a parameter."""
+"""8-bit and 4-bit AdamW (train/adamw8bit.py) against torchao's AdamW8bit and AdamW4bit, run eagerly as the
+references: the same quantization maps, the same codes and scales, the same steps; small tensors step as torch's
+AdamW; a state dict saved and loaded mid-run resumes bit for bit; the state costs about 2 (1) bytes a
+parameter."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import io
 import pytest
 import torch
 
-from llmstages.train.adamw8bit import BLOCK, AdamW8bit, QuantMap, dequantize, dynamic_map, quantize
+from llmstages.train.adamw8bit import (
+    BLOCK,
+    BLOCK_4BIT,
+    AdamW4bit,
+    AdamW8bit,
+    QuantMap,
+    dequantize,
+    dynamic_map,
+    linear_map,
+    pack4,
+    quantize,
+    unpack4,
+)
 
 torchao_quant = pytest.importorskip("torchao.optim.quant_utils")
 
@@ -92,19 +105,22 @@ def test_small_tensors_step_as_torch_adamw():
     assert 0 < drift < 1e-2  # the quantized moments move the big ones a little off fp32 AdamW
 
 
-def test_state_dict_resumes_bit_for_bit():
+@pytest.mark.parametrize("opt_cls", [AdamW8bit, AdamW4bit])
+def test_state_dict_resumes_bit_for_bit(opt_cls):
     straight = _params()
-    _run(AdamW8bit, straight, 6)
+    _run(opt_cls, straight, 6)
     params = _params()
-    opt = _run(AdamW8bit, params, 3)
+    opt = _run(opt_cls, params, 3)
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf)
     resumed = [torch.nn.Parameter(p) for p in saved["params"]]
-    opt2 = AdamW8bit([{"params": resumed[:2], "weight_decay": 0.1}, {"params": resumed[2:], "weight_decay": 0.0}],
+    opt2 = opt_cls([{"params": resumed[:2], "weight_decay": 0.1}, {"params": resumed[2:], "weight_decay": 0.0}],
                      lr=1e-2, betas=(0.9, 0.95), eps=1e-8)  # fmt: skip
     opt2.load_state_dict(saved["opt"])
+    codes = [t for st in opt2.state.values() for k, t in st.items() if k.endswith("_codes")]
+    assert len(codes) == 4 and all(t.dtype == torch.uint8 for t in codes)  # as small as before the save
     for t in range(3, 6):
         for p, g in zip(resumed, _grads(t, resumed)):
             p.grad = g
@@ -112,10 +128,56 @@ def test_state_dict_resumes_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
 
 
-def test_state_is_about_two_bytes_a_parameter():
+@pytest.mark.parametrize(("opt_cls", "per_value"), [(AdamW8bit, 2 * (1 + 4 / BLOCK)), (AdamW4bit, 2 * (0.5 + 4 / 128))])
+def test_state_is_about_two_or_one_bytes_a_parameter(opt_cls, per_value):
     p = torch.nn.Parameter(torch.randn(1024, 1024))
-    opt = AdamW8bit([p])
+    opt = opt_cls([p])
     p.grad = torch.randn_like(p)
     opt.step()
     state = sum(t.numel() * t.element_size() for t in opt.state[p].values() if t.dim() > 0)
-    assert state / p.numel() == pytest.approx(2 * (1 + 4 / BLOCK))
+    assert state / p.numel() == pytest.approx(per_value)
+
+
+def test_4bit_maps_are_torchaos():
+    """The first moment's 16 levels are torchao's dynamic map with 3 exponent bits; the second's its linear map
+    1/16 .. 1, without zero."""
+    theirs = torch.tensor(torchao_quant.create_dynamic_map(True, 3, 4), dtype=torch.float32)
+    assert torch.equal(dynamic_map(True, bits=4), theirs) and (theirs == 0).sum() == 1
+    from torchao.optim.subclass_4bit import get_qmap_unsigned
+
+    assert torch.equal(linear_map(4), torch.tensor(get_qmap_unsigned(), dtype=torch.float32))
+    codes = torch.randint(0, 16, (64,), dtype=torch.uint8)
+    assert torch.equal(pack4(codes), codes[::2] << 4 | codes[1::2]) and torch.equal(unpack4(pack4(codes)), codes)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_4bit_codes_and_scales_are_torchaos(signed):
+    torch.manual_seed(0)
+    x = torch.randn(64 * BLOCK_4BIT) * torch.logspace(-6, 0, 64).repeat_interleave(BLOCK_4BIT)
+    x = x if signed else x.square()
+    qmap = QuantMap.dynamic(True, bits=4) if signed else QuantMap(linear_map(4))
+    codes, scales = quantize(x, qmap, BLOCK_4BIT)
+    scaled, their_scales = torchao_quant.scale_tensor(x, BLOCK_4BIT)
+    their_codes = torchao_quant.quantize_4bit_with_qmap(scaled, qmap.levels)
+    assert torch.equal(scales, their_scales)
+    assert (codes != their_codes).sum() <= 2  # ties between two levels may round the other way
+    back = dequantize(codes, scales, qmap)
+    assert torch.equal(back, torchao_quant.dequant_with_qmap(codes, qmap.levels, scales))
+
+
+def test_4bit_steps_follow_torchaos_adamw4bit(monkeypatch):
+    """Six steps on two quantized tensors and two small ones: the weights within 1e-6 of torchao's AdamW4bit run
+    eagerly; the moments' codes (unpacked) equal nearly everywhere."""
+    from torchao.optim import AdamW4bit as TorchaoAdamW4bit
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    ours, theirs = _params(), _params()
+    opt = _run(AdamW4bit, ours, 6)
+    ref = _run(TorchaoAdamW4bit, theirs, 6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for p, q in zip(ours[:2], theirs[:2]):
+        for name in ("exp_avg", "exp_avg_sq"):
+            codes, their = unpack4(opt.state[p][f"{name}_codes"]), unpack4(ref.state[q][name].codes.view(-1))
+            assert (codes != their).float().mean() < 1e-3
+            torch.testing.assert_close(opt.state[p][f"{name}_scales"], ref.state[q][name].scale, rtol=1e-5, atol=0)

@@ -60,10 +60,11 @@ def test_estimate_is_within_a_quarter_of_the_measured_peak(fields, method, batch
 
 @pytest.mark.parametrize(
     ("method", "optimizer", "precision"),
-    [("qlora", "adamw", "fp32"), ("qlora", "adamw", "bf16"), ("lora", "adamw", "bf16"), ("full", "adamw8bit", "fp32")],
-)
+    [("qlora", "adamw", "fp32"), ("qlora", "adamw", "bf16"), ("lora", "adamw", "bf16"), ("full", "adamw8bit", "fp32"),
+     ("full", "adamw4bit", "fp32")],
+)  # fmt: skip
 def test_qlora_and_adamw8bit_estimates_are_within_a_tenth_of_the_measured_peak(method, optimizer, precision):
-    """QLoRA (an NF4 base), LoRA's bf16 frozen weights and 8-bit AdamW, on a model whose weights dominate
+    """QLoRA (an NF4 base), LoRA's bf16 frozen weights and 8-bit / 4-bit AdamW, on a model whose weights dominate
     (d_model 1024, 4 blocks, short sequences): the estimate within 10% of the peak measured on this CPU."""
     cfg = preset("llama_tiny", d_model=1024, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=3072, vocab_size=4096)
     kw = dict(lora_rank=8, lora_targets=["all-linear"])

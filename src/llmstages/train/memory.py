@@ -13,8 +13,8 @@ the loop keeps them; bf16/fp16 autocast only changes what the activations are st
                  its token embedding and output head are held in 2 bytes too
     gradients    4 T          (ddp and zero1 also keep DDP's communication buckets, another 4 T; fsdp: / N)
     optimizer    8 T          (AdamW's two moments; zero1 and fsdp: / N); adamw8bit: 2 (1 + 4/256) bytes a
-                 value of each tensor of >= 4096 values, 8 for the rest, plus its fp32 working copies of up
-                 to 4M values (train/adamw8bit.py)
+                 value of each tensor of >= 4096 values (adamw4bit: 2 (1/2 + 4/128)), 8 for the rest, plus
+                 its fp32 working copies of up to 4M values (train/adamw8bit.py)
     activations  B S L (7 d + 2 d_kv + 4 d_ff) a    saved for the backward by each block: the norms' inputs and
                  outputs, q (after RoPE), k, v, the attention output and its copy; the MLP's gate, its SiLU,
                  up and their product (a = 4 bytes fp32, 2 bf16; the norms' 4 d stay fp32 under autocast, as
@@ -56,7 +56,7 @@ RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
 HALF_CPU_RUNTIME = 32 * 2**20  # what bf16/fp16 kernels add on a CPU (measured with --measure: 26-45 MiB)
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # a 4-bit code, an int8 scale per 64, an fp32 factor per 256 scales
 
 
@@ -99,14 +99,15 @@ def lora_parameters(cfg: ModelConfig, rank: int, targets: list[str]) -> int:
 
 
 def optimizer_bytes(cfg: ModelConfig, method: str, trained: int, optimizer: str) -> float:
-    """The optimizer state of `trained` values: AdamW's 8 bytes each, or adamw8bit's (see the module docstring;
-    LoRA's matrices and the blocks' weights are its 8-bit tensors, the norms keep fp32 moments)."""
+    """The optimizer state of `trained` values: AdamW's 8 bytes each, or adamw8bit's / adamw4bit's (see the module
+    docstring; LoRA's matrices and the blocks' weights are its quantized tensors, the norms keep fp32 moments)."""
     if optimizer == "adamw":
         return 8.0 * trained
     small = (2 * cfg.n_layers + 1) * cfg.d_model * (2 if cfg.norm == "layernorm" else 1) if method == "full" else 0
     largest = cfg.vocab_size * cfg.d_model if method == "full" else 0
     work = 6 * 4.0 * min(max(largest, max(a * b for a, b in linear_shapes(cfg).values())), 1 << 22)
-    return 2 * (1 + 4 / 256) * (trained - small) + 8.0 * small + work
+    per_value = 2 * (1 + 4 / 256) if optimizer == "adamw8bit" else 2 * (0.5 + 4 / 128)
+    return per_value * (trained - small) + 8.0 * small + work
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, checkpointing: bool) -> float:
@@ -142,7 +143,7 @@ def estimate(
     if method not in METHODS:
         raise UserError(f"--method must be full, lora or qlora, got '{method}'")
     if optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer must be adamw or adamw8bit, got '{optimizer}'")
+        raise UserError(f"--optimizer must be adamw, adamw8bit or adamw4bit, got '{optimizer}'")
     if (method == "qlora" or optimizer != "adamw") and strategy not in ("none", "ddp", "zero1"):
         raise UserError(f"--method {method} with --optimizer {optimizer} runs under none, ddp or zero1")
     if precision not in ACT_BYTES:

@@ -12,7 +12,7 @@ from torch import nn
 
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
-from llmstages.train.adamw8bit import AdamW8bit
+from llmstages.train.adamw8bit import AdamW4bit, AdamW8bit
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -49,20 +49,21 @@ def _split_sharded(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def build_optimizer(
     model: nn.Module, args: TrainArgs, groups: list[dict[str, Any]] | None = None, zero1: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW (train.optimizer: adamw, or adamw8bit with 8-bit moments) over `groups` (default: `param_groups`);
-    with zero1 a ZeroRedundancyOptimizer, each rank keeping the optimizer state of its share of the parameters."""
+    """AdamW (train.optimizer: adamw, or adamw8bit / adamw4bit with 8-bit / 4-bit moments) over `groups`
+    (default: `param_groups`); with zero1 a ZeroRedundancyOptimizer, each rank keeping the optimizer state of its
+    share of the parameters."""
     groups = groups if groups is not None else param_groups(model, args.weight_decay)
     groups = [g for g in _split_sharded(groups) if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters")
     kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-    optimizer_class = AdamW8bit if args.optimizer == "adamw8bit" else torch.optim.AdamW
+    optimizer_class = {"adamw8bit": AdamW8bit, "adamw4bit": AdamW4bit}.get(args.optimizer, torch.optim.AdamW)
     if zero1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kw)
-    if optimizer_class is AdamW8bit:
-        return AdamW8bit(groups, **kw)
+    if optimizer_class is not torch.optim.AdamW:
+        return optimizer_class(groups, **kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, TypeError):  # fused kernels unavailable for this device/dtype
