@@ -98,6 +98,32 @@ def test_each_stage_trains_over_an_nf4_base_and_saves_the_base_as_loaded(dirs, t
     assert trace(tmp_path, "loss")  # the losses were logged
 
 
+def test_ppo_separate_critic_over_an_nf4_base_shares_it_and_trains_its_own_adapter(dirs, tmp_path, monkeypatch):
+    """PPO's separate critic over a QLoRA policy holds the policy's NF4 weights themselves, not a dense copy of
+    the model, and trains only its own adapter (and the value head): its LoRA B moves off zero while the saved
+    policy is the base as loaded plus the policy's adapter."""
+    from llmstages.stages import ppo
+
+    seen, real = {}, ppo.separate_critic
+
+    def spy(policy):
+        critic = real(policy)
+        nf4 = [[m for m in model.modules() if isinstance(m, NF4Weight)] for model in (policy, critic)]
+        seen["shared"] = len(nf4[0]) == 7 * 2 and all(a is b for a, b in zip(*nf4))
+        seen["trainable"] = [n for n, p in critic.named_parameters() if p.requires_grad]
+        seen["critic"] = critic
+        return critic
+
+    monkeypatch.setattr(ppo, "separate_critic", spy)
+    half = ["train.precision=bf16"]  # the embedding and head held in bf16 too: shared as well
+    assert _run(dirs, "ppo", tmp_path, "peft.method=lora", "ppo.critic=separate", "ppo.value_lr=3e-3", *half) == 0
+    assert seen["shared"]
+    assert seen["trainable"] and all(".lora_" in n for n in seen["trainable"]), seen["trainable"]
+    b = [p for n, p in seen["critic"].named_parameters() if "lora_B" in n]
+    assert len(b) == 7 * 2 and any(float(p.abs().sum()) > 0 for p in b)
+    assert digest(tmp_path / "final" / "model.safetensors") == digest(dirs / "base" / "model.safetensors")
+
+
 def _scores_as_trained(final: Path, base: Path, quantized: list[str]) -> None:
     """`load_reward_model(final)` scores as the reward model trained: the base with each quantized weight through
     the NF4 round trip (torchao's bit for bit with its levels, tests/peft/test_nf4.py) plus s B A of the saved

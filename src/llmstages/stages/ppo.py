@@ -7,9 +7,10 @@ per-token rewards r_t = -kl_coef * (log pi_old - log ref)_t, plus the score on t
 values from the value head; GAE (gamma, lambda) -> advantages (whitened) and returns. Then ppo_epochs passes of
 `minibatches` optimizer steps each, every one minimising
     clipped policy loss + value_coef * clipped value loss - entropy_coef * entropy.
-The critic is a value head on the policy's trunk (shared) or on a copy of the initial model (separate), with
-its own learning rate. The reference is the policy with its adapters disabled, or a frozen copy. The current
-rollout is stored in each checkpoint, so a run resumed in the middle of a rollout continues exactly.
+The critic is a value head on the policy's trunk (shared) or on a copy of the initial model (separate; over a
+QLoRA policy's NF4 base, the base shared and its own adapters: `separate_critic`), with its own learning rate.
+The reference is the policy with its adapters disabled, or a frozen copy. The current rollout is stored in each
+checkpoint, so a run resumed in the middle of a rollout continues exactly.
 Under data parallelism each rank samples its own rollout_size prompts and whitens its own advantages; the
 value-head start and the KL controller use the whole rollout (a rollout of rollout_size x ranks, whitened in
 parts: not the single-process run with the larger rollout, as in TRL and OpenRLHF).
@@ -36,6 +37,7 @@ from llmstages.model.generate import sample_replies
 from llmstages.model.heads import ScalarHead
 from llmstages.monitor.health import HealthMonitor
 from llmstages.peft import merge_lora, merged_for_sampling, trainable_parameters
+from llmstages.peft.nf4 import NF4Weight
 from llmstages.rl.rollout import (
     PolicySetup,
     evaluate_policy,
@@ -47,7 +49,7 @@ from llmstages.rl.rollout import (
 )
 from llmstages.store import save_model
 from llmstages.train import distributed
-from llmstages.train.frozen import base_weights
+from llmstages.train.frozen import base_weights, quantized_weights
 from llmstages.train.loop import EpochSampler, LoopState, Trainer, fit
 from llmstages.train.prepare import prepare_model
 from llmstages.train.start import autocast, prepare_run_dir, start_run
@@ -78,7 +80,8 @@ class ActorCritic(nn.Module):
 def _param_groups(ac: ActorCritic, cfg: PPOConfig) -> list[dict]:
     """The policy's trainable parameters at train.lr; the value head (and a separate critic) at ppo.value_lr."""
     policy = [p for p in ac.policy.parameters() if p.requires_grad]
-    value = list(ac.value_head.parameters()) + (list(ac.critic.parameters()) if ac.critic is not None else [])
+    critic = [p for p in ac.critic.parameters() if p.requires_grad] if ac.critic is not None else []
+    value = list(ac.value_head.parameters()) + critic
     scale = cfg.ppo.value_lr / cfg.train.lr if cfg.train.lr > 0 else 1.0
     groups = [
         {"params": policy, "weight_decay": cfg.train.weight_decay},
@@ -110,10 +113,20 @@ def setup(cfg: PPOConfig) -> tuple[PolicySetup, ActorCritic, dict[str, int]]:
             f"ppo: {cut} of {len(s.prompts)} training and {eval_cut} of {len(s.eval_ids)} evaluation prompts cut "
             f"from the left to leave room for {p.max_new_tokens} new tokens in the model's context of {context}"
         )
-    # A separate critic starts as the fine-tuned model: a merged copy of the policy (fresh LoRA adds nothing yet).
-    critic = merge_lora(copy.deepcopy(s.model)).requires_grad_(True) if p.critic == "separate" else None
+    critic = separate_critic(s.model) if p.critic == "separate" else None
     cuts = {"truncated_examples": cut, "truncated_eval_prompts": eval_cut}
     return s, ActorCritic(s.model, critic).to(device), cuts
+
+
+def separate_critic(policy: GPT) -> GPT:
+    """A critic trunk that starts as the fine-tuned policy (whose fresh LoRA adds nothing yet). Over a dense base:
+    a merged copy, trained whole. Over an NF4 base (QLoRA): the policy's frozen weights shared, not copied, with
+    its own copy of the adapters, which the critic trains: it costs an adapter, not a second model in fp32."""
+    if not quantized_weights(policy):
+        return merge_lora(copy.deepcopy(policy)).requires_grad_(True)
+    shared: dict[int, object] = {id(t): t for t in policy.parameters() if not t.requires_grad}
+    shared |= {id(m): m for m in policy.modules() if isinstance(m, NF4Weight)}
+    return copy.deepcopy(policy, memo=shared)
 
 
 class Rollouts:
