@@ -21,7 +21,9 @@ the loop keeps them; bf16/fp16 autocast only changes what the activations are st
                  the residual stream does). Activation checkpointing keeps B S d a per block plus one block's
                  worth; the LM head's chunked cross-entropy adds B S d a x 3 and its chunk of logits,
                  min(B S, c) V x 4 bytes x 2 (2.5 under bf16/fp16: the product comes out in half first), with
-                 c = 512 rows or fewer for a large vocabulary (losses.chunk_rows: at most 2^25 logits).
+                 c = 512 rows or fewer for a large vocabulary (losses.chunk_rows: at most 2^25 logits);
+                 under bf16/fp16 an fp32 head (not QLoRA's, held in half) is copied to half once per loss
+                 call, V d x 2 bytes.
     total        parameters + optimizer + runtime + the larger of gradients and activations: the backward
                  frees a block's activations as it writes that block's gradients, so the two do not peak
                  together (DDP's buckets are held throughout and counted in full).
@@ -166,6 +168,8 @@ def estimate(
     elif method == "lora" and precision != "fp32" and strategy in ("none", "ddp", "zero1"):
         params -= 2.0 * linear  # the frozen linear weights held in the compute dtype
     acts = activation_bytes(cfg, batch, seq, precision, checkpointing)
+    if precision != "fp32" and method != "qlora":  # the fused loss's copy of the fp32 head in the compute dtype
+        acts += 2.0 * cfg.vocab_size * cfg.d_model
     n = world
     buckets = 0.0
     if strategy in ("ddp", "zero1"):
