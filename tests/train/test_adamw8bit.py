@@ -76,21 +76,22 @@ def _run(opt_cls, params, steps, **kw):
     return opt
 
 
-def test_steps_follow_torchaos_adamw8bit(monkeypatch):
-    """Six steps on two quantized tensors and two small ones: the weights within 1e-6 of torchao's AdamW8bit run
-    eagerly (its update is compiled otherwise); the moments' codes equal nearly everywhere (a value on the edge
-    between two levels can round either way after float differences)."""
-    from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+@pytest.mark.parametrize(("opt_cls", "unpack"), [(AdamW8bit, lambda c: c), (AdamW4bit, unpack4)], ids=["8bit", "4bit"])
+def test_steps_follow_torchaos(monkeypatch, opt_cls, unpack):
+    """Six steps on two quantized tensors and two small ones: the weights within 1e-6 of torchao's AdamW8bit /
+    AdamW4bit run eagerly (its update is compiled otherwise); the moments' codes (unpacked) equal nearly
+    everywhere (a value on the edge between two levels can round either way after float differences)."""
+    import torchao.optim
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     ours, theirs = _params(), _params()
-    opt = _run(AdamW8bit, ours, 6)
-    ref = _run(TorchaoAdamW8bit, theirs, 6)
+    opt = _run(opt_cls, ours, 6)
+    ref = _run(getattr(torchao.optim, opt_cls.__name__), theirs, 6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for p, q in zip(ours[:2], theirs[:2]):
         for name in ("exp_avg", "exp_avg_sq"):
-            codes, their = opt.state[p][f"{name}_codes"], ref.state[q][name].codes.view(-1)
+            codes, their = unpack(opt.state[p][f"{name}_codes"]), unpack(ref.state[q][name].codes.view(-1))
             assert (codes != their).float().mean() < 1e-3
             torch.testing.assert_close(opt.state[p][f"{name}_scales"], ref.state[q][name].scale, rtol=1e-5, atol=0)
 
@@ -163,21 +164,3 @@ def test_4bit_codes_and_scales_are_torchaos(signed):
     assert (codes != their_codes).sum() <= 2  # ties between two levels may round the other way
     back = dequantize(codes, scales, qmap)
     assert torch.equal(back, torchao_quant.dequant_with_qmap(codes, qmap.levels, scales))
-
-
-def test_4bit_steps_follow_torchaos_adamw4bit(monkeypatch):
-    """Six steps on two quantized tensors and two small ones: the weights within 1e-6 of torchao's AdamW4bit run
-    eagerly; the moments' codes (unpacked) equal nearly everywhere."""
-    from torchao.optim import AdamW4bit as TorchaoAdamW4bit
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    ours, theirs = _params(), _params()
-    opt = _run(AdamW4bit, ours, 6)
-    ref = _run(TorchaoAdamW4bit, theirs, 6)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-    for p, q in zip(ours[:2], theirs[:2]):
-        for name in ("exp_avg", "exp_avg_sq"):
-            codes, their = unpack4(opt.state[p][f"{name}_codes"]), unpack4(ref.state[q][name].codes.view(-1))
-            assert (codes != their).float().mean() < 1e-3
-            torch.testing.assert_close(opt.state[p][f"{name}_scales"], ref.state[q][name].scale, rtol=1e-5, atol=0)

@@ -115,6 +115,20 @@ class AdamW8bit(torch.optim.Optimizer):
 
     bits, block = 8, BLOCK
 
+    @classmethod
+    def state_bytes(cls) -> float:
+        """Bytes of state a quantized value costs: two moments, each a code and a share of its block's scale."""
+        return 2 * (cls.bits / 8 + 4 / cls.block)
+
+    @staticmethod
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        """Codes (n,) as stored: one a byte here."""
+        return codes
+
+    @staticmethod
+    def unpack(stored: torch.Tensor) -> torch.Tensor:
+        return stored
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -154,7 +168,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 levels = self.qmap(name == "exp_avg", p.device).levels
                 zero = levels.abs().argmin()  # the code of 0.0 with scales 1; a map without 0: any code, scales 0
                 codes = torch.full((p.numel(),), int(zero), dtype=torch.uint8, device=p.device)
-                state[f"{name}_codes"] = pack4(codes) if self.bits == 4 else codes
+                state[f"{name}_codes"] = self.pack(codes)
                 fill = 1.0 if levels[zero] == 0 else 0.0
                 n_blocks = p.numel() // self.block
                 state[f"{name}_scales"] = torch.full((n_blocks,), fill, dtype=torch.float32, device=p.device)
@@ -166,8 +180,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """Values lo:hi of a moment in fp32: a view of the fp32 state, or dequantized."""
         if name in state:
             return state[name].view(-1)[lo:hi]
-        codes = state[f"{name}_codes"][lo * self.bits // 8 : hi * self.bits // 8]
-        codes = unpack4(codes) if self.bits == 4 else codes
+        codes = self.unpack(state[f"{name}_codes"][lo * self.bits // 8 : hi * self.bits // 8])
         scales = state[f"{name}_scales"][lo // self.block : hi // self.block]
         return dequantize(codes, scales, self.qmap(name == "exp_avg", device))
 
@@ -175,7 +188,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if name in state:
             return  # `x` is a view of the state: already updated in place
         codes, scales = quantize(x, self.qmap(name == "exp_avg", x.device), self.block)
-        state[f"{name}_codes"][lo * self.bits // 8 : hi * self.bits // 8] = pack4(codes) if self.bits == 4 else codes
+        state[f"{name}_codes"][lo * self.bits // 8 : hi * self.bits // 8] = self.pack(codes)
         state[f"{name}_scales"][lo // self.block : hi // self.block] = scales
 
     @torch.no_grad()
@@ -214,6 +227,11 @@ class AdamW4bit(AdamW8bit):
     AdamW8bit's, with `*_codes` packed (`pack4`)."""
 
     bits, block = 4, BLOCK_4BIT
+    pack, unpack = staticmethod(pack4), staticmethod(unpack4)
 
     def make_map(self, signed: bool, device: torch.device) -> QuantMap:
         return QuantMap.dynamic(True, device, bits=4) if signed else QuantMap(linear_map(4).to(device))
+
+
+LOW_BIT = {"adamw8bit": AdamW8bit, "adamw4bit": AdamW4bit}
+"""train.optimizer's quantized choices."""

@@ -52,13 +52,14 @@ from llmstages.losses import chunk_rows
 from llmstages.model.gpt import ModelConfig, count_params
 from llmstages.model.presets import PRESETS, preset
 from llmstages.store import load_config
+from llmstages.train.adamw8bit import LOW_BIT
 
 STRATEGIES = ("none", "ddp", "zero1", "fsdp", "fsdp-zero2", "tp", "pp")
 RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
 HALF_CPU_RUNTIME = 32 * 2**20  # what bf16/fp16 kernels add on a CPU (measured with --measure: 26-45 MiB)
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
+OPTIMIZERS = ("adamw", *LOW_BIT)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # a 4-bit code, an int8 scale per 64, an fp32 factor per 256 scales
 
 
@@ -108,8 +109,7 @@ def optimizer_bytes(cfg: ModelConfig, method: str, trained: int, optimizer: str)
     small = (2 * cfg.n_layers + 1) * cfg.d_model * (2 if cfg.norm == "layernorm" else 1) if method == "full" else 0
     largest = cfg.vocab_size * cfg.d_model if method == "full" else 0
     work = 6 * 4.0 * min(max(largest, max(a * b for a, b in linear_shapes(cfg).values())), 1 << 22)
-    per_value = 2 * (1 + 4 / 256) if optimizer == "adamw8bit" else 2 * (0.5 + 4 / 128)
-    return per_value * (trained - small) + 8.0 * small + work
+    return LOW_BIT[optimizer].state_bytes() * (trained - small) + 8.0 * small + work
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str, checkpointing: bool) -> float:

@@ -12,7 +12,7 @@ from torch import nn
 
 from llmstages.config import TrainArgs
 from llmstages.errors import UserError
-from llmstages.train.adamw8bit import AdamW4bit, AdamW8bit
+from llmstages.train.adamw8bit import LOW_BIT
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ def build_optimizer(
     if not groups:
         raise UserError("the model has no trainable parameters")
     kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-    optimizer_class = {"adamw8bit": AdamW8bit, "adamw4bit": AdamW4bit}.get(args.optimizer, torch.optim.AdamW)
+    optimizer_class = LOW_BIT.get(args.optimizer, torch.optim.AdamW)
     if zero1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
