@@ -258,6 +258,55 @@ def test_a_frozen_fp32_head_is_cast_once_under_autocast_with_the_same_result():
     assert torch.equal(swapped.tokens, plain.tokens) and torch.equal(swapped.logprobs, plain.logprobs)
 
 
+def test_each_lora_layers_adapter_is_cast_once_per_call_with_the_same_tokens(monkeypatch):
+    """While `generate` runs under bf16 autocast, each LoRA layer's A, B (fp32 trainable) are cast to bf16 once
+    and the same copies serve every step; the tokens and log-probs equal, bit for bit, those of casting at every
+    step (the textbook path, patched in); the copies are dropped after, and a forward with grad never uses them."""
+    from llmstages.peft import apply_lora
+    from llmstages.peft.lora import LoRALinear
+    from llmstages.train.frozen import hold_frozen
+
+    torch.manual_seed(4)
+    m = GPT(preset("llama_tiny", vocab_size=512, n_layers=2, block_size=64)).eval()
+    apply_lora(m, rank=4, alpha=8, target_modules="all-linear")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    hold_frozen(m, "bf16")
+    layer = m.blocks[0].attn.q_proj
+    seen: list[tuple] = []
+
+    def look(_):
+        seen.append((layer.sampling_casts or {}).get(torch.bfloat16))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return generate(m, _prompts(3, seed=5), 12, temperature=1.0,
+                            generator=torch.Generator().manual_seed(2), on_token=look)  # fmt: skip
+
+    once = run()
+    assert len(seen) == 12 and seen[0] is not None and all(c is seen[0] for c in seen)
+    a, b, _ = seen[0]
+    assert a.dtype == torch.bfloat16 and torch.equal(a, layer.lora_A.weight.to(torch.bfloat16))
+    assert torch.equal(b, layer.lora_B.weight.to(torch.bfloat16))
+    assert all(x.sampling_casts is None for x in m.modules() if isinstance(x, LoRALinear))
+
+    def every_step(self, dt):
+        return self.lora_A.weight.to(dt), self.lora_B.weight.to(dt), None if self.bias is None else self.bias.to(dt)
+
+    monkeypatch.setattr(LoRALinear, "_in_dtype", every_step)
+    each = run()
+    assert torch.equal(once.tokens, each.tokens) and torch.equal(once.logprobs, each.logprobs)
+    monkeypatch.undo()
+
+    layer.sampling_casts = {torch.bfloat16: (a.zero_(), b.zero_(), None)}  # stale copies: must not serve training
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randint(3, 512, (2, 8))).float().sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0
+
+
 def test_prompt_too_long(model):
     with pytest.raises(UserError, match="exceeds the model's context of 64"):
         generate(model, [[5] * 60], 10)

@@ -223,14 +223,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.where(over, cum.argmax(-1), tok) if bool(over.any()) else tok
 
 
-def _head_cast_once(fn: Callable) -> Callable:
-    """Run `fn(model, ...)` with a frozen fp32 output head held in the autocast dtype while it runs (see
-    `head_in_compute_dtype`)."""
+def _casts_once(fn: Callable) -> Callable:
+    """Run `fn(model, ...)` with what the decode steps would cast again at every step cast once for the call: a
+    frozen fp32 output head in the autocast dtype (`head_in_compute_dtype`), and each LoRA layer's A, B and bias
+    in the compute dtype (`LoRALinear.sampling_casts`). Same values, same tokens."""
 
     @functools.wraps(fn)
     def wrapper(model: nn.Module, *args, **kw):
-        with head_in_compute_dtype(model):
-            return fn(model, *args, **kw)
+        loras = [m for m in model.modules() if hasattr(m, "sampling_casts")]
+        for m in loras:
+            m.sampling_casts = {}
+        try:
+            with head_in_compute_dtype(model):
+                return fn(model, *args, **kw)
+        finally:
+            for m in loras:
+                m.sampling_casts = None
 
     return wrapper
 
@@ -261,7 +269,7 @@ def head_in_compute_dtype(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-@_head_cast_once
+@_casts_once
 def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
@@ -421,7 +429,7 @@ def _prefill(
 
 
 @torch.no_grad()
-@_head_cast_once
+@_casts_once
 def generate_queue(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
