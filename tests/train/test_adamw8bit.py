@@ -164,3 +164,49 @@ def test_4bit_codes_and_scales_are_torchaos(signed):
     assert (codes != their_codes).sum() <= 2  # ties between two levels may round the other way
     back = dequantize(codes, scales, qmap)
     assert torch.equal(back, torchao_quant.dequant_with_qmap(codes, qmap.levels, scales))
+
+
+def test_a_zero1_resume_holds_the_codes_once_and_steps_as_the_straight_run(tmp_path, monkeypatch):
+    """ZeRO-1 (one gloo process) over AdamW8bit, saved and loaded by the checkpoint code: the local optimizer
+    holds uint8 codes, the wrapper no fp32 copy of them (torch's base load makes one), and three more steps equal
+    the straight run's."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from llmstages.train.checkpoint import load_checkpoint, save_checkpoint
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29400 + torch.randint(0, 500, ()).item()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+
+        def build():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.Linear(512, 8))
+            return model, ZeroRedundancyOptimizer(list(model.parameters()), optimizer_class=AdamW8bit, lr=1e-2)
+
+        def steps(model, opt, ts):
+            for t in ts:
+                g = torch.Generator().manual_seed(t)
+                loss = model(torch.randn(4, 64, generator=g)).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+        straight, opt = build()
+        steps(straight, opt, range(6))
+        model, opt = build()
+        steps(model, opt, range(3))
+        opt.consolidate_state_dict(to=0)
+        path = save_checkpoint(tmp_path, 3, model, opt, {})
+        model, opt = build()
+        load_checkpoint(path, model, opt)
+        local = [t for st in opt.optim.state.values() for k, t in st.items() if k.endswith("_codes")]
+        assert len(local) == 4 and all(t.dtype == torch.uint8 for t in local)  # two weights x two moments
+        assert not any(t is not None for t in opt.state.values())
+        steps(model, opt, range(3, 6))
+        assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), model.parameters()))
+    finally:
+        dist.destroy_process_group()

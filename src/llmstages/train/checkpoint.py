@@ -403,6 +403,10 @@ def load_checkpoint(
             optimizer.load_state_dict(opt["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not fit this run ({e})") from None
+        if hasattr(optimizer, "consolidate_state_dict"):
+            # ZeRO-1 steps with its local optimizer's state; torch's base load also left the wrapper a copy of it
+            # cast to the parameters' dtype (a low-bit AdamW's codes in fp32: 4x their bytes), never read again
+            optimizer.state.clear()
     set_torch_rng_state(opt["torch_rng"])
     set_rng_state(state["rng"])
     return state, extra
