@@ -130,10 +130,11 @@ def test_missing_and_misshaped_tensors(tmp_path):
         load_model(src)
 
 
-def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path):
+def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path, monkeypatch):
     """store/hf.py reads safetensors itself (tensors in memory of their own, not a mapping of the file): every
     dtype and shape as safetensors' own `load_file` reads them, floating ones converted on request; a damaged
     file is one clear error naming it."""
+    from llmstages.store import hf as hf_store
     from llmstages.store.hf import read_safetensors_file
 
     g = torch.Generator().manual_seed(0)
@@ -156,6 +157,11 @@ def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path):
     half = read_safetensors_file(path, torch.bfloat16)
     assert half["f32"].dtype == torch.bfloat16 and torch.equal(half["f32"], want["f32"].bfloat16())
     assert half["i64"].dtype == torch.int64
+    monkeypatch.setattr(hf_store, "CONVERT_BYTES", 6)  # converted in pieces of 1 to 6 values
+    for dtype in (torch.float32, torch.bfloat16):
+        got = read_safetensors_file(path, dtype)
+        for k, v in want.items():
+            assert torch.equal(got[k], v.to(dtype) if v.is_floating_point() else v), (k, dtype)
     data = path.read_bytes()
     for damaged, why in (
         (data[:-4], "past the end"),
@@ -165,6 +171,38 @@ def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path):
         path.write_bytes(damaged)
         with pytest.raises(UserError, match=f"model.safetensors: cannot read safetensors.*{why}"):
             read_safetensors_file(path)
+
+
+LOAD_PEAK = """import json, sys, torch
+from llmstages.model import GPT, preset
+from llmstages.store import load_model
+from llmstages.train.memory_probe import high_water, reset_high_water
+with torch.device("meta"):
+    GPT(preset("llama_tiny"))  # what building on the meta device imports once (~80 MiB), outside the window
+reset_high_water()
+base = high_water()
+model = load_model(sys.argv[1])
+held = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"peak": high_water() - base, "held": held, "saved": str(model.saved_dtype)}))
+"""
+
+
+def test_a_bf16_checkpoint_loads_in_fp32_without_a_second_copy_of_the_model(tmp_path):
+    """Loading converts each tensor as it is read: the resident peak of loading a bf16 directory into fp32 is the
+    fp32 model and one tensor's worth, not the bf16 file held beside the fp32 model (1.5x the fp32 bytes)."""
+    import subprocess
+    import sys
+
+    from llmstages.model import GPT, preset
+
+    torch.manual_seed(0)
+    cfg = preset("llama_tiny", vocab_size=2048, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1536, n_layers=8)
+    save_model(GPT(cfg).to(torch.bfloat16), tmp_path / "m")
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["saved"] == "torch.bfloat16" and got["held"] > 100e6
+    assert got["peak"] < 1.25 * got["held"], got
 
 
 def test_pickle_only_is_refused(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -320,8 +320,9 @@ def from_hf_state_dict(
 # Files
 
 
-def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of the model directory `path`: `model.safetensors`, or the shards listed in
+    `model.safetensors.index.json`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(read_json(index).get("weight_map", {}).values()))
@@ -334,12 +335,36 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
         )
     else:
         raise UserError(f"{path}: no model.safetensors in this directory")
-    out: dict[str, torch.Tensor] = {}
     for f in files:
         if not (path / f).is_file():
             raise UserError(f"{path / f}: cannot read safetensors (no such file)")
-        out.update(read_safetensors_file(path / f, dtype))
+    return [path / f for f in files]
+
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the model directory `path` (`safetensors_files`), floating ones converted to `dtype` one
+    at a time as they are read."""
+    out: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(path):
+        out.update(read_safetensors_file(f, dtype))
     return out
+
+
+def saved_float_dtype(path: Path) -> torch.dtype:
+    """The dtype of the first floating tensor of the model directory `path`, read from the headers (fp32 if it
+    has none)."""
+    for file in safetensors_files(path):
+        with open(file, "rb") as f:
+            _, header = _header(f, file)
+        for info in header.values():
+            dt = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            if dt is not None and dt.is_floating_point:
+                return dt
+    return torch.float32
+
+
+def _unreadable(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: cannot read safetensors ({why})")
 
 
 SAFETENSORS_DTYPES = {
@@ -349,39 +374,68 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+def _header(f: BinaryIO, path: Path) -> tuple[int, dict[str, Any]]:
+    """(its length, the header without `__metadata__`) of the safetensors file `path`, open as `f`."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> UserError:
+        return _unreadable(path, why)
+
+    n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+    if not 2 <= n <= size - 8:
+        raise bad(f"a header of {n} bytes in a file of {size}")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return n, header
+
+
+CONVERT_BYTES = 1 << 24
+"""The most saved bytes `read_safetensors_file` holds apart while it converts a tensor to another dtype."""
+
+
 def read_safetensors_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one safetensors file (an 8-byte little-endian header length, a JSON header of dtype, shape
     and byte offsets, then the data), each read into memory of its own, floating ones converted to `dtype` one at
     a time. Not mapped from the file: a mapping stays resident, the whole file of it, while any one of its
     tensors lives (a norm's weight kept a 2 GB file in memory after QLoRA had quantized the rest)."""
-    size = path.stat().st_size
 
     def bad(why: str) -> UserError:
-        return UserError(f"{path}: cannot read safetensors ({why})")
+        return _unreadable(path, why)
 
+    def read(into: torch.Tensor, name: str) -> None:
+        if f.readinto(memoryview(into.reshape(-1).view(torch.uint8).numpy())) != into.numel() * into.element_size():
+            raise bad(f"tensor '{name}' runs past the end of the file")
+
+    buffer = torch.empty(0, dtype=torch.uint8)  # one, reused: the saved values of a tensor being converted
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if not 2 <= n <= size - 8:
-            raise bad(f"a header of {n} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"the header is not JSON: {e}") from None
-        if not isinstance(header, dict):
-            raise bad("the header is not a JSON object")
-        header.pop("__metadata__", None)
+        n, header = _header(f, path)
         out = {}
         for name, info in header.items():
             try:
                 (start, end), shape = info["data_offsets"], [int(x) for x in info["shape"]]
-                t = torch.empty(shape, dtype=SAFETENSORS_DTYPES[info["dtype"]])
+                saved = SAFETENSORS_DTYPES[info["dtype"]]
+                t = torch.empty(shape, dtype=dtype if dtype is not None and saved.is_floating_point else saved)
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
                 raise bad(f"tensor '{name}': {type(e).__name__} {e}") from None
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.numel() * saved.itemsize
             if not (isinstance(start, int) and isinstance(end, int) and start >= 0 and end - start == nbytes):
                 raise bad(f"tensor '{name}' spans bytes {start}..{end}, its shape and dtype need {nbytes}")
             f.seek(8 + n + start)
-            if f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-                raise bad(f"tensor '{name}' runs past the end of the file")
-            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            if t.dtype == saved:
+                read(t, name)
+            else:  # converted piece by piece through the buffer: never the whole tensor twice
+                flat, step = t.view(-1), max(CONVERT_BYTES // saved.itemsize, 1)
+                for i in range(0, flat.numel(), step):
+                    piece = flat[i : i + step]
+                    if buffer.numel() < piece.numel() * saved.itemsize:
+                        buffer = torch.empty(min(flat.numel(), step) * saved.itemsize, dtype=torch.uint8)
+                    chunk = buffer[: piece.numel() * saved.itemsize].view(saved)
+                    read(chunk, name)
+                    piece.copy_(chunk)
+            out[name] = t
     return out

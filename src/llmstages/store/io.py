@@ -131,10 +131,8 @@ def load_model(
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = hf_io.read_safetensors(p)
-    saved_dtype = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    saved_dtype = hf_io.saved_float_dtype(p)
+    tensors = hf_io.read_safetensors(p, dtype)  # each converted as it is read: no second copy of the model
     source = str(p / "model.safetensors")
     if "model_type" in raw:
         sd = hf_io.from_hf_state_dict(tensors, cfg, expected, source)
