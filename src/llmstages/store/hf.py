@@ -377,19 +377,15 @@ SAFETENSORS_DTYPES = {
 def _header(f: BinaryIO, path: Path) -> tuple[int, dict[str, Any]]:
     """(its length, the header without `__metadata__`) of the safetensors file `path`, open as `f`."""
     size = path.stat().st_size
-
-    def bad(why: str) -> UserError:
-        return _unreadable(path, why)
-
     n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
     if not 2 <= n <= size - 8:
-        raise bad(f"a header of {n} bytes in a file of {size}")
+        raise _unreadable(path, f"a header of {n} bytes in a file of {size}")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"the header is not JSON: {e}") from None
+        raise _unreadable(path, f"the header is not JSON: {e}") from None
     if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
+        raise _unreadable(path, "the header is not a JSON object")
     header.pop("__metadata__", None)
     return n, header
 
