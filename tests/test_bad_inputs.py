@@ -559,10 +559,13 @@ NO_SPACE = [
 ]
 
 
-def _writer_fails(what):
-    """A writer that writes part of its file, then fails as a full disk does."""
+def _writer_fails(what, path_first: bool = False):
+    """A writer that writes part of its file, then fails as a full disk does (safetensors' `save_file`, or with
+    `path_first` our own `write_safetensors`)."""
 
     def write(tensors, filename, metadata=None):  # noqa: ARG001
+        if path_first:
+            tensors, filename = filename, tensors
         Path(filename).write_bytes(b"\0" * 100)
         if what == "safetensors":
             from safetensors import SafetensorError
@@ -575,13 +578,17 @@ def _writer_fails(what):
     return write
 
 
-@pytest.mark.parametrize("fmt", ["hf", "merged"])
-@pytest.mark.parametrize("error", NO_SPACE, ids=["oserror", "rust"])
+@pytest.mark.parametrize(
+    ("fmt", "error"),
+    [("hf", NO_SPACE[0]), ("hf", NO_SPACE[1]), ("merged", NO_SPACE[0])],
+    ids=["oserror-hf", "rust-hf", "oserror-merged"],
+)  # merged: our model directory, written by our own writer (an OSError on a full disk, never the Rust one)
 def test_a_full_disk_during_export_keeps_the_earlier_export(world, tmp_path, capsys, monkeypatch, fmt, error):
     out = tmp_path / "export"
     assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out)]) == 0
     before = snapshot(tmp_path)
     monkeypatch.setattr("llmstages.store.io.save_file", _writer_fails(error))
+    monkeypatch.setattr("llmstages.store.hf.write_safetensors", _writer_fails(error, path_first=True))
     capsys.readouterr()
     assert main(["export", "--model", world.paths["base"], "--format", fmt, "--out", str(out), "--force"]) == 2
     err = capsys.readouterr().err

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from llmstages.cli import main
-from llmstages.peft import apply as peft_apply
 from llmstages.peft import nf4
 from llmstages.peft.nf4 import NF4Weight
 from llmstages.store import load_model
+from llmstages.train import prepare
 from llmstages.train.frozen import quantized_weights
 from tests.helpers import builtin_base, cli_error, hf_model, save_hf, tiny_tokenizer, trace
 
@@ -63,9 +63,16 @@ def _run(dirs: Path, stage: str, out: Path, *extra: str) -> int:
 
 
 def quantized(monkeypatch) -> list[list[str]]:
-    """The names each call of `peft.quantize_frozen` quantized, one list a call."""
-    calls, real = [], peft_apply.quantize_frozen
-    monkeypatch.setattr(peft_apply, "quantize_frozen", lambda model: calls.append(real(model)) or calls[-1])
+    """The weights held in NF4 when a model is readied for training (`train.prepare.prepare_model`), one list a
+    call, named as in the GPT that holds them (PPO's policy is `policy.` in its actor-critic)."""
+    calls, real = [], prepare.quantized_weights
+
+    def spy(model):
+        names = real(model)
+        calls.append([n[n.index("blocks.") :] if "blocks." in n else n for n in names])
+        return names
+
+    monkeypatch.setattr(prepare, "quantized_weights", spy)
     return calls
 
 

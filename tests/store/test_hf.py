@@ -130,6 +130,18 @@ def test_missing_and_misshaped_tensors(tmp_path):
         load_model(src)
 
 
+def every_dtype() -> dict[str, torch.Tensor]:
+    """A tensor of each dtype safetensors stores, of several shapes (a scalar and an empty one among them)."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
+        "f16": torch.randn(7, generator=g).half(), "f64": torch.randn(2, 2, generator=g).double(),
+        "i64": torch.arange(6).view(2, 3), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+        "f8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
+    }  # fmt: skip
+
+
 def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path, monkeypatch):
     """store/hf.py reads safetensors itself (tensors in memory of their own, not a mapping of the file): every
     dtype and shape as safetensors' own `load_file` reads them, floating ones converted on request; a damaged
@@ -137,14 +149,7 @@ def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path, mon
     from llmstages.store import hf as hf_store
     from llmstages.store.hf import read_safetensors_file
 
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(4, 2, generator=g).bfloat16(),
-        "f16": torch.randn(7, generator=g).half(), "f64": torch.randn(2, 2, generator=g).double(),
-        "i64": torch.arange(6).view(2, 3), "i8": torch.tensor([-3, 4], dtype=torch.int8),
-        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
-        "f8": torch.randn(8, generator=g).to(torch.float8_e4m3fn),
-    }  # fmt: skip
+    tensors = every_dtype()
     path = tmp_path / "model.safetensors"
     save_file(tensors, path, metadata={"format": "pt"})
     want = load_file(path)
@@ -171,6 +176,32 @@ def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path, mon
         path.write_bytes(damaged)
         with pytest.raises(UserError, match=f"model.safetensors: cannot read safetensors.*{why}"):
             read_safetensors_file(path)
+
+
+def test_the_writer_is_the_librarys_format_and_reads_deferred_tensors_in_turn(tmp_path):
+    """store/hf.py writes safetensors itself, one tensor at a time: safetensors' own reader gives back every
+    dtype and shape and the metadata, and a `Deferred` tensor is read only while the file is written."""
+    from safetensors import safe_open
+
+    from llmstages.store.hf import Deferred, write_safetensors
+
+    tensors = {**every_dtype(), "t": torch.randn(4, 6).t()}  # and one not contiguous
+    reads = []
+    entries = dict(tensors)
+    for k in ("bf16", "f64"):
+        v = tensors[k]
+        entries[k] = Deferred(tuple(v.shape), v.dtype, lambda v=v, k=k: reads.append(k) or v.clone())
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, entries, metadata={"format": "pt"})
+    assert sorted(reads) == ["bf16", "f64"]
+    got = load_file(path)
+    assert got.keys() == tensors.keys()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    wrong = {"x": Deferred((2,), torch.float32, lambda: torch.zeros(3))}
+    with pytest.raises(RuntimeError, match="'x' came as"):
+        write_safetensors(tmp_path / "y.safetensors", wrong)
 
 
 LOAD_PEAK = """import json, sys, torch

@@ -78,3 +78,98 @@ def test_symlinks_that_lead_nowhere_are_named(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(UserError, match=r"'.*/dangling' is a symlink to '.*/gone', which does not exist$"):
         resolve_model_path(tmp_path / "dangling")
+
+
+@pytest.mark.parametrize(("kind", "method"), [("gpt2", "lora"), ("llama", "dora")])
+def test_a_base_quantized_as_it_is_read_trains_as_one_quantized_after_loading(tmp_path, kind, method):
+    """load_model(quantize_base="nf4") holds each linear weight in NF4 as it reads it (GPT-2's fused, transposed
+    c_attn cut first). A LoRA/DoRA readied over it is the same model, bit for bit, as one loaded whole and
+    quantized after (`peft.prepare_policy`, the way a directory with an adapter still goes): the same codes,
+    logits and gradients."""
+    import torch
+
+    from llmstages.peft import prepare_policy
+    from llmstages.peft.nf4 import NF4Linear
+    from llmstages.train.frozen import quantized_weights
+
+    path = save_hf(hf_model(kind, tie_word_embeddings=False), tmp_path / "hf")
+    early = load_model(path, quantize_base="nf4")
+    linear = [n for n, m in early.named_modules() if isinstance(m, NF4Linear)]
+    assert len(linear) == 2 * 7 - (kind == "gpt2") * 2  # GPT-2 has no gate: q, k, v, o, fc, proj
+    models = []
+    for m in (early, load_model(path)):
+        torch.manual_seed(1)
+        prepare_policy(m, method, quantize_base="nf4", rank=4, target_modules=["q_proj", "v_proj"])
+        models.append(m)
+    a, b = models
+    assert quantized_weights(a) == quantized_weights(b) and len(quantized_weights(a)) == len(linear)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = [m(ids) for m in (a, b)]
+    assert torch.equal(outs[0], outs[1])
+    for out in outs:
+        out.float().square().mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (a, b)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+QLORA_PEAKS = """import json, sys, torch
+from llmstages.model import GPT, preset
+from llmstages.peft import prepare_policy
+from llmstages.store import load_model, save_model
+from llmstages.train.frozen import base_weights, hold_frozen, quantized_weights, restore_frozen
+from llmstages.train.memory_probe import high_water, reset_high_water
+with torch.device("meta"):
+    GPT(preset("llama_tiny"))  # what building on the meta device imports once, outside the windows
+reset_high_water()
+base = high_water()
+model = load_model(sys.argv[1], quantize_base="nf4")
+load = high_water() - base
+prepare_policy(model, "lora", quantize_base="nf4", rank=4, target_modules="all-linear")
+held = hold_frozen(model, "bf16") + quantized_weights(model)
+reset_high_water()
+base = high_water()
+restore_frozen(model, held, base_weights(sys.argv[1]))
+save_model(model, sys.argv[2])
+print(json.dumps({"load": load, "save": high_water() - base}))
+"""
+
+
+def test_qlora_never_holds_the_base_whole_to_load_it_or_to_save_it(tmp_path):
+    """A QLoRA run's base is quantized as it is read, and its final model is written with the base read back from
+    the original file one tensor at a time. The resident peak of loading a bf16 directory is about the NF4 model
+    (a sixth of the fp32 bytes here, with the embedding and head) and a few tensors in flight; of saving it, a few
+    tensors. Reading the model whole first, or restoring its originals before saving, would take the fp32 bytes.
+    The saved base is the original, tensor for tensor."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from llmstages.model import GPT, preset
+    from llmstages.store import save_model
+
+    torch.manual_seed(0)
+    cfg = preset("llama_tiny", vocab_size=2048, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1536, n_layers=8)
+    save_model(GPT(cfg).to(torch.bfloat16), tmp_path / "m")
+    fp32 = 4 * sum(p.numel() for p in GPT(cfg).parameters())
+    # glibc's default keeps some freed tensors of a few MB in its heap, at random from run to run (measured 33 or
+    # 88 MB here); with a fixed mmap threshold, as `estimate-memory --measure` runs, the peak is what was live
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    r = subprocess.run(
+        [sys.executable, "-c", QLORA_PEAKS, str(tmp_path / "m"), str(tmp_path / "final")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["load"] < 0.4 * fp32 and got["save"] < 0.1 * fp32, (got, fp32)
+    want, saved = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    assert saved.keys() == want.keys() and all(
+        torch.equal(saved[k], v) and saved[k].dtype == v.dtype for k, v in want.items()
+    )

@@ -39,13 +39,14 @@ def apply_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
 ) -> list[str]:
-    """Swap every targeted `nn.Linear` for a `LoRALinear` and freeze everything else; returns the swapped names.
+    """Swap every targeted `nn.Linear` (or `NF4Linear`: a base quantized as it was read) for a `LoRALinear` and
+    freeze everything else; returns the swapped names.
 
     `target_modules`: names matched as suffixes (["q_proj", "v_proj"]), "all-linear" (every linear layer but the
     output head), or one regular expression matched against full module names.
     """
     inside = {id(c) for m in model.modules() if isinstance(m, LoRALinear) for c in m.modules()}  # A, B and itself
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | NF4Linear) and id(m) not in inside]
     names = [n for n in linear if _matches(n, target_modules)]
     if not names:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
@@ -134,22 +135,35 @@ def prepare_policy(model: nn.Module, method: str, quantize_base: str = "none", *
     return loaded is None and peft_config(model) is not None
 
 
-def quantize_frozen(model: nn.Module, reset_magnitudes: bool = True) -> list[str]:
-    """QLoRA: hold every frozen linear weight of `model` in NF4 (peft/nf4.py), the base of each LoRA/DoRA layer
-    and the linear layers it does not adapt. Not quantized: each `GPT`'s output head and a weight it shares with
-    an embedding, and a weight that is not a whole number of 64-weight blocks. DoRA's magnitudes are set to the
-    row norms of the quantized base, so that a fresh adapter still starts equal to its base (`reset_magnitudes`;
-    False for a trained adapter loaded back). Returns the names of the weights quantized."""
+def quantizable(model: nn.Module) -> list[str]:
+    """The linear layers QLoRA holds in NF4 (names of `nn.Linear` and `LoRALinear` modules): all but each `GPT`'s
+    output head, a layer whose weight an embedding shares, and a weight that is not a whole number of 64-weight
+    blocks. Decided by the modules alone, so it holds on the meta device too (`store.load_model` quantizes them as
+    it reads them)."""
     heads = {id(g.lm_head) for g in model.modules() if isinstance(g, GPT)}
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear | LoRALinear) for p in m.parameters(False)}
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | LoRALinear)
+        and id(m) not in heads
+        and isinstance(m.weight, torch.Tensor)
+        and id(m.weight) not in shared
+        and m.weight.numel() % BLOCK == 0
+    ]
+
+
+def quantize_frozen(model: nn.Module, reset_magnitudes: bool = True) -> list[str]:
+    """QLoRA: hold every frozen `quantizable` weight of `model` in NF4 (peft/nf4.py), the base of each LoRA/DoRA
+    layer and the linear layers it does not adapt. DoRA's magnitudes are set to the row norms of the quantized base,
+    so that a fresh adapter still starts equal to its base (`reset_magnitudes`; False for a trained adapter loaded
+    back). Returns the names of the weights quantized."""
     names = []
-    for name, m in list(model.named_modules()):
-        if id(m) in heads or not isinstance(m, nn.Linear | LoRALinear):
+    for name in quantizable(model):
+        m = model.get_submodule(name)
+        if m.weight.requires_grad:
             continue
-        w = m.weight
-        if not isinstance(w, torch.Tensor) or w.requires_grad or id(w) in shared or w.numel() % BLOCK:
-            continue
-        q = NF4Weight.quantize(w)
+        q = NF4Weight.quantize(m.weight)
         if isinstance(m, LoRALinear):
             del m.weight
             m.weight = q

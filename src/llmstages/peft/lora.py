@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstages.peft.nf4 import NF4Weight, compute_dtype, dense, linear
+from llmstages.peft.nf4 import NF4Linear, NF4Weight, compute_dtype, dense, linear
 
 
 def _lora_product(
@@ -93,10 +93,13 @@ class LoRALinear(nn.Module):
         self.reset_lora()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kw) -> LoRALinear:
-        """Wrap an existing layer: its weight and bias become the frozen base (shared, not copied)."""
+    def from_linear(cls, linear: nn.Linear | NF4Linear, **kw) -> LoRALinear:
+        """Wrap an existing layer: its weight and bias become the frozen base (shared, not copied; an NF4 weight
+        stays NF4)."""
         with torch.device("meta"):
             m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kw)
+        if isinstance(linear.weight, NF4Weight):
+            del m.weight
         m.weight = linear.weight
         m.weight.requires_grad_(False)
         if linear.bias is not None:
@@ -119,7 +122,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         if self.use_dora:
             with torch.no_grad():
-                self.lora_magnitude_vector.copy_(self.weight.norm(p=2, dim=1))
+                self.lora_magnitude_vector.copy_(dense(self.weight).norm(p=2, dim=1))
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, shape (out, in)."""

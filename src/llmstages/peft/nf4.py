@@ -50,6 +50,8 @@ normalised to [-1, 1]."""
 
 BLOCK = 64
 """Weights per absmax scale (the paper's block size)."""
+QUANTIZE_WEIGHTS = 1 << 18
+"""Weights `NF4Weight.quantize` converts at a time."""
 SCALE_GROUP = 256
 """Scales per second-level factor (the paper's 256; fewer where a weight has fewer blocks or another multiple)."""
 
@@ -107,8 +109,9 @@ class NF4Weight(nn.Module):
         if scale_group is None:
             scale_group = math.gcd(n_blocks, SCALE_GROUP) if n_blocks else SCALE_GROUP
         q = cls(tuple(w.shape), w.dtype, block, scale_group, levels, w.device)
-        flat = w.detach().reshape(-1).float()
-        absmax = flat.view(n_blocks, block).abs().amax(dim=1)
+        blocks = w.detach().reshape(n_blocks, block)
+        rows = max(QUANTIZE_WEIGHTS // block, 1)  # blocks at a time: the temporaries stay small and of one size
+        absmax = torch.cat([blocks[i : i + rows].float().abs().amax(dim=1) for i in range(0, n_blocks, rows)])
         # second level: the scales minus their mean, linearly to int8 per group
         mean = absmax.mean()
         centred = (absmax - mean).view(-1, scale_group)
@@ -117,10 +120,13 @@ class NF4Weight(nn.Module):
         q.factors.copy_(factors)
         q.mean.copy_(mean)
         # first level: each weight to its nearest level, scaled by its block's exact absmax (ties: the lower level)
-        scaled = (flat.view(n_blocks, block) / torch.where(absmax > 0, absmax, 1.0)[:, None]).view(-1)
         mids = (q.levels[:-1] + q.levels[1:]) / 2
-        idx = torch.bucketize(scaled, mids).to(torch.uint8)  # the number of midpoints below each weight
-        q.codes.copy_(idx[0::2] << 4 | idx[1::2])
+        divisor = torch.where(absmax > 0, absmax, 1.0)
+        codes = q.codes.view(n_blocks, block // 2)
+        for i in range(0, n_blocks, rows):
+            scaled = blocks[i : i + rows].float() / divisor[i : i + rows, None]
+            idx = torch.bucketize(scaled, mids, out_int32=True)  # the number of midpoints below each weight
+            codes[i : i + rows] = idx[:, 0::2] << 4 | idx[:, 1::2]
         return q
 
     def block_scales(self) -> torch.Tensor:

@@ -294,7 +294,7 @@ def load_policy(
             "reward.fns=[llmstages.rewards:accuracy,llmstages.rewards:format] (or your own functions of `answer`)"
         )
     torch.manual_seed(seed)
-    model, tok = load_model_and_tokenizer(model_path)
+    model, tok = load_model_and_tokenizer(model_path, quantize_base=peft.quantize_base)
     train_rows, held = prompt_split(data, world_seed, seed)
     train_prompts, eval_prompts = train_rows.prompts, held.prompts
     first = (train_prompts[0][-1]["content"], {k: v[0] for k, v in train_rows.columns.items()})

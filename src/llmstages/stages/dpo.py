@@ -96,7 +96,7 @@ def setup(cfg: DPOConfig) -> Setup:
             "row's completion of the same batch, which changes from step to step; leave it false"
         )
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path)
+    model, tok = load_model_and_tokenizer(cfg.model.path, quantize_base=cfg.peft.quantize_base)
     builtin = None
     if not cfg.data.path:
         builtin = builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)

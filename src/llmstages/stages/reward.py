@@ -68,7 +68,7 @@ def setup(cfg: RewardConfig) -> Setup:
     if not cfg.model.path:
         raise UserError("set model.path to the model directory the reward model starts from (often the SFT model)")
     torch.manual_seed(cfg.seed)
-    backbone, tok = load_model_and_tokenizer(cfg.model.path)
+    backbone, tok = load_model_and_tokenizer(cfg.model.path, quantize_base=cfg.peft.quantize_base)
     prepare_policy(backbone, cfg.peft.method, **cfg.peft.options())  # a LoRA SFT model is merged first
     builtin = None
     if not cfg.data.path:

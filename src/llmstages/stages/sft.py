@@ -86,7 +86,7 @@ def setup(cfg: SFTConfig) -> Setup:
     if not cfg.model.path:
         raise UserError("set model.path to the model directory to fine-tune (ours or a Hugging Face one)")
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path)
+    model, tok = load_model_and_tokenizer(cfg.model.path, quantize_base=cfg.peft.quantize_base)
     if tok.eos_id is None:
         raise UserError(f"{cfg.model.path}: the tokenizer has no EOS token; SFT trains the EOS that ends a reply")
     if cfg.train.seq_len > model.config.block_size:

@@ -6,8 +6,12 @@ pickled `pytorch_model.bin` files are refused rather than unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -289,31 +293,42 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
-def from_hf_state_dict(
-    hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, expected: dict[str, torch.Size], source: str
-) -> dict[str, torch.Tensor]:
-    """HF tensors -> our names for every name in `expected` (name -> shape). Missing or mis-shaped: UserError."""
+def hf_layout(
+    expected: dict[str, torch.Size], saved: dict[str, torch.Size], cfg: ModelConfig, source: str
+) -> dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Where each of our tensors (`expected`: name -> shape) lies in a HF checkpoint whose tensors have the shapes
+    `saved`: our name -> (HF name, what turns the saved tensor into ours: GPT-2's Conv1D transposed, its fused
+    c_attn cut into q, k, v). Checked from the shapes alone, before any data is read: missing or mis-shaped is a
+    UserError naming the HF tensor."""
+    rename = {}
     if cfg.family == "gpt2":  # original GPT-2 files have no "transformer." prefix
-        hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in hf_sd.items()}
-    out: dict[str, torch.Tensor] = {}
+        rename = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: k for k in saved}
+    out: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
     for name, shape in expected.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
         hf = hf_name(name, cfg.family)
-        if hf not in hf_sd:
+        stored = rename.get(hf, hf)
+        if stored not in saved:
             raise UserError(f"{source}: tensor '{hf}' is missing")
-        t = hf_sd[hf]
-        if cfg.family == "gpt2" and _is_conv1d(hf):
-            t = t.t()
+        have = tuple(saved[stored])
+        conv = cfg.family == "gpt2" and _is_conv1d(hf)
+        got = have[::-1] if conv and len(have) == 2 else have
+        part = None
         if ".c_attn." in hf:
-            d, i = cfg.d_model, "qkv".index(name.split(".")[-2][0])
-            if t.shape[0] != 3 * d:
-                raise UserError(f"{source}: tensor '{hf}' has shape {tuple(hf_sd[hf].shape)}, expected 3 x {d}")
-            t = t[i * d : (i + 1) * d]
-        if t.shape != shape:
-            raise UserError(f"{source}: tensor '{hf}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        out[name] = t
+            d, part = cfg.d_model, "qkv".index(name.split(".")[-2][0])
+            if got[0] != 3 * d:
+                raise UserError(f"{source}: tensor '{hf}' has shape {have}, expected 3 x {d}")
+            got = (d, *got[1:])
+        if got != tuple(shape):
+            raise UserError(f"{source}: tensor '{hf}' has shape {got}, expected {tuple(shape)}")
+        out[name] = (stored, functools.partial(_to_ours, conv=conv, part=part, d=cfg.d_model))
     return out
+
+
+def _to_ours(t: torch.Tensor, conv: bool, part: int | None, d: int) -> torch.Tensor:
+    t = t.t() if conv else t
+    return t if part is None else t[part * d : (part + 1) * d].contiguous()  # not a view of the whole c_attn
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,6 +362,15 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     for f in safetensors_files(path):
         out.update(read_safetensors_file(f, dtype))
+    return out
+
+
+def stored_tensors(path: Path) -> dict[str, Stored]:
+    """Where every tensor of the model directory `path` lies (`safetensors_files`), from the headers alone: each
+    is read when asked (`Stored.read`), so a caller holds one tensor at a time."""
+    out: dict[str, Stored] = {}
+    for f in safetensors_files(path):
+        out.update(stored_file(f))
     return out
 
 
@@ -391,47 +415,121 @@ def _header(f: BinaryIO, path: Path) -> tuple[int, dict[str, Any]]:
 
 
 CONVERT_BYTES = 1 << 24
-"""The most saved bytes `read_safetensors_file` holds apart while it converts a tensor to another dtype."""
+"""The most saved bytes `Stored.read` holds apart while it converts a tensor to another dtype."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of a safetensors file: where its bytes lie, its shape and its saved dtype."""
+
+    file: Path
+    name: str
+    offset: int
+    """From the start of the file."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(
+        self, dtype: torch.dtype | None = None, f: BinaryIO | None = None, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tensor in memory of its own (not a mapping of the file), a floating one converted to `dtype` through
+        a buffer of at most `CONVERT_BYTES`: never the whole tensor twice. `f`: the file, already open; `buffer`:
+        uint8 bytes to convert through, reused from one read to the next (a fresh one each time leaves holes in
+        the heap that the converted tensors cannot fill: 1.26x the fp32 bytes to load a bf16 model, not 1.16x)."""
+        if f is None:
+            with open(self.file, "rb") as f:
+                return self.read(dtype, f, buffer)
+        saved = self.dtype
+        t = torch.empty(self.shape, dtype=dtype if dtype is not None and saved.is_floating_point else saved)
+        f.seek(self.offset)
+        if t.dtype == saved:
+            self._fill(f, t)
+            return t
+        flat, step = t.view(-1), max(CONVERT_BYTES // saved.itemsize, 1)
+        if buffer is None or buffer.numel() < min(flat.numel(), step) * saved.itemsize:
+            buffer = torch.empty(min(flat.numel(), step) * saved.itemsize, dtype=torch.uint8)
+        for i in range(0, flat.numel(), step):
+            piece = flat[i : i + step]
+            chunk = buffer[: piece.numel() * saved.itemsize].view(saved)
+            self._fill(f, chunk)
+            piece.copy_(chunk)
+        return t
+
+    def _fill(self, f: BinaryIO, into: torch.Tensor) -> None:
+        if f.readinto(memoryview(into.reshape(-1).view(torch.uint8).numpy())) != into.numel() * into.element_size():
+            raise _unreadable(self.file, f"tensor '{self.name}' runs past the end of the file")
+
+
+def stored_file(path: Path) -> dict[str, Stored]:
+    """The tensors of one safetensors file (an 8-byte little-endian header length, a JSON header of dtype, shape
+    and byte offsets, then the data), located from its header; a damaged header is a UserError naming the file."""
+    with open(path, "rb") as f:
+        n, header = _header(f, path)
+    out = {}
+    for name, info in header.items():
+        try:
+            (start, end), shape = info["data_offsets"], tuple(int(x) for x in info["shape"])
+            saved = SAFETENSORS_DTYPES[info["dtype"]]
+            numel = torch.Size(shape).numel()
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _unreadable(path, f"tensor '{name}': {type(e).__name__} {e}") from None
+        nbytes = numel * saved.itemsize
+        if not (isinstance(start, int) and isinstance(end, int) and start >= 0 and end - start == nbytes):
+            raise _unreadable(path, f"tensor '{name}' spans bytes {start}..{end}, its shape and dtype need {nbytes}")
+        out[name] = Stored(path, name, 8 + n + start, shape, saved)
+    return out
 
 
 def read_safetensors_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file (an 8-byte little-endian header length, a JSON header of dtype, shape
-    and byte offsets, then the data), each read into memory of its own, floating ones converted to `dtype` one at
-    a time. Not mapped from the file: a mapping stays resident, the whole file of it, while any one of its
+    """The tensors of one safetensors file, each read into memory of its own, floating ones converted to `dtype`
+    one at a time. Not mapped from the file: a mapping stays resident, the whole file of it, while any one of its
     tensors lives (a norm's weight kept a 2 GB file in memory after QLoRA had quantized the rest)."""
-
-    def bad(why: str) -> UserError:
-        return _unreadable(path, why)
-
-    def read(into: torch.Tensor, name: str) -> None:
-        if f.readinto(memoryview(into.reshape(-1).view(torch.uint8).numpy())) != into.numel() * into.element_size():
-            raise bad(f"tensor '{name}' runs past the end of the file")
-
-    buffer = torch.empty(0, dtype=torch.uint8)  # one, reused: the saved values of a tensor being converted
+    stored = stored_file(path)
+    buffer = conversion_buffer(stored.values())
     with open(path, "rb") as f:
-        n, header = _header(f, path)
-        out = {}
-        for name, info in header.items():
-            try:
-                (start, end), shape = info["data_offsets"], [int(x) for x in info["shape"]]
-                saved = SAFETENSORS_DTYPES[info["dtype"]]
-                t = torch.empty(shape, dtype=dtype if dtype is not None and saved.is_floating_point else saved)
-            except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise bad(f"tensor '{name}': {type(e).__name__} {e}") from None
-            nbytes = t.numel() * saved.itemsize
-            if not (isinstance(start, int) and isinstance(end, int) and start >= 0 and end - start == nbytes):
-                raise bad(f"tensor '{name}' spans bytes {start}..{end}, its shape and dtype need {nbytes}")
-            f.seek(8 + n + start)
-            if t.dtype == saved:
-                read(t, name)
-            else:  # converted piece by piece through the buffer: never the whole tensor twice
-                flat, step = t.view(-1), max(CONVERT_BYTES // saved.itemsize, 1)
-                for i in range(0, flat.numel(), step):
-                    piece = flat[i : i + step]
-                    if buffer.numel() < piece.numel() * saved.itemsize:
-                        buffer = torch.empty(min(flat.numel(), step) * saved.itemsize, dtype=torch.uint8)
-                    chunk = buffer[: piece.numel() * saved.itemsize].view(saved)
-                    read(chunk, name)
-                    piece.copy_(chunk)
-            out[name] = t
-    return out
+        return {name: s.read(dtype, f, buffer) for name, s in stored.items()}
+
+
+def conversion_buffer(tensors: Iterable[Stored]) -> torch.Tensor:
+    """A buffer for `Stored.read` to convert any of `tensors` through: the largest one's bytes, at most
+    `CONVERT_BYTES`."""
+    largest = max((s.dtype.itemsize * math.prod(s.shape) for s in tensors), default=0)
+    return torch.empty(min(largest, CONVERT_BYTES), dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor to be written that is read only when its turn comes (`write_safetensors`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor | Deferred], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file one tensor at a time: the header from the shapes and dtypes, then each tensor's
+    bytes, a `Deferred` one read just before it is written and let go after, so the file never needs all of its
+    tensors in memory at once. Ordered as safetensors orders them (wider dtypes first, then by name), so every
+    tensor starts aligned to its dtype."""
+    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    names = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for k in names:
+        t = tensors[k]
+        nbytes = torch.Size(t.shape).numel() * t.dtype.itemsize
+        header[k] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts on a multiple of 8
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for k in names:
+            want = tensors[k]
+            t = want.read() if isinstance(want, Deferred) else want
+            if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                raise RuntimeError(f"write_safetensors: '{k}' came as {t.dtype} {tuple(t.shape)}, declared otherwise")
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))

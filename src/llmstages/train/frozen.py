@@ -16,11 +16,14 @@ model keeps the dtype and the values it was loaded with.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from llmstages.model.gpt import GPT
 from llmstages.peft.nf4 import NF4Weight
+from llmstages.store.io import ADAPTER_CONFIG, StoredWeights, check_model_dir, stored_weights
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,21 +97,30 @@ def quantized_weights(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, NF4Weight)]
 
 
-def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torch.Tensor]) -> None:
+def restore_frozen(model: nn.Module, names: list[str], originals: Mapping[str, torch.Tensor]) -> None:
     """Put the original tensors back for the parameters `hold_frozen` cast or `peft.quantize_frozen` held in NF4
     (`names` in `model`). `originals` are keyed as in the `GPT` that holds each parameter (`base_weights` of the
     model directory it was loaded from), wherever that GPT sits in `model`: a reward model's trunk, the policy
-    beside PPO's critic."""
+    beside PPO's critic.
+
+    A QLoRA model whose originals are still in their files (`StoredWeights`) is left as it trained: each GPT is
+    told where its originals lie (`stored_originals`), and saving it reads each one as it writes it, so the base
+    is never whole in memory (an 8B model's is 16 GB in bf16)."""
     places = [(n, m) for n, m in model.named_modules() if isinstance(m, GPT)]
+    deferred = isinstance(originals, StoredWeights) and bool(quantized_weights(model))
     back: dict[int, nn.Parameter] = {}  # a weight two layers share stays shared
     for name in names:
-        place = next((p for p, _ in places if not p or name.startswith(p + ".")), None)
-        key = name[len(place) + 1 :] if place else name
+        place = next(((p, g) for p, g in places if not p or name.startswith(p + ".")), None)
+        key = name[len(place[0]) + 1 :] if place and place[0] else name
         if key not in originals:
             raise RuntimeError(f"restore_frozen: the original of '{name}' is missing")
         owner, _, attr = name.rpartition(".")
         m = model.get_submodule(owner) if owner else model
         old = m._parameters[attr] if attr in m._parameters else m._modules[attr]
+        if deferred:
+            g = place[1] if place else model
+            g.stored_originals = {**getattr(g, "stored_originals", {}), key: (originals, old)}
+            continue
         if id(old) not in back:
             back[id(old)] = nn.Parameter(originals[key].to(old.device), requires_grad=False)
         if isinstance(old, NF4Weight):
@@ -116,12 +128,15 @@ def restore_frozen(model: nn.Module, names: list[str], originals: dict[str, torc
         m._parameters[attr] = back[id(old)]
 
 
-def base_weights(path: str) -> dict[str, torch.Tensor]:
-    """The frozen weights a stage starts from, as it loads them: the model directory `path`, a LoRA/DoRA it
-    carries merged (peft.prepare_policy does the same); keyed as in the loaded `GPT`."""
+def base_weights(path: str) -> Mapping[str, torch.Tensor]:
+    """The frozen weights a stage starts from, as it loads them: the model directory `path`, keyed as in the loaded
+    `GPT`. Read from the files when asked (`store.io.StoredWeights`), unless the directory carries an adapter:
+    then loaded whole, a LoRA/DoRA merged in (peft.prepare_policy does the same)."""
     from llmstages.peft import merge_lora, peft_config
     from llmstages.store import load_model
 
+    if not (check_model_dir(path)[0] / ADAPTER_CONFIG).is_file():
+        return stored_weights(path)
     model = load_model(path)
     if (peft_config(model) or {}).get("method") in ("lora", "dora"):
         merge_lora(model)
