@@ -80,16 +80,15 @@ def setup(contender: str, path: str, precision: str, checkpointing: bool = False
     if side == "ours":
         from llmstages import losses as L
         from llmstages.config import TrainArgs
-        from llmstages.peft import apply_peft, quantize_frozen
+        from llmstages.peft import apply_peft
         from llmstages.store import load_model
         from llmstages.train.frozen import hold_frozen
         from llmstages.train.optim import build_optimizer
 
-        model = load_model(path).train()
+        # QLoRA: each linear weight of the blocks quantized as it is read, as the stages load it
+        model = load_model(path, quantize_base="nf4" if method == "qlora" else "none").train()
         if method in ("lora", "qlora"):
             apply_peft(model, "lora", target_modules=TARGETS, rank=16, alpha=32, dropout=0.0)
-            if method == "qlora":
-                quantize_frozen(model)
             hold_frozen(model, precision)  # as train/prepare.py does (QLoRA: the embedding and head too)
         if checkpointing:
             from llmstages.train.prepare import apply_activation_checkpointing

@@ -85,6 +85,7 @@ def hold_embeddings(model: nn.Module, dtype: torch.dtype) -> list[str]:
             if head._parameters.get("weight") is w:
                 head.weight = held
                 names.append(f"{at}lm_head.weight")
+        del w  # the fp32 embedding goes now, before the head is copied (8B: 2 GiB less at the peak)
         hw = head._parameters.get("weight")
         if _is_linear(head) and not hw.requires_grad and hw.dtype == torch.float32:
             head.weight = nn.Parameter(hw.detach().to(dtype), requires_grad=False)
