@@ -2,11 +2,12 @@
 16 GB) fine-tuned by `llmstages sft` with `peft.quantize_base=nf4`, its resident peak measured in the run's own
 process and set beside `llmstages estimate-memory`'s figures for QLoRA and for bf16 LoRA.
 
-    python benchmarks/qlora_large.py --dir DIR [--shape llama3_8b] [--steps 2] [--batch-size 2] [--seq-len 256]
+    python benchmarks/qlora_large.py [--dir DIR] [--shape llama3_8b] [--steps 2] [--batch-size 2] [--seq-len 256]
                                      [--checkpointing] [--precision bf16] [--glibc-default]
 
-DIR keeps the generated model between runs (it is written once, tensor by tensor, with `store.hf.
-write_safetensors`; it needs the model's bf16 bytes of disk). The run: LoRA rank 16 (alpha 32) on every linear
+DIR keeps the generated model between runs (default: a temporary folder, removed after). The model is written
+tensor by tensor with `store.hf.write_safetensors`; it needs the model's bf16 bytes of disk, and as much again for
+the run's final/. The run: LoRA rank 16 (alpha 32) on every linear
 layer of the blocks, `--steps` optimizer steps of `--batch-size` rows of `--seq-len` tokens on a small SFT file
 (one held-out example, no generated evaluation), then `final/` written (the base read back from DIR tensor by
 tensor). Loading quantizes each linear weight as it is read (`store.load_model(quantize_base="nf4")`), so the
@@ -21,6 +22,7 @@ default keeps freed activations in its heap; `--glibc-default` shows that peak).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -94,7 +96,7 @@ def estimate(shape: str, method: str, precision: str, batch: int, seq: int, chec
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", required=True, help="where the generated model is kept between runs")
+    ap.add_argument("--dir", help="where the generated model is kept between runs (default: a temporary folder)")
     ap.add_argument("--shape", default="llama3_8b")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -103,11 +105,17 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--glibc-default", action="store_true", help="without MALLOC_MMAP_THRESHOLD_=131072")
     a = ap.parse_args()
-    model = Path(a.dir) / a.shape
-    if not model.is_dir():
-        t0 = time.perf_counter()
-        write_model(a.shape, model)
-        print(f"wrote {model} in {time.perf_counter() - t0:.0f} s")
+    with contextlib.ExitStack() as stack:
+        where = Path(a.dir) if a.dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        model = where / a.shape
+        if not model.is_dir():
+            t0 = time.perf_counter()
+            write_model(a.shape, model)
+            print(f"wrote {model} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        run(a, model)
+
+
+def run(a: argparse.Namespace, model: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             {"instruction": f"Say the number {i} in words.", "output": f"The number is {i}. " * 40} for i in range(64)
@@ -138,14 +146,20 @@ def main() -> None:
         final = sorted(p.name for p in (out / "final").iterdir())
     qlora = estimate(a.shape, "qlora", a.precision, a.batch_size, a.seq_len, a.checkpointing)
     lora = estimate(a.shape, "lora", a.precision, a.batch_size, a.seq_len, a.checkpointing)
-    print(f"machine: {machine()}")
-    print(f"{a.shape}, {a.precision}, {a.batch_size} x {a.seq_len} tokens, {a.steps} steps")
-    print(f"activation checkpointing: {a.checkpointing}; glibc's default allocator settings: {a.glibc_default}")
-    print(f"run: {wall:.0f} s, tokens/s of the steps: {', '.join(f'{t:.1f}' for t in tok_s)}; final/: {final}")
     above = (hwm - base) / 2**30
-    print(f"resident peak: {hwm / 2**30:.2f} GiB, {above:.2f} GiB above the interpreter with llmstages imported")
-    print(f"estimate-memory: qlora {qlora:.2f} GiB (measured above the interpreter / estimate {above / qlora:.2f})")
-    print(f"estimate-memory: bf16 lora {lora:.2f} GiB; measured QLoRA / estimated bf16 LoRA {above / lora:.2f}x")
+    print(f"# QLoRA at the {a.shape} shape, {a.precision}; {machine()}")
+    print(f"# llmstages sft, LoRA r16 on every linear layer over an NF4 base, {a.steps} steps of {a.batch_size} x "
+          f"{a.seq_len} tokens, activation checkpointing {a.checkpointing}, MALLOC_MMAP_THRESHOLD_ "
+          f"{'default' if a.glibc_default else '131072'}; final/: {', '.join(final)}")  # fmt: skip
+    print(
+        "| resident peak | above the interpreter | estimate-memory QLoRA | measured / estimate | estimate-memory "
+        "bf16 LoRA | measured QLoRA / estimated bf16 LoRA | tokens/s of the steps | run |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {hwm / 2**30:.2f} GiB | {above:.2f} GiB | {qlora:.2f} GiB | {above / qlora:.2f} | {lora:.2f} GiB | "
+        f"{above / lora:.2f}x | {', '.join(f'{t:.1f}' for t in tok_s)} | {wall:.0f} s |"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ BENCHMARKS = [
     "grpo_step.py",  # one GRPO step, ours against TRL's GRPOTrainer, fp32 and bf16, 2 rounds: about 30 min
     "rl_real.py",  # GRPO on SmolLM2-135M-Instruct: ours, ours at TRL's samples and TRL, 2 seeds: about 2.5 h
     "qlora_quality.py",  # QLoRA against LoRA SFT on SmolLM2-135M-Instruct, 2 seeds, bf16 and fp32: about 30 min
+    "qlora_large.py",  # QLoRA SFT at the Llama-3-8B shape, 2 steps: about 7 min and 32 GB of disk
 ]
 
 
