@@ -130,6 +130,12 @@ def test_missing_and_misshaped_tensors(tmp_path):
         load_model(src)
 
 
+def _file(header: dict) -> bytes:
+    """A safetensors file of this header and no data."""
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob
+
+
 def every_dtype() -> dict[str, torch.Tensor]:
     """A tensor of each dtype safetensors stores, of several shapes (a scalar and an empty one among them)."""
     g = torch.Generator().manual_seed(0)
@@ -172,6 +178,7 @@ def test_safetensors_reader_equals_the_library_and_owns_its_memory(tmp_path, mon
         (data[:-4], "past the end"),
         (data[:5], "header"),
         (b"\x10" + b"\0" * 7 + b"{not json}!!!!!!", "JSON"),
+        (_file({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 0]}}), "negative dimension"),
     ):
         path.write_bytes(damaged)
         with pytest.raises(UserError, match=f"model.safetensors: cannot read safetensors.*{why}"):

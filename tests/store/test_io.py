@@ -173,3 +173,36 @@ def test_qlora_never_holds_the_base_whole_to_load_it_or_to_save_it(tmp_path):
     assert saved.keys() == want.keys() and all(
         torch.equal(saved[k], v) and saved[k].dtype == v.dtype for k, v in want.items()
     )
+
+
+def test_a_trained_qlora_model_merges_into_its_original_weights_as_before_the_deferred_save(tmp_path):
+    """A QLoRA model whose originals are left in their files at the end of training (`restore_frozen` with
+    `base_weights`) merges, and exports, into those originals: the same weights as when they were put back
+    dense first; the NF4 base is not what gets merged."""
+    import copy
+
+    import torch
+
+    from llmstages.peft import merge_lora, prepare_policy
+    from llmstages.store import export_hf
+    from llmstages.train.frozen import base_weights, hold_frozen, quantized_weights, restore_frozen
+
+    path = save_hf(hf_model("qwen2", tie_word_embeddings=False), tmp_path / "hf")  # q/k/v biases held too
+    model = load_model(path, quantize_base="nf4")
+    prepare_policy(model, "lora", quantize_base="nf4", rank=4, target_modules="all-linear")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a trained adapter
+    held = hold_frozen(model, "bf16") + quantized_weights(model)
+    dense = copy.deepcopy(model)
+    restore_frozen(dense, held, dict(base_weights(path)))  # the originals put back, as before
+    restore_frozen(model, held, base_weights(path))  # left in the file
+    assert quantized_weights(model) and not quantized_weights(dense)
+    want = merge_lora(dense).state_dict()
+    got = merge_lora(copy.deepcopy(model)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    export_hf(model, tmp_path / "out")
+    assert quantized_weights(model)  # exporting merged a copy
+    back = load_model(tmp_path / "out").state_dict()
+    assert all(torch.equal(back[k], want[k].to(back[k].dtype)) for k in back)

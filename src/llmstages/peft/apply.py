@@ -264,7 +264,9 @@ def merged_for_sampling(model: nn.Module) -> Iterator[bool]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA/DoRA into its base weight and put plain `nn.Linear` layers back, in place. A base held in
-    NF4 (QLoRA) is dequantized first: the merged model is the quantized base plus the adapters."""
+    NF4 (QLoRA) is dequantized first: the merged model is the quantized base plus the adapters; unless the
+    originals are still at hand (`restore_originals`): then they are the base."""
+    restore_originals(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, NF4Linear | LoRALinear) and isinstance(m.weight, NF4Weight):
             w = m.weight.dequantize()
@@ -285,3 +287,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if getattr(model, "peft", None) and model.peft["method"] in ("lora", "dora"):
         del model.peft
     return model
+
+
+def restore_originals(model: nn.Module) -> None:
+    """Put back as plain frozen parameters the original weights that a trained QLoRA model reads from its files
+    only when it is saved (`stored_originals`, set by `train.frozen.restore_frozen`), in every GPT of `model`: what
+    changes the base (a merge) then changes the originals, as when they were put back at the end of training."""
+    for g in model.modules():
+        back: dict[int, nn.Parameter] = {}  # a weight two places share stays shared
+        for key, (originals, held) in getattr(g, "stored_originals", {}).items():
+            owner, _, attr = key.rpartition(".")
+            m = g.get_submodule(owner) if owner else g
+            if m._parameters.get(attr, m._modules.get(attr)) is not held:
+                continue  # replaced since
+            if id(held) not in back:
+                back[id(held)] = nn.Parameter(originals[key].to(held.device), requires_grad=False)
+            if attr in m._modules:
+                del m._modules[attr]
+            m._parameters[attr] = back[id(held)]
+        if hasattr(g, "stored_originals"):
+            del g.stored_originals

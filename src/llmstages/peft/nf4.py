@@ -109,7 +109,7 @@ class NF4Weight(nn.Module):
         if scale_group is None:
             scale_group = math.gcd(n_blocks, SCALE_GROUP) if n_blocks else SCALE_GROUP
         q = cls(tuple(w.shape), w.dtype, block, scale_group, levels, w.device)
-        blocks = w.detach().reshape(n_blocks, block)
+        blocks = w.detach().reshape(n_blocks, block).contiguous()
         rows = max(QUANTIZE_WEIGHTS // block, 1)  # blocks at a time: the temporaries stay small and of one size
         absmax = torch.cat([blocks[i : i + rows].float().abs().amax(dim=1) for i in range(0, n_blocks, rows)])
         # second level: the scales minus their mean, linearly to int8 per group

@@ -96,7 +96,9 @@ def setup(cfg: DPOConfig) -> Setup:
             "row's completion of the same batch, which changes from step to step; leave it false"
         )
     torch.manual_seed(cfg.seed)
-    model, tok = load_model_and_tokenizer(cfg.model.path, quantize_base=cfg.peft.quantize_base)
+    # the built-in pairs are sampled from the base as saved, before QLoRA quantizes it: loaded whole for them
+    quantize = cfg.peft.quantize_base if cfg.data.path else "none"
+    model, tok = load_model_and_tokenizer(cfg.model.path, quantize_base=quantize)
     builtin = None
     if not cfg.data.path:
         builtin = builtin_preference_pairs(model, tok, cfg.world_seed, cfg.seed, samples=cfg.data.samples)

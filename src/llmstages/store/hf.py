@@ -356,15 +356,6 @@ def safetensors_files(path: Path) -> list[Path]:
     return [path / f for f in files]
 
 
-def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the model directory `path` (`safetensors_files`), floating ones converted to `dtype` one
-    at a time as they are read."""
-    out: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(path):
-        out.update(read_safetensors_file(f, dtype))
-    return out
-
-
 def stored_tensors(path: Path) -> dict[str, Stored]:
     """Where every tensor of the model directory `path` lies (`safetensors_files`), from the headers alone: each
     is read when asked (`Stored.read`), so a caller holds one tensor at a time."""
@@ -470,6 +461,8 @@ def stored_file(path: Path) -> dict[str, Stored]:
         try:
             (start, end), shape = info["data_offsets"], tuple(int(x) for x in info["shape"])
             saved = SAFETENSORS_DTYPES[info["dtype"]]
+            if any(x < 0 for x in shape):
+                raise ValueError(f"negative dimension in shape {list(shape)}")
             numel = torch.Size(shape).numel()
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise _unreadable(path, f"tensor '{name}': {type(e).__name__} {e}") from None
@@ -511,8 +504,7 @@ def write_safetensors(
 ) -> None:
     """Write a safetensors file one tensor at a time: the header from the shapes and dtypes, then each tensor's
     bytes, a `Deferred` one read just before it is written and let go after, so the file never needs all of its
-    tensors in memory at once. Ordered as safetensors orders them (wider dtypes first, then by name), so every
-    tensor starts aligned to its dtype."""
+    tensors in memory at once. Wider dtypes first, then by name, so every tensor starts aligned to its dtype."""
     codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     names = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}

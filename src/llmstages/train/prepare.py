@@ -14,7 +14,7 @@ What comes back says what training runs: `module`, the stage's model (under pp t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -44,13 +44,13 @@ class Prepared:
     """A copy on the meta device of the unsharded model, to gather the shards into a plain model at the end."""
     held: list[str] = field(default_factory=list)
     """The frozen parameters held in the compute dtype (names in `module`); restored from `frozen_source`."""
-    frozen_source: Callable[[], dict[str, torch.Tensor]] | None = None
+    frozen_source: Callable[[], Mapping[str, torch.Tensor]] | None = None
 
 
 def prepare_model(
     model: nn.Module,
     args: TrainArgs,
-    frozen_source: Callable[[], dict[str, torch.Tensor]] | None = None,
+    frozen_source: Callable[[], Mapping[str, torch.Tensor]] | None = None,
 ) -> Prepared:
     """Apply activation checkpointing, compile, the bf16 hold of frozen weights and the parallel strategy
     (`distributed.current()`) to `model`, on its device, in that order. `frozen_source` returns the originals of the
