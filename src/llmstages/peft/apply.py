@@ -289,19 +289,29 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def held_at(model: nn.Module, name: str) -> nn.Parameter | nn.Module | None:
+    """The parameter or module (an `NF4Weight`) that `model` holds under the dotted `name`; None if there is none."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        m = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return None
+    return m._parameters.get(attr, m._modules.get(attr))
+
+
 def restore_originals(model: nn.Module) -> None:
-    """Put back as plain frozen parameters the original weights that a trained QLoRA model reads from its files
-    only when it is saved (`stored_originals`, set by `train.frozen.restore_frozen`), in every GPT of `model`: what
-    changes the base (a merge) then changes the originals, as when they were put back at the end of training."""
+    """Put back as plain frozen parameters the original weights recorded in `stored_originals` (key -> (originals,
+    what holds it now), set by `train.frozen.restore_frozen`) on every GPT of `model`: at the end of training, or,
+    for a QLoRA model whose save reads them from their files, before anything changes its base (a merge)."""
+    back: dict[int, nn.Parameter] = {}  # a weight two places share stays shared
     for g in model.modules():
-        back: dict[int, nn.Parameter] = {}  # a weight two places share stays shared
         for key, (originals, held) in getattr(g, "stored_originals", {}).items():
-            owner, _, attr = key.rpartition(".")
-            m = g.get_submodule(owner) if owner else g
-            if m._parameters.get(attr, m._modules.get(attr)) is not held:
+            if held_at(g, key) is not held:
                 continue  # replaced since
             if id(held) not in back:
                 back[id(held)] = nn.Parameter(originals[key].to(held.device), requires_grad=False)
+            owner, _, attr = key.rpartition(".")
+            m = g.get_submodule(owner) if owner else g
             if attr in m._modules:
                 del m._modules[attr]
             m._parameters[attr] = back[id(held)]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from llmstages.data.records import why_missing
 from llmstages.data.tokenizer import Tokenizer
@@ -20,7 +19,7 @@ from llmstages.errors import UserError
 from llmstages.model.gpt import GPT, ModelConfig
 from llmstages.outputs import disk_full_is_an_error, write_dir
 from llmstages.peft import adapter_state_dict, adapters_enabled, peft_config
-from llmstages.peft.apply import quantizable
+from llmstages.peft.apply import held_at, quantizable
 from llmstages.peft.nf4 import NF4Linear, NF4Weight
 from llmstages.store import hf as hf_io
 from llmstages.store.adapter import ADAPTER_CONFIG, load_adapter, save_adapter
@@ -263,7 +262,7 @@ def _state_dict(model: GPT) -> dict[str, torch.Tensor | hf_io.Deferred]:
     still in its file (`stored_originals`: a QLoRA run's base, see `train.frozen.restore_frozen`) is `Deferred`:
     read from there when it is written."""
     dtype = getattr(model, "saved_dtype", None)
-    stored = {k: src for k, (src, held) in getattr(model, "stored_originals", {}).items() if _at(model, k) is held}
+    stored = {k: src for k, (src, held) in getattr(model, "stored_originals", {}).items() if held_at(model, k) is held}
     inside = tuple(f"{k}." for k in stored)  # an NF4 weight's codes and scales
     skip = adapter_state_dict(model).keys()
     sd = {k: v for k, v in model.state_dict().items() if k not in skip and not k.startswith(inside)}
@@ -278,16 +277,6 @@ def _state_dict(model: GPT) -> dict[str, torch.Tensor | hf_io.Deferred]:
         saved = dtype or src.saved_dtype
         out[k] = hf_io.Deferred(tuple(src.shapes[k]), saved, functools.partial(src.read, k, saved))
     return out
-
-
-def _at(model: nn.Module, name: str) -> object:
-    """The parameter or module `name` of `model` (None when there is none)."""
-    owner, _, attr = name.rpartition(".")
-    try:
-        m = model.get_submodule(owner) if owner else model
-    except AttributeError:
-        return None
-    return m._parameters.get(attr, m._modules.get(attr))
 
 
 def save_model(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:

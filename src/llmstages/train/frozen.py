@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llmstages.model.gpt import GPT
+from llmstages.peft.apply import held_at, restore_originals
 from llmstages.peft.nf4 import NF4Weight
 from llmstages.store.io import ADAPTER_CONFIG, StoredWeights, check_model_dir, stored_weights
 
@@ -104,29 +105,19 @@ def restore_frozen(model: nn.Module, names: list[str], originals: Mapping[str, t
     model directory it was loaded from), wherever that GPT sits in `model`: a reward model's trunk, the policy
     beside PPO's critic.
 
-    A QLoRA model whose originals are still in their files (`StoredWeights`) is left as it trained: each GPT is
-    told where its originals lie (`stored_originals`), and saving it reads each one as it writes it, so the base
-    is never whole in memory (an 8B model's is 16 GB in bf16)."""
+    Each GPT is told where its originals lie (`stored_originals`), and they are put back (`peft.restore_originals`);
+    except in a QLoRA model whose originals are still in their files (`StoredWeights`): it is left as it trained,
+    and saving it reads each original as it writes it, so the base is never whole in memory (an 8B model's is
+    16 GB in bf16)."""
     places = [(n, m) for n, m in model.named_modules() if isinstance(m, GPT)]
-    deferred = isinstance(originals, StoredWeights) and bool(quantized_weights(model))
-    back: dict[int, nn.Parameter] = {}  # a weight two layers share stays shared
     for name in names:
-        place = next(((p, g) for p, g in places if not p or name.startswith(p + ".")), None)
-        key = name[len(place[0]) + 1 :] if place and place[0] else name
+        place, g = next(((p, g) for p, g in places if not p or name.startswith(p + ".")), ("", model))
+        key = name[len(place) + 1 :] if place else name
         if key not in originals:
             raise RuntimeError(f"restore_frozen: the original of '{name}' is missing")
-        owner, _, attr = name.rpartition(".")
-        m = model.get_submodule(owner) if owner else model
-        old = m._parameters[attr] if attr in m._parameters else m._modules[attr]
-        if deferred:
-            g = place[1] if place else model
-            g.stored_originals = {**getattr(g, "stored_originals", {}), key: (originals, old)}
-            continue
-        if id(old) not in back:
-            back[id(old)] = nn.Parameter(originals[key].to(old.device), requires_grad=False)
-        if isinstance(old, NF4Weight):
-            del m._modules[attr]
-        m._parameters[attr] = back[id(old)]
+        g.stored_originals = {**getattr(g, "stored_originals", {}), key: (originals, held_at(model, name))}
+    if not (isinstance(originals, StoredWeights) and quantized_weights(model)):
+        restore_originals(model)
 
 
 def base_weights(path: str) -> Mapping[str, torch.Tensor]:
