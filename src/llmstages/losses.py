@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmstages.matmul import Linear, addmm_, mm
+
 IGNORE_INDEX = -100
 
 
@@ -67,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[s : s + chunk].to(dt), targets[s : s + chunk]
             valid = tc != ignore_index
             tc = tc.masked_fill(~valid, 0)
-            z = (hc @ wc.t()).float()  # (c, V)
+            z = mm(hc, wc.t()).float()  # (c, V)
             top = z.amax(-1)
             z_y = z.gather(1, tc[:, None]).squeeze(1)
             z = z.sub_(top[:, None]).exp_()  # softmax's numerator e, in place: p = e / sum(e)
@@ -77,12 +79,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.mul_((valid / sums)[:, None])  # p on the rows with a target, 0 elsewhere
                 z[torch.arange(z.size(0), device=z.device), tc] -= valid.to(z.dtype)
                 zc = z.to(dt)
-                if need_h and dt == h.dtype:
-                    torch.mm(zc, wc, out=dh[s : s + chunk])
-                elif need_h:
-                    dh[s : s + chunk] = zc @ wc
+                if need_h:
+                    dh[s : s + chunk] = mm(zc, wc)
                 if need_w:  # dW = dz^T h accumulates in fp32 from h as given
-                    dw.addmm_(z.t(), h[s : s + chunk].float())
+                    addmm_(dw, z.t(), h[s : s + chunk].float())
         ctx.need = (need_h, need_w)
         if need_grad:
             ctx.save_for_backward(dh if need_h else h.new_empty(0), dw.to(w.dtype) if need_w else w.new_empty(0))
@@ -131,7 +131,7 @@ def head_weight(head: nn.Module) -> torch.Tensor | None:
     """The one (V, d) matrix `head` multiplies by, for the fused losses: a bias-free nn.Linear's weight, or what a
     head carrying an adapter gives as `effective_weight()` (LoRA/DoRA: W + s B A, differentiable in A and B);
     None where no single matrix is the head (a bias, dropout on an adapter): the losses then take its logits."""
-    if type(head) is nn.Linear:
+    if type(head) in (nn.Linear, Linear):
         return head.weight if head.bias is None else None
     effective = getattr(head, "effective_weight", None)
     return effective() if callable(effective) else None
@@ -352,7 +352,7 @@ class _LinearLogprobs(torch.autograd.Function):
         ent = torch.empty_like(logp)
         lse_all = torch.empty_like(logp)
         for s in range(0, h.size(0), chunk):
-            z = (h[s : s + chunk].to(dt) @ wc.t()).float()  # (c, V)
+            z = mm(h[s : s + chunk].to(dt), wc.t()).float()  # (c, V)
             if inv_t != 1.0:
                 z.mul_(inv_t)
             top = z.amax(-1)
@@ -379,7 +379,7 @@ class _LinearLogprobs(torch.autograd.Function):
         a, b = -g_ent * ctx.inv_t, -(g_ent * ent + g_logp) * ctx.inv_t
         for s in range(0, h.size(0), ctx.chunk):
             hc, sl = h[s : s + ctx.chunk].to(dt), slice(s, s + ctx.chunk)
-            logq = (hc @ wc.t()).float()
+            logq = mm(hc, wc.t()).float()
             if ctx.inv_t != 1.0:
                 logq.mul_(ctx.inv_t)
             logq.sub_(lse_all[sl, None])  # log p, (c, V)
@@ -387,9 +387,9 @@ class _LinearLogprobs(torch.autograd.Function):
             dz = logq.mul_(a[sl, None]).add_(b[sl, None]).mul_(p) if with_ent else p.mul_(b[sl, None])
             dz[torch.arange(dz.size(0), device=dz.device), targets[sl]] += g_logp[sl] * ctx.inv_t
             if need_h:
-                dh[sl] = dz.to(dt) @ wc
+                dh[sl] = mm(dz.to(dt), wc)
             if need_w:
-                dw.addmm_(dz.t(), h[sl].float())
+                addmm_(dw, dz.t(), h[sl].float())
         return dh, dw.to(w.dtype) if need_w else None, None, None, None
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstages.errors import UserError
+from llmstages.matmul import Linear
 
 if TYPE_CHECKING:
     from llmstages.data.tokenizer import Tokenizer
@@ -250,7 +251,7 @@ def head_in_compute_dtype(model: nn.Module) -> Iterator[None]:
     keeps casts only of weights that require grad). Here it is cast once for the block, to the same values, and
     the original put back on exit (the tie to the embedding with it)."""
     head = getattr(model, "lm_head", None)
-    w = head.weight if type(head) is nn.Linear else None
+    w = head.weight if type(head) in (nn.Linear, Linear) else None
     device = w.device.type if w is not None else "cpu"
     if (
         w is None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmstages.errors import UserError
+from llmstages.matmul import Linear
 from llmstages.model.gpt import GPT
 from llmstages.peft.adapter import BottleneckAdapter, insert_adapters
 from llmstages.peft.lora import LoRALinear
@@ -278,7 +279,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 m.merge()
                 weight = nn.Parameter(m.weight.detach(), requires_grad=True)
                 bias = nn.Parameter(m.bias.detach(), requires_grad=True) if m.bias is not None else None
-            lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
+            lin = Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
             lin.weight = weight
             if bias is not None:
                 lin.bias = bias

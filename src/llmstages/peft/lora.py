@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from llmstages.matmul import mm
 from llmstages.peft.nf4 import NF4Linear, NF4Weight, compute_dtype, dense, linear
 
 
@@ -25,8 +25,8 @@ def _lora_product(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + b + (s x A^T) B^T, s x A^T) for rows x (N, in), all in one dtype."""
-    xa = (x @ a.t()).mul_(scaling)  # (N, r)
-    return F.linear(x, w, bias).addmm_(xa, b.t()), xa
+    xa = mm(x, a.t()).mul_(scaling)  # (N, r)
+    return linear(x, w, bias).addmm_(xa, b.t()), xa
 
 
 class _LoRAProduct(torch.autograd.Function):
@@ -49,15 +49,15 @@ class _LoRAProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, w, a, b, xa = ctx.saved_tensors
-        g = (grad @ b).mul_(ctx.scaling)  # s dy B: the gradient of x A^T, (N, r)
+        g = mm(grad, b).mul_(ctx.scaling)  # s dy B: the gradient of x A^T, (N, r)
         dx = da = db = None
         if ctx.needs_input_grad[4]:
-            db = grad.t() @ xa
+            db = mm(grad.t(), xa)
         if ctx.needs_input_grad[3]:
-            da = g.t() @ x
+            da = mm(g.t(), x)
         if ctx.needs_input_grad[0]:
             w = dense(ctx.weight, grad.dtype) if w is None else w
-            dx = (grad @ w).addmm_(g, a)
+            dx = mm(grad, w).addmm_(g, a)
         return dx, None, None, da, db, None
 
 
@@ -142,7 +142,7 @@ class LoRALinear(nn.Module):
         if self.disabled or self.merged:
             return linear(x, self.weight, self.bias)
         if self.sampling_weight is not None:
-            return F.linear(x, self.sampling_weight, self.bias)
+            return linear(x, self.sampling_weight, self.bias)
         if self._fusable():
             dt = compute_dtype(x)
             a, b, bias = self._in_dtype(dt)

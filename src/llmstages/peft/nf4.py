@@ -24,8 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from llmstages import matmul
+from llmstages.matmul import mm
 
 NF4_LEVELS = (
     -1.0,
@@ -151,11 +153,11 @@ class _NF4Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(compute_dtype(x)), bias)
+        return matmul.linear(x, weight.dequantize(compute_dtype(x)), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        return grad @ ctx.weight.dequantize(grad.dtype), None, None
+        return mm(grad, ctx.weight.dequantize(grad.dtype)), None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -170,7 +172,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, bias: torch.Tensor
     if isinstance(weight, NF4Weight):  # on 2-D rows, so that the output is not a view (add_ may follow)
         out = _NF4Product.apply(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], out.shape[-1])
-    return F.linear(x, weight, bias)
+    return matmul.linear(x, weight, bias)
 
 
 def dense(weight: torch.Tensor | NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
