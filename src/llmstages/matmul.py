@@ -1,11 +1,12 @@
 """fp32 matrix products on a CPU through oneDNN, where torch would use its BLAS.
 
 torch multiplies fp32 CPU matrices through its BLAS (MKL in the x86 builds) and bf16 ones through oneDNN. On a
-2-core AMD EPYC with AVX512, MKL's fp32 products of the shapes a 135M model multiplies ran at 185-200 GFLOP/s,
-oneDNN's at 450-490, 2.2-2.6x faster; a batch-8 decode step's 2.6x (`python benchmarks/matmul.py`; MKL chooses
-its code path by CPU vendor). So the model's linear layers, the LoRA product and the fused losses multiply fp32
-CPU tensors here. Both are IEEE fp32 products; the sums run in another order, so the last bits differ from
-torch's `@`, as they do between two CPUs. The backward multiplies through oneDNN too:
+2-core AMD EPYC with AVX512, MKL ran the products of a 135M model's training step (1,024 rows) at 210 GFLOP/s
+and oneDNN at 425-450, 2.0-2.15x; the output head while decoding 1-64 rows 2.5-3.1x (`python
+benchmarks/matmul.py`; MKL chooses its code path by CPU vendor). So the model's linear layers, the LoRA and NF4
+products and the fused losses multiply fp32 CPU tensors here. Both are IEEE fp32 products; the sums run in
+another order, so the last bits differ from torch's `@`, as they do between two CPUs. The backward multiplies
+through oneDNN too:
 
     y = x W^T + b,   dx = dy W,   dW = dy^T x,   db = sum over rows of dy
 
