@@ -9,6 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
+    "matmul.py",  # fp32 products: torch's BLAS against oneDNN, a few seconds
     "train_step.py",
     "generate.py",
     "pretrain_throughput.py",

@@ -48,6 +48,15 @@ def _product_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
+def _add_head_grad(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, dt: torch.dtype) -> None:
+    """dW += dz^T h in fp32 for dz (c, V), h (c, d). Through `matmul.addmm_` (oneDNN on a CPU) where the head's
+    products run in fp32; torch's own product where they run in half precision, as before matmul.py."""
+    if dt == torch.float32:
+        addmm_(dw, dz.t(), h.float())
+    else:
+        dw.addmm_(dz.t(), h.float())
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (h @ W^T) against targets, computed in row chunks without keeping the logits.
 
@@ -79,10 +88,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.mul_((valid / sums)[:, None])  # p on the rows with a target, 0 elsewhere
                 z[torch.arange(z.size(0), device=z.device), tc] -= valid.to(z.dtype)
                 zc = z.to(dt)
-                if need_h:
+                if need_h and dt == h.dtype:
+                    mm(zc, wc, out=dh[s : s + chunk])
+                elif need_h:
                     dh[s : s + chunk] = mm(zc, wc)
                 if need_w:  # dW = dz^T h accumulates in fp32 from h as given
-                    addmm_(dw, z.t(), h[s : s + chunk].float())
+                    _add_head_grad(dw, z, h[s : s + chunk], dt)
         ctx.need = (need_h, need_w)
         if need_grad:
             ctx.save_for_backward(dh if need_h else h.new_empty(0), dw.to(w.dtype) if need_w else w.new_empty(0))
@@ -389,7 +400,7 @@ class _LinearLogprobs(torch.autograd.Function):
             if need_h:
                 dh[sl] = mm(dz.to(dt), wc)
             if need_w:
-                addmm_(dw, dz.t(), h[sl].float())
+                _add_head_grad(dw, dz, h[sl], dt)
         return dh, dw.to(w.dtype) if need_w else None, None, None, None
 
 

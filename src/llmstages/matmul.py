@@ -21,48 +21,72 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 _ONEDNN = os.environ.get("LLMSTAGES_CPU_MATMUL", "onednn") != "blas" and torch.backends.mkldnn.is_available()
 _PLAIN = (torch.Tensor, nn.Parameter)
+ADD_AT_ONCE = 1 << 22
+"""Elements of the output `addmm_` adds at a time: oneDNN writes a new tensor, so this bounds its temporary."""
 
 
 def _onednn(*ts: torch.Tensor | None) -> bool:
-    """Whether the product of `ts` goes through oneDNN: all plain fp32 CPU tensors, outside autocast and compile."""
+    """Whether the product of `ts` goes through oneDNN: all plain, non-empty, strided fp32 CPU tensors, outside
+    autocast and compile, with oneDNN on (`torch.backends.mkldnn.flags`)."""
     return (
         _ONEDNN
         and all(t is None or (type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+        and all(t is None or (t.layout == torch.strided and t.numel() > 0) for t in ts)
+        and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
 
 
+def _needs_grad(*ts: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def _xwt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ w (N, K)^T + b through oneDNN, for strided views too; no autograd."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    """x (..., K) @ w (N, K)^T + b through oneDNN (strided x and w are read as they are; b must be contiguous)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None if b is None else b.contiguous(), "none", [], "")
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (..., K) @ b (K, N), no autograd: for backward passes and products under no_grad."""
-    return _xwt(a, b.t()) if _onednn(a, b) else a @ b
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, K) @ b (K, N), into `out` if given, as torch.mm / `@` would (autocast included); through oneDNN
+    for fp32 CPU tensors that need no gradient (backward passes, products under no_grad)."""
+    if not _onednn(a, b) or _needs_grad(a, b):
+        return a @ b if out is None else torch.mm(a, b, out=out)
+    return _xwt(a, b.t()) if out is None else out.copy_(_xwt(a, b.t()))
 
 
 def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """c += a @ b in place (as torch's `c.addmm_(a, b)`, which autocast leaves in c's dtype), no autograd."""
-    return c.add_(_xwt(a, b.t())) if _onednn(c, a, b) else c.addmm_(a, b)
+    """c (M, N) += a (M, K) @ b (K, N) in place, as torch's `c.addmm_(a, b)`; through oneDNN for fp32 CPU
+    tensors that need no gradient, `ADD_AT_ONCE` elements of c at a time."""
+    if not _onednn(c, a, b) or _needs_grad(c, a, b):
+        return c.addmm_(a, b)
+    rows = max(1, ADD_AT_ONCE // c.shape[1])
+    for i in range(0, c.shape[0], rows):
+        c[i : i + rows].add_(_xwt(a[i : i + rows], b.t()))
+    return c
 
 
 class _Linear(torch.autograd.Function):
+    """x W^T + b for x (..., K); the output is not a view (as F.linear's is not)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return _xwt(x, w, b)
+        rows = _xwt(x.reshape(-1, x.shape[-1]), w, b)
+        return torch.ops.aten._unsafe_view(rows, (*x.shape[:-1], w.shape[0]))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        dx = _xwt(grad, w.t()) if ctx.needs_input_grad[0] else None  # dy W, (N, in)
-        dw = _xwt(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # dy^T x, (out, in)
-        db = grad.sum(0) if ctx.needs_input_grad[2] else None
+        g = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+        dx = _xwt(grad, w.t()) if ctx.needs_input_grad[0] else None  # dy W, (..., in)
+        dw = _xwt(g.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # dy^T x, (out, in)
+        db = g.sum(0) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
 
@@ -70,9 +94,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear(x, w, b): x (..., K), w (N, K), b (N,) -> (..., N); through oneDNN for fp32 CPU tensors."""
     if not _onednn(x, w, b):
         return F.linear(x, w, b)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
-        rows = _Linear.apply(x.reshape(-1, x.shape[-1]), w, b)  # on 2-D rows: a Function's output is no view
-        return rows.view(*x.shape[:-1], w.shape[0])
+    if _needs_grad(x, w, b):
+        return _Linear.apply(x, w, b)
     return _xwt(x, w, b)
 
 
