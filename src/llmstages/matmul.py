@@ -29,6 +29,11 @@ ADD_AT_ONCE = 1 << 22
 """Elements of the output `addmm_` adds at a time: oneDNN writes a new tensor, so this bounds its temporary."""
 
 
+def fp32_through_onednn() -> bool:
+    """Whether fp32 CPU products go through oneDNN in this process (oneDNN built in, LLMSTAGES_CPU_MATMUL not blas)."""
+    return _ONEDNN
+
+
 def _onednn(*ts: torch.Tensor | None) -> bool:
     """Whether the product of `ts` goes through oneDNN: all plain, non-empty, strided fp32 CPU tensors, outside
     autocast and compile, with oneDNN on (`torch.backends.mkldnn.flags`)."""

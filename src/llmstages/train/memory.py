@@ -28,7 +28,8 @@ the loop keeps them; bf16/fp16 autocast only changes what the activations are st
                  frees a block's activations as it writes that block's gradients, so the two do not peak
                  together (DDP's buckets are held throughout and counted in full).
     runtime      what the framework itself holds once training runs (kernels' workspaces, the autograd engine;
-                 measured ~90 MiB on a CPU, ~32 MiB more under bf16/fp16; a CUDA context ~0.5 GiB).
+                 measured ~90 MiB on a CPU, ~32 MiB more under bf16/fp16 and ~16 MiB more in fp32 through
+                 oneDNN (matmul.py); a CUDA context ~0.5 GiB).
 
 `--measure` runs a few training steps of that configuration on this machine's CPU (one process) in a fresh
 interpreter and reports the resident-memory peak above the interpreter's own, next to the estimate. It runs with
@@ -49,6 +50,7 @@ from pathlib import Path
 
 from llmstages.errors import UserError
 from llmstages.losses import chunk_rows
+from llmstages.matmul import fp32_through_onednn
 from llmstages.model.gpt import ModelConfig, count_params
 from llmstages.model.presets import PRESETS, preset
 from llmstages.store import load_config
@@ -57,6 +59,7 @@ from llmstages.train.adamw8bit import LOW_BIT
 STRATEGIES = ("none", "ddp", "zero1", "fsdp", "fsdp-zero2", "tp", "pp")
 RUNTIME = {"cpu": 90 * 2**20, "cuda": 512 * 2**20}
 HALF_CPU_RUNTIME = 32 * 2**20  # what bf16/fp16 kernels add on a CPU (measured with --measure: 26-45 MiB)
+ONEDNN_FP32_RUNTIME = 16 * 2**20  # oneDNN's fp32 kernels, where matmul.py sends fp32 products (measured: 9-19 MiB)
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", *LOW_BIT)
@@ -192,7 +195,9 @@ def estimate(
         acts = acts / n * min(n, 2)  # 1F1B keeps up to the pipeline depth of micro-batches in flight
     if device not in RUNTIME:
         raise UserError(f"--device must be cpu or cuda, got '{device}'")
-    runtime = RUNTIME[device] + (HALF_CPU_RUNTIME if device == "cpu" and precision != "fp32" else 0)
+    runtime = RUNTIME[device]
+    if device == "cpu":
+        runtime += HALF_CPU_RUNTIME if precision != "fp32" else ONEDNN_FP32_RUNTIME if fp32_through_onednn() else 0
     return Estimate(params, grads, opt, acts, runtime, int(T), int(P), buckets)
 
 
