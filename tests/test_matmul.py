@@ -142,3 +142,23 @@ def test_the_fused_losses_of_a_half_precision_run_keep_torchs_products():
     assert onednn_calls(lambda: both_losses(h.bfloat16().requires_grad_())) == 0
     head.float()
     assert onednn_calls(lambda: both_losses(h.clone().requires_grad_())) > 0  # fp32: oneDNN's
+
+
+def test_a_compiled_model_keeps_the_onednn_products_and_their_gradients():
+    from llmstages.model.generate import can_compile
+
+    if not can_compile() or not matmul.fp32_through_onednn():
+        pytest.skip("no C++ compiler for torch.compile here, or oneDNN switched off")
+    model = GPT(preset("llama_tiny"))
+    eager = GPT(preset("llama_tiny"))
+    eager.load_state_dict(model.state_dict())
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    compiled = torch.compile(model)
+    compiled(ids).sum().backward()  # compiles, forward and backward
+    model.zero_grad()
+    n_linear = 7 * model.config.n_layers + 1
+    assert onednn_calls(lambda: compiled(ids).sum().backward()) == 3 * n_linear  # llmstages::linear in the graph
+    eager(ids).sum().backward()
+    torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-3)

@@ -10,8 +10,9 @@ through oneDNN too:
 
     y = x W^T + b,   dx = dy W,   dW = dy^T x,   db = sum over rows of dy
 
-Only plain CPU fp32 tensors outside autocast and torch.compile take this path (bf16 is oneDNN's already; a
-DTensor, a GPU tensor or a compiled graph keep torch's own). LLMSTAGES_CPU_MATMUL=blas turns it off.
+Only plain CPU fp32 tensors outside autocast take this path (bf16 is oneDNN's already; a DTensor or a GPU tensor
+keep torch's own). In a graph torch.compile builds, `linear` is one operator (llmstages::linear), so that
+inductor keeps its products; `mm` and `addmm_` there stay torch's. LLMSTAGES_CPU_MATMUL=blas turns it off.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ def _onednn(*ts: torch.Tensor | None) -> bool:
         and all(t is None or (t.layout == torch.strided and t.numel() > 0) for t in ts)
         and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -58,16 +58,16 @@ def _xwt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
 
 def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a (M, K) @ b (K, N), into `out` if given, as torch.mm / `@` would (autocast included); through oneDNN
-    for fp32 CPU tensors that need no gradient (backward passes, products under no_grad)."""
-    if not _onednn(a, b) or _needs_grad(a, b):
+    for fp32 CPU tensors that need no gradient (backward passes, products under no_grad), outside compile."""
+    if not _onednn(a, b) or _needs_grad(a, b) or torch.compiler.is_compiling():
         return a @ b if out is None else torch.mm(a, b, out=out)
     return _xwt(a, b.t()) if out is None else out.copy_(_xwt(a, b.t()))
 
 
 def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """c (M, N) += a (M, K) @ b (K, N) in place, as torch's `c.addmm_(a, b)`; through oneDNN for fp32 CPU
-    tensors that need no gradient, `ADD_AT_ONCE` elements of c at a time."""
-    if not _onednn(c, a, b) or _needs_grad(c, a, b):
+    tensors that need no gradient, outside compile, `ADD_AT_ONCE` elements of c at a time."""
+    if not _onednn(c, a, b) or _needs_grad(c, a, b) or torch.compiler.is_compiling():
         return c.addmm_(a, b)
     rows = max(1, ADD_AT_ONCE // c.shape[1])
     for i in range(0, c.shape[0], rows):
@@ -95,10 +95,41 @@ class _Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+@torch.library.custom_op("llmstages::linear", mutates_args=())
+def _compiled_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """`linear` as an operator torch.compile keeps whole in its graph (its own products would be torch's)."""
+    return torch.ops.aten._unsafe_view(_xwt(x.reshape(-1, x.shape[-1]), w, b), (*x.shape[:-1], w.shape[0]))
+
+
+@_compiled_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _compiled_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.has_bias = inputs[2] is not None
+
+
+def _compiled_linear_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    x, w = ctx.saved_tensors
+    g = grad.reshape(-1, grad.shape[-1])
+    dx = _compiled_linear(grad, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        dw = _compiled_linear(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
+    return dx, dw, g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+
+
+_compiled_linear.register_autograd(_compiled_linear_backward, setup_context=_compiled_linear_setup)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, b): x (..., K), w (N, K), b (N,) -> (..., N); through oneDNN for fp32 CPU tensors."""
     if not _onednn(x, w, b):
         return F.linear(x, w, b)
+    if torch.compiler.is_compiling():  # an operator in the graph, with the same products and gradients
+        return _compiled_linear(x, w, b)
     if _needs_grad(x, w, b):
         return _Linear.apply(x, w, b)
     return _xwt(x, w, b)
