@@ -37,7 +37,7 @@ def fp32_through_onednn() -> bool:
 
 def _onednn(*ts: torch.Tensor | None) -> bool:
     """Whether the product of `ts` goes through oneDNN: all plain, non-empty, strided fp32 CPU tensors, outside
-    autocast and compile, with oneDNN on (`torch.backends.mkldnn.flags`)."""
+    autocast, with oneDNN on (`torch.backends.mkldnn.flags`)."""
     return (
         _ONEDNN
         and all(t is None or (type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
@@ -75,30 +75,36 @@ def addmm_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return c
 
 
-class _Linear(torch.autograd.Function):
-    """x W^T + b for x (..., K); the output is not a view (as F.linear's is not)."""
+def _forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) W^T + b through oneDNN on 2-D rows; the output is not a view (as F.linear's is not)."""
+    return torch.ops.aten._unsafe_view(_xwt(x.reshape(-1, x.shape[-1]), w, b), (*x.shape[:-1], w.shape[0]))
 
+
+def _backward(product, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, ...]) -> tuple:  # noqa: ANN001
+    """(dx, dW, db) = (dy W, dy^T x, rows' sum of dy), each where `needs` it; `product(a, m)` is a m^T."""
+    g = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+    dx = product(grad, w.t()) if needs[0] else None
+    dw = product(g.t(), x.reshape(-1, x.shape[-1]).t()) if needs[1] else None
+    return dx, dw, g.sum(0) if needs[2] else None
+
+
+class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        rows = _xwt(x.reshape(-1, x.shape[-1]), w, b)
-        return torch.ops.aten._unsafe_view(rows, (*x.shape[:-1], w.shape[0]))
+        return _forward(x, w, b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (rows, out)
-        dx = _xwt(grad, w.t()) if ctx.needs_input_grad[0] else None  # dy W, (..., in)
-        dw = _xwt(g.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None  # dy^T x, (out, in)
-        db = g.sum(0) if ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return _backward(_xwt, x, w, grad, ctx.needs_input_grad)
 
 
 @torch.library.custom_op("llmstages::linear", mutates_args=())
 def _compiled_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """`linear` as an operator torch.compile keeps whole in its graph (its own products would be torch's)."""
-    return torch.ops.aten._unsafe_view(_xwt(x.reshape(-1, x.shape[-1]), w, b), (*x.shape[:-1], w.shape[0]))
+    return _forward(x, w, b)
 
 
 @_compiled_linear.register_fake
@@ -113,12 +119,8 @@ def _compiled_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _compiled_linear_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
     x, w = ctx.saved_tensors
-    g = grad.reshape(-1, grad.shape[-1])
-    dx = _compiled_linear(grad, w.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-    dw = None
-    if ctx.needs_input_grad[1]:
-        dw = _compiled_linear(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
-    return dx, dw, g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    needs = (*ctx.needs_input_grad[:2], ctx.has_bias and ctx.needs_input_grad[2])
+    return _backward(lambda a, m: _compiled_linear(a, m, None), x, w, grad, needs)
 
 
 _compiled_linear.register_autograd(_compiled_linear_backward, setup_context=_compiled_linear_setup)
